@@ -1,0 +1,23 @@
+"""Error types for mistakes a user can make: the CLI prints their message, not a traceback."""
+
+from __future__ import annotations
+
+
+class HandoffError(Exception):
+    """Base of every error whose message is meant for the user."""
+
+
+class ShapeError(HandoffError, ValueError):
+    """An array given to the math has the wrong shape, dtype or values."""
+
+
+class ModelError(HandoffError):
+    """A model file is missing, corrupt, or not what it claims to be."""
+
+
+class FetchError(HandoffError):
+    """A model could not be downloaded from the package index."""
+
+
+class VocabularyMismatch(HandoffError):
+    """Two models do not share a vocabulary on their common id range."""
