@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.errors import HandoffError
+from shared.logs import setup_logging
 from shared.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -35,14 +37,17 @@ DEFAULT_PROMPT = "Write a Python function that returns the n-th Fibonacci number
 @app.callback()
 def _main(
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "",
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="text, or json for one object per line.")
+    ] = "text",
 ) -> None:
     settings = get_settings()
     level = (log_level or settings.log_level).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter(f"unknown log format {log_format!r}", param_hint="--log-format")
+    setup_logging(level, log_format)
 
 
 def _human_bytes(n: int) -> str:
@@ -271,6 +276,69 @@ def _print_report(result, p_name: str, q_name: str, prompt: str, show_tokens: bo
     )
     table.add_row("wall time", f"{result.seconds:.1f} s")
     out.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# handoff serve-cloud
+
+
+@app.command("serve-cloud")
+def serve_cloud(
+    model: Annotated[
+        str | None, typer.Option(help="Registry name, GGUF path or Hugging Face directory of P.")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="auto (transformers on CUDA, else llama.cpp), transformers, llama.cpp.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="transformers: auto, cpu, cuda, cuda:N.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="transformers: auto, float32, bfloat16, float16.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 50051; 0 picks a free one).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the model.")] = None,
+    max_sessions: Annotated[int | None, typer.Option(help="Concurrent sessions.")] = None,
+    max_context: Annotated[int | None, typer.Option(help="Tokens per session.")] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate chain (with --tls-key: TLS).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+) -> None:
+    """Run the cloud verifier: P behind gRPC, with live per-session KV caches and batching.
+
+    Every setting can also come from the environment as HANDOFF_CLOUD_<NAME> (e.g.
+    HANDOFF_CLOUD_AUTH_TOKEN to require a bearer token, HANDOFF_CLOUD_MAX_QUEUE).
+    """
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from cloud.grpc_server import serve
+    from cloud.loader import load_backend
+    from cloud.settings import CloudSettings
+
+    given = {
+        "model": model, "backend": backend, "device": device, "dtype": dtype, "host": host, "port": port,
+        "threads": threads, "max_sessions": max_sessions, "max_context": max_context, "tls_cert": tls_cert,
+        "tls_key": tls_key, "metrics_port": metrics_port,
+    }  # fmt: skip
+    try:
+        settings = CloudSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise HandoffError(f"invalid setting: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    for path in (settings.tls_cert, settings.tls_key):
+        if path is not None and not path.is_file():
+            raise HandoffError(f"TLS file {path} does not exist")
+
+    def ready(server) -> None:
+        info = server.backend.info
+        out.print(
+            f"handoff verifier listening on {settings.host}:{server.port} "
+            f"({info.model_id}, {info.backend} on {info.device}, {info.dtype})",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    asyncio.run(serve(settings, lambda: load_backend(settings), on_ready=ready))
 
 
 def main(argv: list[str] | None = None) -> int:

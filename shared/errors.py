@@ -21,3 +21,15 @@ class FetchError(HandoffError):
 
 class VocabularyMismatch(HandoffError):
     """Two models do not share a vocabulary on their common id range."""
+
+
+class CapacityError(HandoffError):
+    """A limit is reached: sessions, context length, queue depth (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class VerifierError(HandoffError):
+    """A verifier request failed; `code` is the gRPC status code name, e.g. "INVALID_ARGUMENT"."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

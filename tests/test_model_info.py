@@ -51,5 +51,5 @@ def test_hf_directory_without_tokenizer_is_a_clear_error(hf_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(hf_dir, broken)
     (broken / "tokenizer.json").unlink()
-    with pytest.raises(ModelError, match="has no tokenizer.json"):
+    with pytest.raises(ModelError, match=r"has no tokenizer\.json"):
         load_model_info(resolve(str(broken), "cloud"), HandoffSettings(cache_dir=tmp_path))

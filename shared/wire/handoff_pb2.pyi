@@ -224,14 +224,10 @@ class CheckPoint(_message.Message):
     def __init__(self, from_position: _Optional[int] = ..., through_position: _Optional[int] = ...) -> None: ...
 
 class Handoff(_message.Message):
-    __slots__ = ("max_tokens", "stop_when_agree", "agree_threshold")
+    __slots__ = ("max_tokens",)
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    STOP_WHEN_AGREE_FIELD_NUMBER: _ClassVar[int]
-    AGREE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
-    stop_when_agree: bool
-    agree_threshold: float
-    def __init__(self, max_tokens: _Optional[int] = ..., stop_when_agree: _Optional[bool] = ..., agree_threshold: _Optional[float] = ...) -> None: ...
+    def __init__(self, max_tokens: _Optional[int] = ...) -> None: ...
 
 class StopGeneration(_message.Message):
     __slots__ = ()
@@ -335,13 +331,11 @@ class HandoffDone(_message.Message):
         REASON_MAX_TOKENS: _ClassVar[HandoffDone.Reason]
         REASON_STOP_TOKEN: _ClassVar[HandoffDone.Reason]
         REASON_STOPPED: _ClassVar[HandoffDone.Reason]
-        REASON_AGREED: _ClassVar[HandoffDone.Reason]
         REASON_CONTEXT_FULL: _ClassVar[HandoffDone.Reason]
     REASON_UNSPECIFIED: HandoffDone.Reason
     REASON_MAX_TOKENS: HandoffDone.Reason
     REASON_STOP_TOKEN: HandoffDone.Reason
     REASON_STOPPED: HandoffDone.Reason
-    REASON_AGREED: HandoffDone.Reason
     REASON_CONTEXT_FULL: HandoffDone.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]

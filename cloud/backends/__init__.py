@@ -1,0 +1,1 @@
+"""Model runtimes behind `cloud.backend.Backend`: llama.cpp and transformers."""

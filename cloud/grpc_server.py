@@ -1,0 +1,209 @@
+"""`handoff serve-cloud`: the verifier service behind a grpc.aio server.
+
+Standard gRPC operations: health checking (NOT_SERVING until the model is loaded, and again while
+draining), reflection, keepalive, message-size limits, optional TLS and bearer-token auth, graceful
+shutdown, Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from cloud.backend import Backend
+from cloud.metrics import CloudMetrics
+from cloud.service import VerifierService
+from cloud.settings import CloudSettings
+from shared.errors import HandoffError, VerifierError
+from shared.wire import pb, pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Verifier"].full_name  # "handoff.v1.Verifier"
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _status(code: str) -> grpc.StatusCode:
+    return grpc.StatusCode[code]
+
+
+class VerifierServicer(pb_grpc.VerifierServicer):
+    """Maps the transport-free VerifierService onto gRPC calls and status codes."""
+
+    def __init__(self) -> None:
+        self.service: VerifierService | None = None  # set once the model is loaded
+
+    def _require(self) -> VerifierService:
+        if self.service is None:
+            raise VerifierError("UNAVAILABLE", "the model is still loading; retry shortly")
+        return self.service
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServiceInfo:
+        try:
+            return self._require().get_info(request)
+        except VerifierError as e:
+            await context.abort(_status(e.code), str(e))
+
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.EdgeMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CloudMessage]:
+        try:
+            async for reply in self._require().session(request_iterator):
+                yield reply
+        except VerifierError as e:
+            logger.info("session aborted: %s %s", e.code, e)
+            await context.abort(_status(e.code), str(e))
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Reject calls without `authorization: Bearer <token>` (health checks stay open for probes)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_HEALTH_PREFIX):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        if metadata.get("authorization") == self._expected:
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    message = "missing or wrong bearer token (metadata `authorization: Bearer <token>`)"
+
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def streaming(request_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+def server_options(settings: CloudSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients may ping as often as every 10 s without being told off (GOAWAY too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class CloudServer:
+    """A running verifier: gRPC server, health, model loading, metrics, graceful shutdown."""
+
+    def __init__(self, settings: CloudSettings, load_backend: Callable[[], Backend]) -> None:
+        self.settings = settings
+        self._load_backend = load_backend
+        self.metrics = CloudMetrics()
+        self.servicer = VerifierServicer()
+        self.health = health_aio.HealthServicer()
+        interceptors = [BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else []
+        self.server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
+        pb_grpc.add_VerifierServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls_cert or settings.tls_key:
+            if not (settings.tls_cert and settings.tls_key):
+                raise HandoffError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+            )
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise HandoffError(f"could not listen on {address}")
+        self.backend: Backend | None = None
+        self.service: VerifierService | None = None
+
+    async def start(self) -> None:
+        """Listen at once (health NOT_SERVING), load the model off the event loop, then serve."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        if self.settings.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
+        logger.info("listening on %s:%d; loading the model", self.settings.host, self.port)
+        try:
+            self.backend = await asyncio.get_running_loop().run_in_executor(None, self._load_backend)
+        except BaseException:
+            await self.server.stop(0)  # nothing to serve: close the port before reporting why
+            raise
+        self.service = VerifierService(self.backend, self.settings, self.metrics)
+        await self.service.start()
+        self.servicer.service = self.service
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        info = self.backend.info
+        logger.info("serving %s (%s on %s, %s)", info.model_id, info.backend, info.device, info.dtype)
+
+    async def _set_health(self, status) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: stop taking new calls, give running streams `grace` seconds, then free the model."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_s if grace is None else grace)
+        if self.service is not None:
+            await self.service.stop()
+        if self.backend is not None:
+            self.backend.close()
+        logger.info("stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(
+    settings: CloudSettings,
+    load_backend: Callable[[], Backend],
+    on_ready: Callable[[CloudServer], None] | None = None,
+) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    server = CloudServer(settings, load_backend)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    await server.start()
+    if on_ready is not None:
+        on_ready(server)
+    await done.wait()
+    logger.info("signal received: draining for up to %.0f s", settings.grace_s)
+    await server.stop()

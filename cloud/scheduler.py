@@ -1,0 +1,133 @@
+"""Batching: forward requests of many sessions go to the model together.
+
+Every backend call runs on one worker thread (the model is not thread-safe and blocking calls stay
+off the event loop). Requests that arrive while a forward pass runs are batched into the next one,
+up to max_batch_items sessions and max_batch_tokens new tokens: continuous batching at check-point
+granularity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cloud.backend import Backend, ForwardItem, ForwardOutput
+from cloud.metrics import CloudMetrics
+from shared.errors import CapacityError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Pending:
+    item: ForwardItem
+    future: asyncio.Future[tuple[ForwardOutput, float]]
+    enqueued: float
+
+
+class BatchScheduler:
+    """Queue of forward requests, drained into batched forward passes on the model thread."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        metrics: CloudMetrics,
+        *,
+        max_queue: int = 1024,
+        max_batch_items: int = 64,
+        max_batch_tokens: int = 8192,
+    ) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.max_batch_items = max_batch_items
+        self.max_batch_tokens = max_batch_tokens
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._pending: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batch-scheduler")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for p in self._pending:
+            if not p.future.done():
+                p.future.set_exception(CapacityError("the service is shutting down"))
+        self._pending.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a backend call (truncate, release, ...) on the model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def forward(self, item: ForwardItem) -> tuple[ForwardOutput, float]:
+        """Queue one item for the next batched forward pass.
+
+        Returns:
+            The item's output and the duration of the forward pass that computed it (seconds).
+
+        Raises:
+            CapacityError: the queue is full.
+        """
+        if len(self._pending) >= self.max_queue:
+            raise CapacityError(f"the model's queue is full ({self.max_queue} requests waiting); retry later")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(item, future, time.perf_counter()))
+        self.metrics.queue_depth.set(len(self._pending))
+        self._wake.set()
+        return await future
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        tokens = 0
+        while self._pending and len(batch) < self.max_batch_items:
+            nxt = self._pending[0]
+            if nxt.future.done():  # its session went away while it waited
+                self._pending.popleft()
+                continue
+            n = len(nxt.item.tokens)
+            if batch and tokens + n > self.max_batch_tokens:
+                break
+            batch.append(self._pending.popleft())
+            tokens += n
+        self.metrics.queue_depth.set(len(self._pending))
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while batch := self._take_batch():
+                now = time.perf_counter()
+                for p in batch:
+                    self.metrics.queue_wait.observe(now - p.enqueued)
+                items = [p.item for p in batch]
+                start = time.perf_counter()
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self.backend.forward, items)
+                except Exception as e:  # a bad item fails its batch; the sessions report it
+                    logger.warning("forward pass of %d items failed: %s", len(items), e)
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(e)
+                    continue
+                seconds = time.perf_counter() - start
+                self.metrics.forward_time.observe(seconds)
+                self.metrics.batch_items.observe(len(items))
+                self.metrics.batch_tokens.observe(sum(len(i.tokens) for i in items))
+                for p, out in zip(batch, outputs, strict=True):
+                    if not p.future.done():
+                        p.future.set_result((out, seconds))

@@ -1,0 +1,519 @@
+"""The verifier: sessions with live KV caches of P, check points, handoff generation, rollback.
+
+Transport-free: `VerifierService.session()` consumes EdgeMessages and yields CloudMessages, raising
+VerifierError with a gRPC status code name on bad input. The gRPC servicer (cloud/grpc_server.py)
+and the in-process transport (edge/verifier_client.py) both drive it.
+
+Positions. The prompt occupies [0, prompt_len); P's distribution "at position p" is computed from
+tokens [0, p). A session keeps its tokens and `fed`, the number of tokens in the backend's KV cache.
+The row for position p comes out of the forward pass that feeds token p-1, so a check point over
+[from, through] feeds tokens [fed, through) and keeps the last through-from+1 rows. Invariant:
+fed <= next_unchecked - 1, so the rows a check point needs were never computed before; at open, all
+prompt tokens but the last are prefilled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cloud.backend import Backend, ForwardItem
+from cloud.metrics import CloudMetrics
+from cloud.scheduler import BatchScheduler
+from cloud.settings import CloudSettings
+from shared.errors import CapacityError, ShapeError, VerifierError, VocabularyMismatch
+from shared.sampling import SamplingSettings, sample_token
+from shared.vocab import Vocabulary, check_compatible
+from shared.wire import PROTOCOL_VERSION, fingerprint_from_proto, fingerprint_to_proto, pb, topk_to_proto
+
+logger = logging.getLogger(__name__)
+
+# Largest token-hash range served by one GetInfo call.
+MAX_TOKEN_HASHES = 4096
+SUPPORTED_POLICIES = (pb.POLICY_KIND_SEED, pb.POLICY_KIND_ROLLBACK)
+
+
+@dataclass
+class _Session:
+    id: str
+    seq: object
+    tokens: list[int]
+    prompt_len: int
+    k: int
+    sampling: SamplingSettings
+    rng: np.random.Generator
+    stop_ids: frozenset[int]
+    fed: int = 0
+    next_unchecked: int = 0
+    # Q's top-k ids at edge positions that carried a distribution: position -> [k] ids.
+    edge_topk: dict[int, np.ndarray] = field(default_factory=dict)
+    last_active: float = field(default_factory=time.monotonic)
+    scored: int = 0
+    generated: int = 0
+
+
+class _Stop:
+    """StopGeneration bookkeeping: a stop applies to the last handoff read before it.
+
+    The reader sees a stop as soon as it arrives, even while a handoff is generating; counting
+    handoffs on both sides keeps a stop that arrives early from hitting a later handoff.
+    """
+
+    def __init__(self) -> None:
+        self.handoffs_read = 0  # handoff requests the reader has seen
+        self.stopped_through = 0  # the last handoff (by count) a stop was sent for
+        self.handoffs_served = 0
+
+    def requested(self) -> bool:
+        return self.stopped_through >= self.handoffs_served
+
+
+class VerifierService:
+    """Sessions over one backend; many run concurrently and share batched forward passes."""
+
+    def __init__(
+        self, backend: Backend, settings: CloudSettings, metrics: CloudMetrics | None = None
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics or CloudMetrics()
+        self.scheduler = BatchScheduler(
+            backend,
+            self.metrics,
+            max_queue=settings.max_queue,
+            max_batch_items=settings.max_batch_items,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+        self.vocabulary: Vocabulary = backend.vocabulary
+        self.vocab_size = backend.info.vocab_size
+        self.max_context = min(settings.max_context, backend.info.context_length or settings.max_context)
+        self._sessions: dict[str, _Session] = {}
+        self._expired: set[str] = set()
+        self._reaper: asyncio.Task | None = None
+        self._wakers: dict[str, asyncio.Queue] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_idle(), name="session-reaper")
+
+    async def stop(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        await self.scheduler.stop()
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    async def _reap_idle(self) -> None:
+        timeout = self.settings.session_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            now = time.monotonic()
+            for s in list(self._sessions.values()):
+                if now - s.last_active > timeout and s.id not in self._expired:
+                    logger.info("session %s idle for %.0f s: closing it", s.id, now - s.last_active)
+                    self._expired.add(s.id)
+                    waker = self._wakers.get(s.id)
+                    if waker is not None:
+                        waker.put_nowait(None)
+
+    # -- GetInfo -------------------------------------------------------------------------------
+
+    def limits(self) -> pb.Limits:
+        s = self.settings
+        return pb.Limits(
+            max_sessions=s.max_sessions,
+            max_context=self.max_context,
+            max_message_bytes=s.max_message_bytes,
+            max_top_k=s.max_top_k,
+            max_tokens_per_append=s.max_tokens_per_append,
+            max_handoff_tokens=s.max_handoff_tokens,
+            session_idle_timeout_s=int(s.session_idle_timeout_s),
+        )
+
+    def get_info(self, request: pb.GetInfoRequest | None = None) -> pb.ServiceInfo:
+        info = self.backend.info
+        reply = pb.ServiceInfo(
+            protocol_version=PROTOCOL_VERSION,
+            model_id=info.model_id,
+            model_name=info.model_name,
+            architecture=info.architecture,
+            parameter_count=info.parameter_count,
+            quantization=info.quantization,
+            context_length=info.context_length,
+            vocab_size=info.vocab_size,
+            vocab=fingerprint_to_proto(self.vocabulary.fingerprint),
+            limits=self.limits(),
+            backend=info.backend,
+            device=info.device,
+            dtype=info.dtype,
+            policies=list(SUPPORTED_POLICIES),
+        )
+        if request is not None and request.HasField("token_hashes"):
+            start, end = request.token_hashes.start, request.token_hashes.end
+            if not 0 <= start <= end <= len(self.vocabulary) or end - start > MAX_TOKEN_HASHES:
+                raise VerifierError(
+                    "INVALID_ARGUMENT",
+                    f"token hash range [{start}, {end}) must lie in [0, {len(self.vocabulary)}) "
+                    f"and span at most {MAX_TOKEN_HASHES} ids",
+                )
+            reply.token_hash_start = start
+            reply.token_hashes.extend(self.vocabulary.token_hashes(start, end).tolist())
+        return reply
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    async def session(self, inbox: AsyncIterator[pb.EdgeMessage]) -> AsyncIterator[pb.CloudMessage]:
+        """Serve one session: read requests in order, answer each; the session dies with the stream.
+
+        Raises:
+            VerifierError: a request was invalid or a limit was reached; the session is closed.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = _Stop()
+        reader = asyncio.create_task(self._read(inbox, queue, stop))
+        session: _Session | None = None
+        reason = "error"
+        try:
+            while True:
+                msg = await queue.get()
+                if msg is None:  # the edge half-closed, or the reaper expired the session
+                    if session is not None and session.id in self._expired:
+                        reason = "expired"
+                        raise VerifierError(
+                            "DEADLINE_EXCEEDED",
+                            f"session {session.id} was idle for more than {self.settings.session_idle_timeout_s:g} s",
+                        )
+                    reason = "half-closed"
+                    return
+                if isinstance(msg, BaseException):
+                    raise msg
+                kind = msg.WhichOneof("body")
+                if session is None and kind != "open":
+                    raise VerifierError(
+                        "FAILED_PRECONDITION", f"the first message must be `open`, got `{kind}`"
+                    )
+                try:
+                    if kind == "open":
+                        if session is not None:
+                            raise VerifierError("FAILED_PRECONDITION", "the session is already open")
+                        session = await self._open(msg.open)
+                        self._wakers[session.id] = queue
+                        yield pb.CloudMessage(
+                            request_id=msg.request_id,
+                            opened=pb.SessionOpened(
+                                session_id=session.id, length=len(session.tokens), info=self.get_info()
+                            ),
+                        )
+                    elif kind == "close":
+                        reason = "closed"
+                        yield pb.CloudMessage(
+                            request_id=msg.request_id,
+                            closed=pb.Closed(
+                                tokens_scored=session.scored, tokens_generated=session.generated
+                            ),
+                        )
+                        return
+                    else:
+                        session.last_active = time.monotonic()
+                        async for reply in self._dispatch(session, kind, msg, stop):
+                            yield reply
+                        session.last_active = time.monotonic()
+                    self.metrics.requests.labels(kind, "OK").inc()
+                except VerifierError as e:
+                    self.metrics.requests.labels(kind, e.code).inc()
+                    raise
+        except asyncio.CancelledError:
+            reason = "cancelled"  # the client went away
+            raise
+        finally:
+            reader.cancel()
+            if session is not None:
+                await self._release(session, reason)
+
+    async def _read(self, inbox: AsyncIterator[pb.EdgeMessage], queue: asyncio.Queue, stop: _Stop) -> None:
+        try:
+            async for msg in inbox:
+                kind = msg.WhichOneof("body")
+                if kind == "handoff":
+                    stop.handoffs_read += 1
+                elif kind == "stop":
+                    stop.stopped_through = stop.handoffs_read  # seen at once, even mid-handoff
+                queue.put_nowait(msg)
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # transport error: hand it to the session loop
+            queue.put_nowait(e)
+
+    async def _release(self, session: _Session, reason: str) -> None:
+        self._sessions.pop(session.id, None)
+        self._wakers.pop(session.id, None)
+        self._expired.discard(session.id)
+        self.metrics.sessions.set(len(self._sessions))
+        self.metrics.sessions_closed.labels(reason).inc()
+        try:
+            await asyncio.shield(self.scheduler.call(self.backend.release, session.seq))
+        except Exception as e:  # the service is stopping; nothing to keep
+            logger.debug("release of session %s: %s", session.id, e)
+        logger.info(
+            "session %s ended (%s): %d scored, %d generated",
+            session.id,
+            reason,
+            session.scored,
+            session.generated,
+        )
+
+    async def _open(self, req: pb.OpenSession) -> _Session:
+        if req.protocol_version and req.protocol_version != PROTOCOL_VERSION:
+            raise VerifierError(
+                "FAILED_PRECONDITION",
+                f"protocol {req.protocol_version!r} is not served here ({PROTOCOL_VERSION})",
+            )
+        if not req.HasField("vocab"):
+            raise VerifierError("INVALID_ARGUMENT", "open: the edge's vocabulary fingerprint is missing")
+        try:
+            check_compatible(self.vocabulary, fingerprint_from_proto(req.vocab), remote_name="the edge model")
+        except VocabularyMismatch as e:
+            raise VerifierError("FAILED_PRECONDITION", f"vocabulary mismatch: {e}") from None
+        prompt = list(req.prompt_token_ids)
+        if not prompt:
+            raise VerifierError("INVALID_ARGUMENT", "open: the prompt is empty")
+        self._check_ids(prompt, "prompt_token_ids")
+        if len(prompt) >= self.max_context:
+            raise VerifierError(
+                "RESOURCE_EXHAUSTED",
+                f"the prompt has {len(prompt)} tokens; the context limit is {self.max_context}",
+            )
+        k = req.top_k or 20
+        if not 1 <= k <= min(self.settings.max_top_k, self.vocab_size):
+            raise VerifierError("INVALID_ARGUMENT", f"top_k={k} is outside [1, {self.settings.max_top_k}]")
+        sampling = self._sampling(req.sampling)
+        if req.policy.kind not in (pb.POLICY_KIND_UNSPECIFIED, *SUPPORTED_POLICIES):
+            raise VerifierError(
+                "FAILED_PRECONDITION",
+                f"policy {pb.PolicyKind.Name(req.policy.kind)} is not supported by this server",
+            )
+        if len(self._sessions) >= self.settings.max_sessions:
+            raise VerifierError(
+                "RESOURCE_EXHAUSTED",
+                f"the service is full ({self.settings.max_sessions} sessions); retry later",
+            )
+        try:
+            seq = await self.scheduler.call(self.backend.new_sequence)
+        except CapacityError as e:
+            raise VerifierError("RESOURCE_EXHAUSTED", str(e)) from None
+        session = _Session(
+            id=uuid.uuid4().hex[:16],
+            seq=seq,
+            tokens=prompt,
+            prompt_len=len(prompt),
+            k=k,
+            sampling=sampling,
+            rng=sampling.rng(),
+            stop_ids=frozenset(req.sampling.stop_token_ids),
+            next_unchecked=len(prompt),
+        )
+        self._sessions[session.id] = session
+        self.metrics.sessions.set(len(self._sessions))
+        self.metrics.sessions_opened.inc()
+        try:
+            await self._forward(session, session.tokens[: session.prompt_len - 1], n_out=0)
+        except BaseException:
+            await self._release(session, "error")
+            raise
+        logger.info("session %s opened: %d prompt tokens, k=%d", session.id, session.prompt_len, k)
+        return session
+
+    def _sampling(self, msg: pb.SamplingParams) -> SamplingSettings:
+        try:
+            return SamplingSettings(
+                temperature=msg.temperature,
+                top_p=msg.top_p if 0.0 < msg.top_p <= 1.0 else 1.0,
+                top_k=msg.top_k,
+                seed=msg.seed if msg.has_seed else None,
+            )
+        except ShapeError as e:
+            raise VerifierError("INVALID_ARGUMENT", f"sampling: {e}") from None
+
+    def _check_ids(self, ids, what: str) -> None:
+        arr = np.asarray(ids, dtype=np.int64)
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        if bad.size:
+            raise VerifierError(
+                "INVALID_ARGUMENT", f"{what}: token ids outside [0, {self.vocab_size}): {bad[:5].tolist()}"
+            )
+
+    async def _forward(self, session: _Session, tokens: list[int], n_out: int, **kw):
+        """Feed tokens to the session's cache through the batch scheduler; returns (output, forward seconds)."""
+        item = ForwardItem(session.seq, tokens, n_out=n_out, k=session.k, **kw)
+        try:
+            result = await self.scheduler.forward(item)
+        except CapacityError as e:
+            raise VerifierError("RESOURCE_EXHAUSTED", str(e)) from None
+        except ShapeError as e:
+            raise VerifierError("INVALID_ARGUMENT", str(e)) from None
+        session.fed += len(tokens)
+        return result
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def _dispatch(self, s: _Session, kind: str, msg: pb.EdgeMessage, stop: _Stop):
+        rid = msg.request_id
+        if kind == "append":
+            self._append(s, msg.append)
+            yield pb.CloudMessage(request_id=rid, appended=pb.Appended(length=len(s.tokens)))
+        elif kind == "check":
+            yield pb.CloudMessage(request_id=rid, check=await self._check(s, msg.check))
+        elif kind == "handoff":
+            stop.handoffs_served += 1
+            async for reply in self._handoff(s, msg.handoff, rid, stop):
+                yield reply
+        elif kind == "stop":
+            pass  # acted on by the reader; after the handoff it was for, nothing is left to do
+        elif kind == "rollback":
+            await self._rollback(s, msg.rollback.length)
+            yield pb.CloudMessage(request_id=rid, rolled_back=pb.RolledBack(length=len(s.tokens)))
+        elif kind == "verify":
+            raise VerifierError("UNIMPLEMENTED", "the exact (speculative sampling) policy is not served yet")
+        else:
+            raise VerifierError("INVALID_ARGUMENT", f"unknown request `{kind}`")
+
+    def _append(self, s: _Session, req: pb.AppendTokens) -> None:
+        n = len(req.tokens)
+        if n == 0:
+            return
+        if n > self.settings.max_tokens_per_append:
+            raise VerifierError(
+                "INVALID_ARGUMENT",
+                f"append of {n} tokens exceeds max_tokens_per_append={self.settings.max_tokens_per_append}",
+            )
+        if len(s.tokens) + n > self.max_context:
+            raise VerifierError(
+                "RESOURCE_EXHAUSTED",
+                f"session would hold {len(s.tokens) + n} tokens; the context limit is {self.max_context}",
+            )
+        ids, topks = [], {}
+        for j, t in enumerate(req.tokens):
+            expected = len(s.tokens) + j
+            if t.position != expected:
+                raise VerifierError(
+                    "INVALID_ARGUMENT",
+                    f"append: token {j} is at position {t.position}, expected {expected} (positions are contiguous)",
+                )
+            ids.append(t.token_id)
+            if t.has_distribution:
+                q_ids = np.asarray(t.topk.ids, dtype=np.int64)
+                if (
+                    q_ids.size == 0
+                    or q_ids.size != len(t.topk.logprobs)
+                    or q_ids.size > self.settings.max_top_k
+                ):
+                    raise VerifierError(
+                        "INVALID_ARGUMENT",
+                        f"append: position {t.position} has a malformed top-k view ({q_ids.size} ids, "
+                        f"{len(t.topk.logprobs)} log-probabilities, at most {self.settings.max_top_k})",
+                    )
+                self._check_ids(q_ids, f"append: top-k ids at position {t.position}")
+                topks[t.position] = q_ids
+        self._check_ids(ids, "append: token_id")
+        s.tokens.extend(ids)
+        s.edge_topk.update(topks)
+        self.metrics.tokens_appended.inc(n)
+
+    async def _check(self, s: _Session, req: pb.CheckPoint) -> pb.CheckPointResult:
+        first, last = req.from_position, req.through_position
+        if first != s.next_unchecked:
+            raise VerifierError(
+                "INVALID_ARGUMENT",
+                f"check point from position {first}: positions are checked in order, the next is {s.next_unchecked}",
+            )
+        if not first <= last < len(s.tokens):
+            raise VerifierError(
+                "INVALID_ARGUMENT",
+                f"check point [{first}, {last}] is not within the appended positions [{first}, {len(s.tokens)})",
+            )
+        positions = range(first, last + 1)
+        gather = [[s.tokens[p], *s.edge_topk.get(p, ())] for p in positions]
+        out, seconds = await self._forward(s, s.tokens[s.fed : last], n_out=len(positions), gather=gather)
+        scores = []
+        for j, p in enumerate(positions):
+            g = out.gathered[j]
+            scores.append(
+                pb.PositionScore(
+                    position=p,
+                    topk=topk_to_proto(out.topk_ids[j], out.topk_logprobs[j]),
+                    logprobs_at_edge_topk=g[1:].astype(np.float32).tolist(),
+                    token_logprob=float(g[0]),
+                )
+            )
+            s.edge_topk.pop(p, None)
+        s.next_unchecked = last + 1
+        s.scored += len(scores)
+        self.metrics.tokens_scored.inc(len(scores))
+        return pb.CheckPointResult(scores=scores, forward_ms=seconds * 1000.0, batch_size=1)
+
+    async def _handoff(self, s: _Session, req: pb.Handoff, rid: int, stop: _Stop):
+        limit = min(req.max_tokens or self.settings.max_handoff_tokens, self.settings.max_handoff_tokens)
+        if s.next_unchecked != len(s.tokens):
+            raise VerifierError(
+                "FAILED_PRECONDITION",
+                f"handoff with unchecked edge tokens at [{s.next_unchecked}, {len(s.tokens)}): check or roll them back first",
+            )
+        reason = pb.HandoffDone.REASON_MAX_TOKENS
+        for _ in range(limit):
+            if stop.requested():
+                reason = pb.HandoffDone.REASON_STOPPED
+                break
+            if len(s.tokens) >= self.max_context:
+                reason = pb.HandoffDone.REASON_CONTEXT_FULL
+                break
+            out, _ = await self._forward(s, s.tokens[s.fed :], n_out=1, full_last=True)
+            lp = out.last_logprobs
+            token = sample_token(lp, s.sampling, s.rng)
+            position = len(s.tokens)
+            s.tokens.append(token)
+            s.next_unchecked = len(s.tokens)
+            s.generated += 1
+            s.last_active = time.monotonic()
+            self.metrics.tokens_generated.inc()
+            yield pb.CloudMessage(
+                request_id=rid,
+                token=pb.CloudToken(
+                    position=position,
+                    token_id=token,
+                    topk=topk_to_proto(out.topk_ids[0], out.topk_logprobs[0]),
+                    token_logprob=float(lp[token]),
+                ),
+            )
+            if token in s.stop_ids:
+                reason = pb.HandoffDone.REASON_STOP_TOKEN
+                break
+        yield pb.CloudMessage(
+            request_id=rid, handoff_done=pb.HandoffDone(reason=reason, length=len(s.tokens))
+        )
+
+    async def _rollback(self, s: _Session, length: int) -> None:
+        if not s.prompt_len <= length <= len(s.tokens):
+            raise VerifierError(
+                "INVALID_ARGUMENT",
+                f"rollback to {length} tokens: must be within [{s.prompt_len}, {len(s.tokens)}]",
+            )
+        del s.tokens[length:]
+        for p in [p for p in s.edge_topk if p >= length]:
+            del s.edge_topk[p]
+        s.next_unchecked = min(s.next_unchecked, length)
+        keep = min(s.fed, length - 1)  # the row for position `length` needs token length-1 fed again
+        if keep < s.fed:
+            await self.scheduler.call(self.backend.truncate, s.seq, keep)
+            s.fed = keep

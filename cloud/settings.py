@@ -1,0 +1,58 @@
+"""Settings of the cloud verifier service (environment variables HANDOFF_CLOUD_*, or flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import DEFAULT_CLOUD_MODEL
+
+
+class CloudSettings(BaseSettings):
+    """Everything `handoff serve-cloud` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="HANDOFF_CLOUD_", extra="ignore")
+
+    # Model
+    model: str = Field(DEFAULT_CLOUD_MODEL, description="Registry name, GGUF path or Hugging Face directory.")
+    backend: Literal["auto", "transformers", "llama.cpp"] = Field(
+        "auto", description="auto: transformers on CUDA, llama.cpp elsewhere."
+    )
+    device: str = Field("auto", description="transformers: auto, cpu, cuda, cuda:N.")
+    dtype: str = Field(
+        "auto", description="transformers: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
+    )
+    threads: int = Field(2, ge=1, description="CPU threads for the model.")
+
+    # Network
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(50051, ge=0, le=65535, description="Port; 0 picks a free one.")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key enables TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key.")
+    auth_token: str | None = Field(None, description="Require `authorization: Bearer <token>` on every call.")
+    max_message_bytes: int = Field(4 << 20, ge=1024, description="Largest message received or sent.")
+    keepalive_time_s: float = Field(30.0, gt=0, description="Interval of keepalive pings to idle clients.")
+    keepalive_timeout_s: float = Field(10.0, gt=0, description="Wait for a ping's answer before closing.")
+    grace_s: float = Field(10.0, ge=0, description="On shutdown, time given to running streams to finish.")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus metrics on this port."
+    )
+
+    # Limits
+    max_sessions: int = Field(64, ge=1, description="Concurrent sessions; more get RESOURCE_EXHAUSTED.")
+    max_context: int = Field(4096, ge=16, description="Tokens per session, prompt included.")
+    max_top_k: int = Field(64, ge=1, description="Largest k of the top-k views.")
+    max_tokens_per_append: int = Field(1024, ge=1)
+    max_handoff_tokens: int = Field(1024, ge=1)
+    max_queue: int = Field(1024, ge=1, description="Forward requests waiting for the model.")
+    max_batch_items: int = Field(64, ge=1, description="Sessions per forward pass.")
+    max_batch_tokens: int = Field(8192, ge=1, description="New tokens per forward pass.")
+    kv_cache_tokens: int | None = Field(
+        32768,
+        ge=16,
+        description="llama.cpp: KV cells shared by all sessions (allocated up front); None = sessions x context.",
+    )
+    session_idle_timeout_s: float = Field(300.0, gt=0, description="Sessions idle this long are closed.")

@@ -1,0 +1,85 @@
+"""Helpers to run a real verifier server on port 0 inside a test, and talk to it over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+
+from cloud.backend import Backend
+from cloud.grpc_server import CloudServer
+from cloud.settings import CloudSettings
+from edge.verifier_client import GrpcTransport, RemoteSession, VerifierClient
+from shared.model_info import load_model_info
+from shared.models import ModelRef
+from shared.vocab import Vocabulary
+from shared.wire import pb, topk_to_proto
+
+
+def llama_backend_factory(path: Path, **kw) -> Callable[[], Backend]:
+    def load() -> Backend:
+        from cloud.backends.llama_backend import LlamaCppBackend
+
+        return LlamaCppBackend(ModelRef("gguf", path, path.name), threads=1, **kw)
+
+    return load
+
+
+def vocabulary_of(path: Path) -> Vocabulary:
+    return load_model_info(ModelRef("gguf", path, path.name))[1]
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    load: Callable[[], Backend], **settings_kw
+) -> AsyncIterator[tuple[CloudServer, VerifierClient]]:
+    """A started CloudServer on 127.0.0.1:<free port> and a gRPC client connected to it."""
+    settings = CloudSettings(host="127.0.0.1", port=0, grace_s=1.0, **settings_kw)
+    server = CloudServer(settings, load)
+    await server.start()
+    client = VerifierClient(
+        GrpcTransport(f"127.0.0.1:{server.port}", auth_token=settings_kw.get("auth_token"))
+    )
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        await server.stop(grace=0.5)
+
+
+def edge_tokens(
+    start: int, ids: list[int], topk: list[tuple[np.ndarray, np.ndarray]] | None = None
+) -> list[pb.EdgeToken]:
+    """EdgeTokens at contiguous positions from `start`, with Q's top-k views when given."""
+    out = []
+    for j, t in enumerate(ids):
+        tok = pb.EdgeToken(position=start + j, token_id=int(t))
+        if topk is not None:
+            tok.topk.CopyFrom(topk_to_proto(*topk[j]))
+            tok.has_distribution = True
+        out.append(tok)
+    return out
+
+
+async def score_all(
+    session: RemoteSession, start: int, ids: list[int], chunks: list[int], topk=None
+) -> list[pb.PositionScore]:
+    """Append `ids` from `start` in chunks, one check point per chunk; all the scores in order."""
+    scores: list[pb.PositionScore] = []
+    pos = start
+    for n in chunks:
+        part = ids[pos - start : pos - start + n]
+        views = topk[pos - start : pos - start + n] if topk is not None else None
+        await session.append(edge_tokens(pos, part, views))
+        result = await session.check(pos, pos + n - 1)
+        scores.extend(result.scores)
+        pos += n
+    return scores
+
+
+def run(coro):
+    """Run a test scenario in a fresh event loop."""
+    return asyncio.run(coro)
