@@ -41,6 +41,8 @@ def load_backend(settings: CloudSettings, handoff: HandoffSettings | None = None
             max_context=settings.max_context,
             settings=handoff,
             threads=settings.threads,
+            max_sequences=settings.max_sessions,
+            max_batch_tokens=settings.max_batch_tokens,
         )
     if ref.kind != "gguf":
         raise HandoffError(f"the llama.cpp backend needs a GGUF file; {ref.path} is a Hugging Face directory")

@@ -72,7 +72,9 @@ def test_info_of_a_tiny_gguf(tiny_gguf_a, tmp_path):
 
 def test_tiny_vocabulary_differs_from_the_real_one(tiny_gguf_a, edge_gguf_path, tmp_path):
     """The tiny tokenizer keeps ids 0..999 and renumbers the specials after them: id 1000 differs."""
-    _, tiny = load_model_info(ModelRef("gguf", tiny_gguf_a, "tiny-a.gguf"), HandoffSettings(cache_dir=tmp_path))
+    _, tiny = load_model_info(
+        ModelRef("gguf", tiny_gguf_a, "tiny-a.gguf"), HandoffSettings(cache_dir=tmp_path)
+    )
     _, real = load_model_info(ModelRef("gguf", edge_gguf_path, "edge.gguf"))  # the user cache: parsed once
     with pytest.raises(VocabularyMismatch, match=r"first differing ids: 1000 \('<\|endoftext\|>' vs"):
         check_vocabularies(tiny, real)
