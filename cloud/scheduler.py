@@ -4,6 +4,12 @@ Every backend call runs on one worker thread (the model is not thread-safe and b
 off the event loop). Requests that arrive while a forward pass runs are batched into the next one,
 up to max_batch_items sessions and max_batch_tokens new tokens: continuous batching at check-point
 granularity.
+
+Before a pass starts, the scheduler waits up to batch_wait_s for more requests while fewer are
+queued than sessions are open. Without it, the sessions answered by one pass are still sending
+their next request (a network round trip) when the model frees up, the next pass takes only the
+one request that was already waiting, and the sessions split into out-of-step groups that never
+share a pass again (measured on the 1.5B on CPU: 16 sessions at 0.81 of the raw batched throughput).
 """
 
 from __future__ import annotations
@@ -44,12 +50,16 @@ class BatchScheduler:
         max_queue: int = 1024,
         max_batch_items: int = 64,
         max_batch_tokens: int = 8192,
+        batch_wait_s: float = 0.0,
+        open_sessions: Callable[[], int] = lambda: 0,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_batch_items = max_batch_items
         self.max_batch_tokens = max_batch_tokens
+        self.batch_wait_s = batch_wait_s
+        self._open_sessions = open_sessions
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
@@ -105,12 +115,26 @@ class BatchScheduler:
         self.metrics.queue_depth.set(len(self._pending))
         return batch
 
+    async def _gather_more(self) -> bool:
+        """Wait (at most batch_wait_s) while open sessions may still add to the next batch; True if work is queued."""
+        deadline = time.perf_counter() + self.batch_wait_s
+        while 0 < len(self._pending) < min(self._open_sessions(), self.max_batch_items):
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+        return bool(self._pending)
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while batch := self._take_batch():
+            while (await self._gather_more()) and (batch := self._take_batch()):
                 now = time.perf_counter()
                 for p in batch:
                     self.metrics.queue_wait.observe(now - p.enqueued)

@@ -89,6 +89,8 @@ class VerifierService:
             max_queue=settings.max_queue,
             max_batch_items=settings.max_batch_items,
             max_batch_tokens=settings.max_batch_tokens,
+            batch_wait_s=settings.batch_wait_s,
+            open_sessions=lambda: len(self._sessions),
         )
         self.vocabulary: Vocabulary = backend.vocabulary
         self.vocab_size = backend.info.vocab_size

@@ -50,6 +50,9 @@ class CloudSettings(BaseSettings):
     max_queue: int = Field(1024, ge=1, description="Forward requests waiting for the model.")
     max_batch_items: int = Field(64, ge=1, description="Sessions per forward pass.")
     max_batch_tokens: int = Field(8192, ge=1, description="New tokens per forward pass.")
+    batch_wait_s: float = Field(
+        0.003, ge=0, description="Wait this long for other open sessions' requests before a forward pass."
+    )
     kv_cache_tokens: int | None = Field(
         32768,
         ge=16,

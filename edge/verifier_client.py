@@ -22,7 +22,7 @@ from typing import Protocol
 import grpc
 
 from shared.errors import VerifierError, VocabularyMismatch
-from shared.vocab import Vocabulary, check_compatible
+from shared.vocab import Vocabulary, check_compatible, local_block_digest
 from shared.wire import PROTOCOL_VERSION, fingerprint_from_proto, fingerprint_to_proto, pb, pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -408,6 +408,6 @@ def _first_unverified_block(local: Vocabulary, remote) -> int | None:
         start, end = remote.block_range(block)
         if start >= len(local):
             return None
-        if end > len(local) or local.block_digest(start, end) != digest:
+        if end > len(local) or local_block_digest(local, block, start, end) != digest:
             return start
     return None

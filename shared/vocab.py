@@ -162,7 +162,7 @@ def check_compatible(
         start, end = remote.block_range(block)
         if start >= n_local:
             break
-        if end <= n_local and local.block_digest(start, end) == digest:
+        if end <= n_local and local_block_digest(local, block, start, end) == digest:
             continue
         if end > n_local and remote_token_hashes is None:
             continue  # straddles our end: only per-token hashes can tell; the remote side checks it
@@ -188,3 +188,11 @@ def check_compatible(
         if end == remote.block_range(block)[1]:
             # The digest differed but no 32-bit token hash does: name the block.
             raise VocabularyMismatch(f"vocabularies differ in ids [{start}, {end}); {sizes}")
+
+
+def local_block_digest(local: Vocabulary, block: int, start: int, end: int) -> bytes:
+    """The digest of ids [start, end) of `local`: from its cached fingerprint when its block is the same range."""
+    fp = local.fingerprint
+    if block < len(fp.block_digests) and fp.block_range(block) == (start, end):
+        return fp.block_digests[block]
+    return local.block_digest(start, end)

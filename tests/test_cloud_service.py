@@ -338,3 +338,47 @@ def test_in_process_and_grpc_transports_give_the_same_answers(tiny_gguf_a, vocab
     over_grpc, in_process = run(scenario())
     assert over_grpc == in_process
     assert over_grpc[2] == 20 and over_grpc[3] == 5
+
+
+def test_transformers_backend_through_the_service_equals_a_direct_forward(
+    tiny_gguf_a, vocab_a, prompt_and_continuation
+):
+    """The same scoring path with the transformers backend (CPU, fp32) against a plain HF forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cloud.backends.transformers_backend import TransformersBackend
+    from shared.models import ModelRef
+
+    prompt, cont = prompt_and_continuation
+    model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_gguf_a.parent), gguf_file=tiny_gguf_a.name, dtype=torch.float32
+    )
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + cont])).logits[0].double()
+    direct = torch.log_softmax(logits, -1).numpy()[len(prompt) - 1 : len(prompt) - 1 + len(cont)]  # [20, V]
+
+    def load():
+        return TransformersBackend(
+            ModelRef("gguf", tiny_gguf_a, "tiny-a"), device="cpu", dtype="float32", threads=1
+        )
+
+    async def scenario():
+        async with running_server(load, max_top_k=V) as (_, client):
+            info = await client.info()
+            s = await client.open_session(
+                prompt, vocab_a, top_k=V, sampling=pb.SamplingParams(temperature=0.0)
+            )
+            scores = await score_all(s, len(prompt), cont, [3, 17])
+            await s.rollback(len(prompt))
+            greedy = [t.token_id async for t in s.handoff(6)]
+            await s.close()
+            return info, scores, greedy
+
+    info, scores, greedy = run(scenario())
+    assert info.backend == "transformers" and info.dtype == "float32"
+    for j, s in enumerate(scores):
+        full = _full(s)
+        full -= np.log(np.exp(full).sum())
+        assert kl_divergence(full, direct[j]) < 1e-4
+    assert greedy[0] == int(np.argmax(direct[0]))
