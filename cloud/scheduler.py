@@ -32,10 +32,19 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Forwarded:
+    """One item's result and the forward pass that computed it."""
+
+    output: ForwardOutput
+    seconds: float  # duration of the whole batched pass
+    batch_items: int  # sessions that shared it
+
+
 @dataclass
 class _Pending:
     item: ForwardItem
-    future: asyncio.Future[tuple[ForwardOutput, float]]
+    future: asyncio.Future[Forwarded]
     enqueued: float
 
 
@@ -82,11 +91,11 @@ class BatchScheduler:
         """Run a backend call (truncate, release, ...) on the model thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def forward(self, item: ForwardItem) -> tuple[ForwardOutput, float]:
+    async def forward(self, item: ForwardItem) -> Forwarded:
         """Queue one item for the next batched forward pass.
 
         Returns:
-            The item's output and the duration of the forward pass that computed it (seconds).
+            The item's output, with the duration and size of the forward pass that computed it.
 
         Raises:
             CapacityError: the queue is full.
@@ -154,4 +163,4 @@ class BatchScheduler:
                 self.metrics.batch_tokens.observe(sum(len(i.tokens) for i in items))
                 for p, out in zip(batch, outputs, strict=True):
                     if not p.future.done():
-                        p.future.set_result((out, seconds))
+                        p.future.set_result(Forwarded(out, seconds, len(items)))

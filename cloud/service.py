@@ -25,7 +25,7 @@ import numpy as np
 
 from cloud.backend import Backend, ForwardItem
 from cloud.metrics import CloudMetrics
-from cloud.scheduler import BatchScheduler
+from cloud.scheduler import BatchScheduler, Forwarded
 from cloud.settings import CloudSettings
 from shared.errors import CapacityError, ShapeError, VerifierError, VocabularyMismatch
 from shared.sampling import SamplingSettings, sample_token
@@ -356,8 +356,8 @@ class VerifierService:
                 "INVALID_ARGUMENT", f"{what}: token ids outside [0, {self.vocab_size}): {bad[:5].tolist()}"
             )
 
-    async def _forward(self, session: _Session, tokens: list[int], n_out: int, **kw):
-        """Feed tokens to the session's cache through the batch scheduler; returns (output, forward seconds)."""
+    async def _forward(self, session: _Session, tokens: list[int], n_out: int, **kw) -> Forwarded:
+        """Feed tokens to the session's cache through the batch scheduler."""
         item = ForwardItem(session.seq, tokens, n_out=n_out, k=session.k, **kw)
         try:
             result = await self.scheduler.forward(item)
@@ -447,7 +447,8 @@ class VerifierService:
             )
         positions = range(first, last + 1)
         gather = [[s.tokens[p], *s.edge_topk.get(p, ())] for p in positions]
-        out, seconds = await self._forward(s, s.tokens[s.fed : last], n_out=len(positions), gather=gather)
+        done = await self._forward(s, s.tokens[s.fed : last], n_out=len(positions), gather=gather)
+        out = done.output
         scores = []
         for j, p in enumerate(positions):
             g = out.gathered[j]
@@ -463,7 +464,9 @@ class VerifierService:
         s.next_unchecked = last + 1
         s.scored += len(scores)
         self.metrics.tokens_scored.inc(len(scores))
-        return pb.CheckPointResult(scores=scores, forward_ms=seconds * 1000.0, batch_size=1)
+        return pb.CheckPointResult(
+            scores=scores, forward_ms=done.seconds * 1000.0, batch_size=done.batch_items
+        )
 
     async def _handoff(self, s: _Session, req: pb.Handoff, rid: int, stop: _Stop):
         limit = min(req.max_tokens or self.settings.max_handoff_tokens, self.settings.max_handoff_tokens)
@@ -480,7 +483,7 @@ class VerifierService:
             if len(s.tokens) >= self.max_context:
                 reason = pb.HandoffDone.REASON_CONTEXT_FULL
                 break
-            out, _ = await self._forward(s, s.tokens[s.fed :], n_out=1, full_last=True)
+            out = (await self._forward(s, s.tokens[s.fed :], n_out=1, full_last=True)).output
             lp = out.last_logprobs
             token = sample_token(lp, s.sampling, s.rng)
             position = len(s.tokens)
