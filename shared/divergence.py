@@ -21,6 +21,7 @@ __all__ = [
     "first_over",
     "kl_divergence",
     "log_softmax",
+    "log_softmax_and_entropy",
     "top_k",
     "topk_kl",
 ]
@@ -156,6 +157,44 @@ def log_softmax(logits: Any, axis: int = -1) -> np.ndarray:
     with np.errstate(over="ignore"):
         shifted = x - np.max(x, axis=axis, keepdims=True)
     return shifted - _log1p_sum_others(shifted, axis)
+
+
+def log_softmax_and_entropy(logits: np.ndarray) -> tuple[np.ndarray, float]:
+    """Log-softmax in float64 and the entropy of the same distribution, with one exp over V.
+
+    The log-probabilities are bit-identical to `log_softmax` (same operations:
+    max-shift, then subtract log1p of the sum of the others). Calling log_softmax and then
+    `entropy` would exponentiate the row twice and re-check it twice: 2.9 ms
+    against 1.2 ms for V = 151,936 on the 2-core box, where a 0.5B token takes ~25 ms.
+    With Z = sum exp(shifted) = 1 + s, log p = shifted - log Z and
+    H = -sum p log p = log Z - sum(exp(shifted) * shifted) / Z.
+
+    Args:
+        logits: float [V] raw logits of one position.
+
+    Returns:
+        (logprobs float64 [V], entropy in nats as a float >= 0).
+    """
+    shifted = np.array(logits, dtype=np.float64)  # [V], a fresh array we may modify in place
+    if shifted.ndim != 1 or shifted.size == 0:
+        raise ShapeError(f"logits: expected shape [V], got {shifted.shape}")
+    top = int(np.argmax(shifted))
+    peak = shifted[top]
+    if not np.isfinite(peak):
+        raise ShapeError(f"logits: expected finite values, got a maximum of {peak}")
+    shifted -= peak
+    e = np.exp(shifted)  # [V]
+    # einsum, not np.dot: on this machine np.dot of two 151k vectors goes through a threaded BLAS
+    # and takes ~8 ms; einsum's plain loop takes ~0.16 ms. The peak's term is 0 * 1 either way.
+    weighted = float(np.einsum("i,i->", e, shifted))
+    if not np.isfinite(weighted):  # -inf or NaN logits: 0 * -inf would poison the entropy
+        raise ShapeError("logits: expected finite values, got non-finite entries")
+    e[top] = 0.0
+    others = float(np.sum(e))
+    log_z = float(np.log1p(others))
+    shifted -= log_z
+    ent = log_z - weighted / (1.0 + others)
+    return shifted, max(ent, 0.0)
 
 
 def top_k(logprobs: Any, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -68,15 +68,30 @@ def sampling_distribution(logprobs: np.ndarray, settings: SamplingSettings) -> n
     return probs / probs.sum()
 
 
-def sample_token(logprobs: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> int:
-    """Pick the next token id from [V] log-probabilities."""
+def draw(logprobs: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> tuple[int, float]:
+    """Pick the next token and its log-probability under the distribution it was drawn from.
+
+    Args:
+        logprobs: [V] log-probabilities of the model (temperature 1).
+        settings: sampling settings.
+        rng: the session's generator (one uniform draw per non-greedy token).
+
+    Returns:
+        (token id, its log-probability under the sampling distribution; 0.0 when greedy).
+    """
     lp = np.asarray(logprobs)
     if lp.ndim != 1 or lp.size == 0:
         raise ShapeError(f"logprobs: expected shape [V], got {lp.shape}")
     if settings.greedy:
-        return int(np.argmax(lp))
+        return int(np.argmax(lp)), 0.0
     probs = sampling_distribution(lp, settings)
     # Inverse-CDF with one uniform draw: one random number per token, whatever V is.
     u = rng.random()
     idx = int(np.searchsorted(np.cumsum(probs), u, side="right"))
-    return min(idx, int(np.flatnonzero(probs)[-1]))
+    idx = min(idx, int(np.flatnonzero(probs)[-1]))
+    return idx, float(np.log(probs[idx]))
+
+
+def sample_token(logprobs: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> int:
+    """Pick the next token id from [V] log-probabilities (see draw)."""
+    return draw(logprobs, settings, rng)[0]

@@ -17,6 +17,7 @@ from shared.divergence import (
     first_over,
     kl_divergence,
     log_softmax,
+    log_softmax_and_entropy,
     top_k,
     topk_kl,
 )
@@ -623,3 +624,19 @@ def test_topk_kl_bad_input_names_the_argument(arg: str, value: object, match: st
     kwargs[arg] = value
     with pytest.raises(ShapeError, match=match):
         topk_kl(**kwargs)  # type: ignore[arg-type]
+
+
+def test_log_softmax_and_entropy_in_one_pass():
+    # logits [0, ln 3]: p = [1/4, 3/4], H = -(1/4 ln 1/4 + 3/4 ln 3/4) = ln 4 - (3/4) ln 3
+    lp, h = log_softmax_and_entropy(np.array([0.0, math.log(3.0)]))
+    np.testing.assert_allclose(lp, [math.log(0.25), math.log(0.75)], atol=1e-15)
+    assert h == pytest.approx(math.log(4.0) - 0.75 * math.log(3.0), abs=1e-15)
+    rng = np.random.default_rng(3)
+    row = rng.normal(size=5000) * 4
+    lp, h = log_softmax_and_entropy(row)
+    np.testing.assert_array_equal(lp, log_softmax(row))
+    assert h == pytest.approx(float(entropy(log_softmax(row))), abs=1e-9)
+    with pytest.raises(ShapeError, match="logits"):
+        log_softmax_and_entropy(np.array([0.0, np.inf]))
+    with pytest.raises(ShapeError, match=r"expected shape \[V\]"):
+        log_softmax_and_entropy(np.zeros((2, 3)))

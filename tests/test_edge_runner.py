@@ -104,18 +104,18 @@ def test_greedy_steps_match_reference(make_runner, make_ref, prompt) -> None:
 
 def test_logprobs_are_bit_identical_to_log_softmax(make_runner, prompt) -> None:
     """The fused log-softmax + entropy is the shared log_softmax exactly, not just close to it."""
-    from edge.runner import _logprobs_and_entropy
+    from shared.divergence import log_softmax_and_entropy
 
     runner = make_runner()
     runner.start(prompt)
     logits = runner.model.next_logits()
-    logprobs, ent = _logprobs_and_entropy(logits)
+    logprobs, ent = log_softmax_and_entropy(logits)
     np.testing.assert_array_equal(logprobs, log_softmax(logits))
     assert ent == pytest.approx(float(entropy(logprobs)), abs=1e-12)
     # A wide, V-sized row like the real model's, and a near-one-hot one.
     rng = np.random.default_rng(0)
     for row in (rng.standard_normal(151_936).astype(np.float32) * 4, np.array([0.0, -40.0, -50.0])):
-        logprobs, ent = _logprobs_and_entropy(row)
+        logprobs, ent = log_softmax_and_entropy(row)
         np.testing.assert_array_equal(logprobs, log_softmax(row))
         assert ent == pytest.approx(float(entropy(logprobs)), rel=1e-12, abs=1e-15)
 
@@ -361,7 +361,7 @@ def test_bad_input(make_runner, prompt) -> None:
     assert runner.length == n
     runner.step()  # still usable
 
-    for k in (0, N_VOCAB + 1):
+    for k in (0, N_VOCAB + 1, 2.0):
         with pytest.raises(ShapeError, match="k: expected"):
             make_runner(k=k)
 
