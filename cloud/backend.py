@@ -16,6 +16,7 @@ the host. `forward`, `truncate` and `release` are called from one worker thread 
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,11 @@ import numpy as np
 
 from shared.divergence import log_softmax, top_k
 from shared.errors import ShapeError
+from shared.model_info import ModelInfo
+from shared.models import ModelRef
 from shared.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,38 @@ class BackendInfo:
     vocab_size: int  # rows of the output layer: ids in [0, vocab_size) are valid
     device: str
     dtype: str
+
+
+def make_backend_info(
+    backend: str,
+    ref: ModelRef,
+    model: ModelInfo,
+    *,
+    vocab_size: int,
+    device: str,
+    dtype: str,
+    max_context: int,
+) -> BackendInfo:
+    """BackendInfo from the model's metadata; warns when sessions may outgrow the trained context."""
+    if model.context_length and max_context > model.context_length:
+        logger.warning(
+            "max_context=%d is longer than %s's trained context of %d tokens",
+            max_context,
+            model.name,
+            model.context_length,
+        )
+    return BackendInfo(
+        backend=backend,
+        model_id=ref.name,
+        model_name=model.name,
+        architecture=model.architecture,
+        parameter_count=model.parameter_count,
+        quantization=model.quantization,
+        context_length=model.context_length,
+        vocab_size=vocab_size,
+        device=device,
+        dtype=dtype,
+    )
 
 
 @dataclass

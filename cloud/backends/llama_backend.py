@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cloud.backend import Backend, BackendInfo, ForwardItem, ForwardOutput, views_from_logits
+from cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info, views_from_logits
 from shared.errors import CapacityError, HandoffError, ModelError, ShapeError
 from shared.model_info import load_model_info
 from shared.models import ModelRef
@@ -189,25 +189,10 @@ class LlamaCppBackend(Backend):
         self.n_batch = n_batch
         self.threads = threads
         self.kv_unified = kv_unified
-        if model_info.context_length and max_context > model_info.context_length:
-            logger.warning(
-                "max_context=%d is longer than %s's trained context of %d tokens",
-                max_context,
-                model_info.name,
-                model_info.context_length,
-            )
-        self.info = BackendInfo(
-            backend="llama.cpp",
-            model_id=ref.name,
-            model_name=model_info.name,
-            architecture=model_info.architecture,
-            parameter_count=model_info.parameter_count,
-            quantization=model_info.quantization,
-            context_length=model_info.context_length,
-            vocab_size=self._n_vocab,
-            device="cpu",
-            dtype=model_info.quantization,
-        )
+        self.info = make_backend_info(
+            "llama.cpp", ref, model_info, vocab_size=self._n_vocab, device="cpu",
+            dtype=model_info.quantization, max_context=max_context,
+        )  # fmt: skip
         self._lock = threading.Lock()  # guards the free list: new_sequence may come from any thread
         self._free: list[int] = list(range(max_sequences))
         self._live: dict[int, LlamaSequence] = {}

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from cloud.backend import Backend, BackendInfo, ForwardItem, ForwardOutput
+from cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info
 from shared.errors import CapacityError, HandoffError, ModelError, ShapeError
 from shared.model_info import load_model_info
 from shared.models import ModelRef
@@ -428,25 +428,10 @@ class TransformersBackend(Backend):
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._softcap = getattr(config, "final_logit_softcapping", None)
         vocab_size = int(self._lm_head.weight.shape[0])  # rows of the output layer
-        if model_info.context_length and max_context > model_info.context_length:
-            logger.warning(
-                "max_context=%d is longer than %s's trained context of %d tokens",
-                max_context,
-                model_info.name,
-                model_info.context_length,
-            )
-        self.info = BackendInfo(
-            backend="transformers",
-            model_id=ref.name,
-            model_name=model_info.name,
-            architecture=model_info.architecture,
-            parameter_count=model_info.parameter_count,
-            quantization=model_info.quantization,
-            context_length=model_info.context_length,
-            vocab_size=vocab_size,
-            device=str(self.device),
-            dtype=_dtype_name(self.dtype),
-        )
+        self.info = make_backend_info(
+            "transformers", ref, model_info, vocab_size=vocab_size, device=str(self.device),
+            dtype=_dtype_name(self.dtype), max_context=max_context,
+        )  # fmt: skip
         # guards the registry of live sequences: new_sequence may come from any thread
         self._lock = threading.Lock()
         self._live: dict[int, TransformersSequence] = {}
