@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared.divergence import log_softmax, top_k
-from shared.errors import ShapeError
+from shared.errors import HandoffError, ShapeError
 from shared.model_info import ModelInfo
 from shared.models import ModelRef
 from shared.vocab import Vocabulary
@@ -145,6 +145,22 @@ class Backend(ABC):
 
     info: BackendInfo
     vocabulary: Vocabulary  # token strings by id, for the fingerprint
+    name = "model"  # for messages: "the llama.cpp backend is closed"
+    sequence_type: type = object  # the handle class new_sequence returns
+    _closed = True  # until the subclass has loaded its model
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HandoffError(f"the {self.name} backend is closed")
+
+    def _own(self, seq: object):
+        """`seq` as this backend's live sequence handle, or a HandoffError saying why not."""
+        self._check_open()
+        if not isinstance(seq, self.sequence_type) or getattr(seq, "_owner", None) is not self:
+            raise HandoffError(f"{seq!r} is not a sequence of this backend")
+        if not seq.alive:
+            raise HandoffError(f"{seq!r} was released")
+        return seq
 
     @abstractmethod
     def new_sequence(self) -> object:

@@ -171,7 +171,7 @@ def test_a_vanished_client_frees_its_session(tiny_gguf_a, vocab_a):
             await s.append(edge_tokens(len(PROMPT), CONT[:5]))
             assert server.service.session_count == 1
             s.abort()  # like a process that died: no close
-            for _ in range(100):
+            for _ in range(500):  # up to 10 s on a loaded machine
                 if server.service.session_count == 0:
                     break
                 await asyncio.sleep(0.02)
@@ -192,7 +192,7 @@ def test_idle_sessions_expire(tiny_gguf_a, vocab_a):
             client,
         ):
             s = await client.open_session(PROMPT, vocab_a)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(2.0)
             await expect_status(s.append(edge_tokens(len(PROMPT), [5])), "DEADLINE_EXCEEDED", "idle")
             return server.service.session_count
 
@@ -217,7 +217,7 @@ def test_client_deadline_is_honoured(tiny_gguf_a, vocab_a):
                 await call.read()
                 await asyncio.sleep(1.0)
                 code = await call.code()
-            for _ in range(50):
+            for _ in range(500):  # up to 10 s on a loaded machine
                 if server.service.session_count == 0:
                     break
                 await asyncio.sleep(0.02)

@@ -92,6 +92,9 @@ class LlamaCppBackend(Backend):
             (memory is allocated up front: 28 KiB per token for the 1.5B model).
     """
 
+    name = "llama.cpp"
+    sequence_type = LlamaSequence
+
     def __init__(
         self,
         ref: ModelRef,
@@ -327,18 +330,6 @@ class LlamaCppBackend(Backend):
                 logger.error("could not roll sequence %d back to %d tokens", s.seq_id, length)
 
     # -- lifetime -------------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise HandoffError("the llama.cpp backend is closed")
-
-    def _own(self, seq: object) -> LlamaSequence:
-        self._check_open()
-        if not isinstance(seq, LlamaSequence) or seq._owner is not self:
-            raise HandoffError(f"{seq!r} is not a sequence of this backend")
-        if not seq.alive:
-            raise HandoffError(f"{seq!r} was released")
-        return seq
 
     def close(self) -> None:
         """Free the batch, the context and the model (idempotent); the backend is unusable after."""

@@ -375,6 +375,9 @@ class TransformersBackend(Backend):
         attn_implementation: transformers attention ("sdpa", "eager"); None = the model's default.
     """
 
+    name = "transformers"
+    sequence_type = TransformersSequence
+
     def __init__(
         self,
         ref: ModelRef,
@@ -735,18 +738,6 @@ class TransformersBackend(Backend):
         return _HostViews(vals_h, ids_h, host(gathered, np.float64), full_h)
 
     # -- lifetime -------------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise HandoffError("the transformers backend is closed")
-
-    def _own(self, seq: object) -> TransformersSequence:
-        self._check_open()
-        if not isinstance(seq, TransformersSequence) or seq._owner is not self:
-            raise HandoffError(f"{seq!r} is not a sequence of this backend")
-        if not seq.alive:
-            raise HandoffError(f"{seq!r} was released")
-        return seq
 
     def close(self) -> None:
         """Drop every sequence and the model (idempotent); the backend is unusable after."""
