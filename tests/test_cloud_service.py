@@ -227,44 +227,50 @@ def test_metrics_count_sessions_tokens_and_batches(tiny_gguf_a, vocab_a, prompt_
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(tiny_gguf_a):
+    import threading
+
+    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from cloud.grpc_server import CloudServer
     from cloud.settings import CloudSettings
+    from edge.verifier_client import GrpcTransport, VerifierClient
+
+    release = threading.Event()  # the model "loads" only once the test has looked
+    factory = llama_backend_factory(tiny_gguf_a)
+
+    def gated_load():
+        release.wait(timeout=60)
+        return factory()
 
     async def scenario():
-        loaded = asyncio.Event()
-        factory = llama_backend_factory(tiny_gguf_a)
-
-        def slow_load():
-            import time
-
-            time.sleep(0.5)
-            backend = factory()
-            return backend
-
-        server = CloudServer(CloudSettings(port=0, grace_s=0.1), slow_load)
+        server = CloudServer(CloudSettings(port=0, grace_s=0.1), gated_load)
         starting = asyncio.create_task(server.start())
-        import grpc
-
+        while server.server is None or not server.port:
+            await asyncio.sleep(0.01)
+        request = health_pb2.HealthCheckRequest(service="handoff.v1.Verifier")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
-            await asyncio.sleep(0.1)
-            before = (await health.Check(health_pb2.HealthCheckRequest(service="handoff.v1.Verifier"))).status
-            from edge.verifier_client import GrpcTransport, VerifierClient
-
+            for _ in range(500):  # the server starts listening inside start()
+                try:
+                    before = (await health.Check(request)).status
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.02)
             client = VerifierClient(GrpcTransport(f"127.0.0.1:{server.port}"))
             with pytest.raises(VerifierError) as e:
                 await client.info()
+            release.set()
             await starting
-            loaded.set()
-            after = (await health.Check(health_pb2.HealthCheckRequest(service="handoff.v1.Verifier"))).status
+            after = (await health.Check(request)).status
             await client.close()
         await server.stop(grace=0.1)
         return before, e.value.code, after
 
     before, code, after = run(scenario())
-    assert before == 2 and code == "UNAVAILABLE" and after == 1  # NOT_SERVING, then SERVING
+    assert before == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert code == "UNAVAILABLE"
+    assert after == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_reflection_lists_the_services(tiny_gguf_a):
