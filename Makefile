@@ -13,7 +13,7 @@ models: setup
 	$(HANDOFF) models fetch
 
 run: models
-	$(HANDOFF) divergence --tokens
+	$(HANDOFF) generate --max-tokens 96
 
 test: models
 	$(VENV)/bin/python -m pytest

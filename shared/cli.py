@@ -341,6 +341,129 @@ def serve_cloud(
     asyncio.run(serve(settings, lambda: load_backend(settings), on_ready=ready))
 
 
+# ---------------------------------------------------------------------------------------------
+# handoff generate
+
+
+@app.command("generate")
+def generate(
+    prompt: Annotated[
+        str, typer.Option(help="User message, rendered with the chat template.")
+    ] = DEFAULT_PROMPT,
+    max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Tokens to generate at most.")] = 128,
+    edge: Annotated[
+        str | None, typer.Option(help="Q: registry name or GGUF path (default: settings).")
+    ] = None,
+    cloud: Annotated[
+        str | None, typer.Option(help="HOST:PORT of a running verifier; default: an embedded one.")
+    ] = None,
+    cloud_model: Annotated[
+        str | None, typer.Option(help="P for the embedded verifier (default: settings).")
+    ] = None,
+    policy: Annotated[str, typer.Option(help="rollback or seed.")] = "rollback",
+    threshold: Annotated[
+        float, typer.Option(help="tau in nats (top-k KL, a lower bound of the full KL).")
+    ] = 0.5,
+    check_interval: Annotated[int, typer.Option(min=1, help="N: edge tokens per check point.")] = 8,
+    handback_tokens: Annotated[int, typer.Option(min=1, help="M: cloud tokens per handoff.")] = 8,
+    seed_tokens: Annotated[int, typer.Option(min=0, help="N0: tokens the cloud generates first.")] = 0,
+    aggregation: Annotated[str, typer.Option(help="max or mean over a check-point window.")] = "max",
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=256, help="k of the top-k views.")] = 20,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    trace: Annotated[Path | None, typer.Option(help="Write one JSON record per token to this file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Hybrid generation: Q drafts on the edge, P checks at check points and takes over where they diverge."""
+    import asyncio
+
+    from edge.controller import HybridGenerator, PolicyConfig
+    from edge.runner import EdgeRunner
+    from edge.verifier_client import GrpcTransport, VerifierClient
+    from shared.model_info import load_model_info
+    from shared.models import resolve
+    from shared.sampling import SamplingSettings
+
+    settings = get_settings()
+    config = PolicyConfig(
+        kind=policy, seed_tokens=seed_tokens, check_interval=check_interval, threshold=threshold,
+        aggregation=aggregation, handback_tokens=handback_tokens, top_k=top_k,
+    )  # fmt: skip
+    sampling = SamplingSettings(temperature=temperature, top_p=top_p if top_p > 0 else 1.0, seed=seed)
+    q_ref = resolve(edge or settings.edge_model, "edge", settings)
+    _, q_vocab = load_model_info(q_ref, settings)
+
+    async def run() -> tuple:
+        server = None
+        target = cloud
+        if target is None:
+            from cloud.grpc_server import CloudServer
+            from cloud.loader import load_backend
+            from cloud.settings import CloudSettings
+
+            cloud_settings = CloudSettings(
+                model=cloud_model or settings.cloud_model,
+                port=0,
+                threads=settings.threads,
+                max_sessions=4,
+                grace_s=0.5,
+            )
+            server = CloudServer(cloud_settings, lambda: load_backend(cloud_settings, settings))
+            await server.start()
+            target = f"127.0.0.1:{server.port}"
+        client = VerifierClient(GrpcTransport(target))
+        runner = EdgeRunner(q_ref.path, k=top_k, n_threads=settings.threads, sampling=sampling)
+        try:
+            info = await client.check_vocabulary(q_vocab)
+            text_prompt = runner.model.chat_prompt([{"role": "user", "content": prompt}])
+            ids = runner.model.tokenize(text_prompt)
+            result = await HybridGenerator(runner, client, q_vocab, config).generate(ids, max_tokens)
+            text = runner.detokenize(result.tokens).decode("utf-8", errors="replace")
+            pieces = [runner.detokenize([t]).decode("utf-8", errors="replace") for t in result.tokens]
+            return result, text, pieces, info
+        finally:
+            runner.close()
+            await client.close()
+            if server is not None:
+                await server.stop(grace=0.5)
+
+    result, text, pieces, info = asyncio.run(run())
+    if trace is not None:
+        with open(trace, "w") as f:
+            for record, piece in zip(result.trace(), pieces, strict=True):
+                f.write(json.dumps(record | {"text": piece}) + "\n")
+    summary = {
+        "text": text,
+        "tokens": len(result.records),
+        "by_source": result.counts(),
+        "check_points": result.check_points,
+        "handoffs": result.handoffs,
+        "mean_kl": result.mean_kl(),
+        "bytes_sent": result.bytes_sent,
+        "bytes_received": result.bytes_received,
+        "seconds": result.seconds,
+        "stop_reason": result.stop_reason,
+        "cloud": {"model": info.model_id, "backend": info.backend, "device": info.device},
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    colours = {"edge": "default", "cloud": "cyan", "corrected": "magenta"}
+    for record, piece in zip(result.records, pieces, strict=True):
+        out.print(piece, style=colours[record.source], end="", highlight=False, markup=False)
+    out.print()
+    counts = result.counts()
+    mean_kl = "n/a" if result.mean_kl() is None else f"{result.mean_kl():.3f}"
+    out.print(
+        f"[dim]{len(result.records)} tokens: {counts['edge']} edge, {counts['cloud']} cloud, "
+        f"{counts['corrected']} corrected; {result.check_points} check points, {result.handoffs} handoffs, "
+        f"mean KL {mean_kl}; {result.bytes_sent:,} B up, {result.bytes_received:,} B down; "
+        f"{result.seconds:.1f} s[/dim]",
+        soft_wrap=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one clear line (exit 2), never a traceback."""
     try:

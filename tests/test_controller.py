@@ -159,3 +159,28 @@ def test_seed_tokens_come_from_the_cloud(tiny_gguf_a, tiny_gguf_a_near, prompt):
     assert [r.source for r in result.records[:5]] == ["cloud"] * 5
     assert all(r.source == "edge" for r in result.records[5:])
     assert result.handoffs == 1
+
+
+def test_generate_command_on_tiny_models(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+    """`handoff generate` end to end: an embedded verifier on a loopback port, JSON summary, a trace file."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    trace = tmp_path / "trace.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "generate", "--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a),
+         "--max-tokens", "24", "--threshold", "0.02", "--check-interval", "6", "--handback-tokens", "3",
+         "--trace", str(trace), "--json"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "300"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["tokens"] == sum(summary["by_source"].values()) > 0
+    assert summary["check_points"] >= 1 and summary["bytes_sent"] > 0
+    assert summary["cloud"]["backend"] == "llama.cpp"
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(records) == summary["tokens"]
+    assert {"position", "token_id", "text", "source", "kl", "q_entropy", "t_generated"} <= set(records[0])
+    assert all(r["kl"] is not None for r in records if r["source"] == "edge")

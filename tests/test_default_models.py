@@ -98,3 +98,16 @@ def test_divergence_report_on_the_default_pair(pair):
     assert 0.0 < summary["kl_mean"] < 2.0
     assert summary["kl_topk_fraction"] > 0.8
     assert report["edge"]["fingerprint"] == report["cloud"]["fingerprint"]
+
+
+def test_hybrid_generation_on_the_default_pair(pair, tmp_path):
+    """The real pair end to end through real gRPC: `handoff generate` with its embedded verifier."""
+    trace = tmp_path / "trace.jsonl"
+    proc = handoff("generate", "--prompt", "Write a Python function that adds two numbers.", "--max-tokens", "24",
+                   "--threshold", "0.3", "--trace", str(trace), "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["tokens"] == 24 or summary["stop_reason"] == "stop_token"
+    assert summary["by_source"]["edge"] > 0  # the pair agrees on most of a short code answer
+    assert summary["check_points"] >= 1 and summary["bytes_sent"] > 0 and summary["text"].strip()
+    assert len(trace.read_text().splitlines()) == summary["tokens"]
