@@ -55,4 +55,5 @@ def load_backend(settings: CloudSettings, handoff: HandoffSettings | None = None
         threads=settings.threads,
         settings=handoff,
         kv_cache_tokens=settings.kv_cache_tokens,
+        kv_unified=settings.kv_unified,
     )

@@ -50,6 +50,11 @@ class CloudSettings(BaseSettings):
     max_queue: int = Field(1024, ge=1, description="Forward requests waiting for the model.")
     max_batch_items: int = Field(64, ge=1, description="Sessions per forward pass.")
     max_batch_tokens: int = Field(8192, ge=1, description="New tokens per forward pass.")
+    kv_unified: bool = Field(
+        True,
+        description="llama.cpp: one KV pool for all sessions (any sessions batch together) or one stream "
+        "per session (attention spans only its own cells, but only consecutive ids share a pass).",
+    )
     batch_wait_s: float = Field(
         0.003, ge=0, description="Wait this long for other open sessions' requests before a forward pass."
     )
