@@ -166,9 +166,9 @@ class Backend(ABC):
     def new_sequence(self) -> object:
         """A handle for a new, empty sequence (raises ResourceExhausted-style HandoffError when full)."""
 
-    @abstractmethod
     def sequence_length(self, seq: object) -> int:
         """Tokens in the sequence's cache."""
+        return self._own(seq).length
 
     @abstractmethod
     def forward(self, items: Sequence[ForwardItem]) -> list[ForwardOutput]:

@@ -54,6 +54,8 @@ class _Session:
     # Q's top-k ids at edge positions that carried a distribution: position -> [k] ids.
     edge_topk: dict[int, np.ndarray] = field(default_factory=dict)
     last_active: float = field(default_factory=time.monotonic)
+    expired: bool = False  # set by the idle reaper
+    inbox: asyncio.Queue | None = None  # the session loop's request queue, for the reaper to wake it
     scored: int = 0
     generated: int = 0
 
@@ -96,9 +98,7 @@ class VerifierService:
         self.vocab_size = backend.info.vocab_size
         self.max_context = min(settings.max_context, backend.info.context_length or settings.max_context)
         self._sessions: dict[str, _Session] = {}
-        self._expired: set[str] = set()
         self._reaper: asyncio.Task | None = None
-        self._wakers: dict[str, asyncio.Queue] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -122,12 +122,11 @@ class VerifierService:
             await asyncio.sleep(min(timeout / 4, 5.0))
             now = time.monotonic()
             for s in list(self._sessions.values()):
-                if now - s.last_active > timeout and s.id not in self._expired:
+                if now - s.last_active > timeout and not s.expired:
                     logger.info("session %s idle for %.0f s: closing it", s.id, now - s.last_active)
-                    self._expired.add(s.id)
-                    waker = self._wakers.get(s.id)
-                    if waker is not None:
-                        waker.put_nowait(None)
+                    s.expired = True
+                    if s.inbox is not None:
+                        s.inbox.put_nowait(None)  # wakes the session's loop, which ends it
 
     # -- GetInfo -------------------------------------------------------------------------------
 
@@ -190,7 +189,7 @@ class VerifierService:
             while True:
                 msg = await queue.get()
                 if msg is None:  # the edge half-closed, or the reaper expired the session
-                    if session is not None and session.id in self._expired:
+                    if session is not None and session.expired:
                         reason = "expired"
                         raise VerifierError(
                             "DEADLINE_EXCEEDED",
@@ -199,6 +198,9 @@ class VerifierService:
                     reason = "half-closed"
                     return
                 if isinstance(msg, BaseException):
+                    # Reading failed: the connection broke or the client cancelled. Which of this and the
+                    # handler's own cancellation comes first is a race; both mean the client went away.
+                    reason = "cancelled"
                     raise msg
                 kind = msg.WhichOneof("body")
                 if session is None and kind != "open":
@@ -210,7 +212,7 @@ class VerifierService:
                         if session is not None:
                             raise VerifierError("FAILED_PRECONDITION", "the session is already open")
                         session = await self._open(msg.open)
-                        self._wakers[session.id] = queue
+                        session.inbox = queue
                         yield pb.CloudMessage(
                             request_id=msg.request_id,
                             opened=pb.SessionOpened(
@@ -260,8 +262,6 @@ class VerifierService:
 
     async def _release(self, session: _Session, reason: str) -> None:
         self._sessions.pop(session.id, None)
-        self._wakers.pop(session.id, None)
-        self._expired.discard(session.id)
         self.metrics.sessions.set(len(self._sessions))
         self.metrics.sessions_closed.labels(reason).inc()
         try:

@@ -67,9 +67,8 @@ class _GrpcStream:
         except grpc.aio.AioRpcError as e:
             raise _from_rpc_error(e) from None
         if msg is grpc.aio.EOF:
-            code = await self._call.code()
-            if code != grpc.StatusCode.OK:
-                raise VerifierError(code.name, await self._call.details() or code.name)
+            if await self._call.code() != grpc.StatusCode.OK:
+                raise await self._final_error()
             return None
         return msg
 

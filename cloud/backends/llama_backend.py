@@ -227,9 +227,6 @@ class LlamaCppBackend(Backend):
         # failed forwards leave a free id without cells.
         return seq
 
-    def sequence_length(self, seq: object) -> int:
-        return self._own(seq).length
-
     def truncate(self, seq: object, length: int) -> None:
         s = self._own(seq)
         if not 0 <= length <= s.length:

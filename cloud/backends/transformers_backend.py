@@ -479,9 +479,6 @@ class TransformersBackend(Backend):
             self._live[seq.seq_id] = seq
         return seq
 
-    def sequence_length(self, seq: object) -> int:
-        return self._own(seq).length
-
     def truncate(self, seq: object, length: int) -> None:
         """Forget positions >= length (the buffers keep their capacity; later tokens overwrite them)."""
         s = self._own(seq)
