@@ -485,7 +485,7 @@ class VerifierService:
                 break
             out = (await self._forward(s, s.tokens[s.fed :], n_out=1, full_last=True)).output
             lp = out.last_logprobs
-            token = sample_token(lp, s.sampling, s.rng)
+            token = sample_token(lp, s.sampling, s.sampling.rng_for(len(s.tokens), s.rng))
             position = len(s.tokens)
             s.tokens.append(token)
             s.next_unchecked = len(s.tokens)

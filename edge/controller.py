@@ -3,31 +3,46 @@
 Policies (DESIGN.md):
 - seed: the cloud generates the first N0 tokens; then the edge generates windows of N tokens; at
   each check point, when the window's divergence (max or mean of the per-position top-k KL) exceeds
-  tau, the window is kept and the cloud generates the next M tokens (handoff), then the edge takes
-  over again (hand-back).
+  tau, the window is kept and the cloud generates the next tokens (handoff) until it has produced
+  M of them or the two models have agreed on the last `agree_tokens` positions (hand-back).
 - rollback: as seed, but the window is cut at its first position over tau: the edge's tokens from
   there are dropped and the cloud generates from that position (its first token there "corrects"
   the edge). Tokens are committed to the caller only once checked.
 
-This first version checks synchronously (the edge waits for each check point's answer). Still to
-come (issue 4): drafting while a check point is in flight, the cloud-unreachable fallback with
-resynchronisation, hand-back once the models agree again, and the CLI.
+Check points are pipelined: a window is uploaded and checked while the edge drafts the next one
+(`lookahead_windows`). A window drafted behind a check point that hands over is thrown away on both
+sides, so the output is token for token what the synchronous policy gives (seeded draws are keyed
+by position, see shared.sampling).
+
+When the cloud is unreachable or slower than `check_timeout_s`, the edge keeps generating alone: its
+tokens are committed at once, marked unchecked; a background task probes the cloud with exponential
+backoff, and once it answers a new session is opened with the prompt and every committed token
+(resynchronisation), after which check points resume.
+
+Modes share this one path: "hybrid" (the policy), "edge" (no cloud at all) and "cloud" (one handoff
+for the whole answer).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
+import json
 import logging
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 
 from edge.runner import EdgeRunner, EdgeStep
 from edge.verifier_client import RemoteSession, VerifierClient
 from shared.divergence import AGGREGATIONS, aggregate, first_over, topk_kl
-from shared.errors import ShapeError
+from shared.errors import ShapeError, VerifierError
 from shared.sampling import SamplingSettings
 from shared.vocab import Vocabulary
 from shared.wire import pb, topk_from_proto, topk_to_proto
@@ -35,29 +50,38 @@ from shared.wire import pb, topk_from_proto, topk_to_proto
 logger = logging.getLogger(__name__)
 
 Source = Literal["edge", "cloud", "corrected"]
+Mode = Literal["hybrid", "edge", "cloud"]
+MODES: tuple[str, ...] = ("hybrid", "edge", "cloud")
 # Float32 views on the wire are exact to ~1e-7: see topk_kl's rest_margin.
 WIRE_REST_MARGIN = 1e-5
+TRACE_VERSION = 1
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Constants of a handoff policy."""
+    """Constants of a handoff policy. Defaults and how they were chosen: docs/policy_defaults.md."""
 
     kind: Literal["seed", "rollback"] = "rollback"
     seed_tokens: int = 0  # N0: tokens the cloud generates first
     check_interval: int = 8  # N: edge tokens per check point
     threshold: float = 0.5  # tau, nats, on the top-k KL (a lower bound of the full KL)
     aggregation: str = "max"  # over a window: "max" or "mean"
-    handback_tokens: int = 8  # M: cloud tokens per handoff
+    handback_tokens: int = 8  # M: cloud tokens per handoff at most
+    agree_tokens: int = 4  # hand back early once this many cloud positions in a row have KL <= tau; 0 = off
     top_k: int = 20
+    lookahead_windows: int = 1  # windows drafted beyond the oldest unanswered check point; 0 = wait
 
     def __post_init__(self) -> None:
         if self.kind not in ("seed", "rollback"):
             raise ShapeError(f"policy kind must be seed or rollback, got {self.kind!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ShapeError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.check_interval < 1 or self.handback_tokens < 1 or self.top_k < 1 or self.seed_tokens < 0:
-            raise ShapeError("check_interval, handback_tokens and top_k must be >= 1, seed_tokens >= 0")
+        if self.check_interval < 1 or self.handback_tokens < 1 or self.top_k < 1:
+            raise ShapeError("check_interval, handback_tokens and top_k must be >= 1")
+        if self.seed_tokens < 0 or self.agree_tokens < 0 or self.lookahead_windows < 0:
+            raise ShapeError("seed_tokens, agree_tokens and lookahead_windows must be >= 0")
+        if not self.threshold >= 0.0:
+            raise ShapeError(f"threshold must be >= 0 nats, got {self.threshold}")
 
     def to_proto(self) -> pb.Policy:
         kind = pb.POLICY_KIND_SEED if self.kind == "seed" else pb.POLICY_KIND_ROLLBACK
@@ -71,19 +95,48 @@ class PolicyConfig:
         )
 
 
+@dataclass(frozen=True)
+class LinkConfig:
+    """How the edge treats a slow or unreachable cloud."""
+
+    check_timeout_s: float = 10.0  # a check point unanswered this long: the cloud counts as gone
+    token_timeout_s: float = 10.0  # the same between two cloud tokens of a handoff
+    open_timeout_s: float = 10.0  # opening (or resynchronising) a session
+    retry_initial_s: float = 0.25  # first wait before probing an unreachable cloud again
+    retry_max_s: float = 8.0
+    retry_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if min(self.check_timeout_s, self.token_timeout_s, self.open_timeout_s, self.retry_initial_s) <= 0:
+            raise ShapeError("timeouts and retry_initial_s must be > 0")
+        if self.retry_max_s < self.retry_initial_s or self.retry_multiplier < 1.0:
+            raise ShapeError("retry_max_s must be >= retry_initial_s and retry_multiplier >= 1")
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before probe number `attempt` (0-based): exponential, capped, +-20% jitter."""
+        base = min(self.retry_max_s, self.retry_initial_s * self.retry_multiplier**attempt)
+        return base * random.uniform(0.8, 1.2)
+
+
 @dataclass
 class TokenRecord:
-    """One committed token, as the trace records it."""
+    """One committed token, as the trace records it. Times are seconds since the generation started."""
 
     position: int
     token_id: int
     source: Source
-    kl: float | None = None  # top-k KL(P || Q) at this position, when checked with Q's view
-    q_entropy: float | None = None
+    text: str = ""  # the token's text (a token cut inside a UTF-8 character shows U+FFFD)
+    checked: bool = False  # P scored this position before it was committed (always true for P's own)
+    kl: float | None = None  # top-k KL(P || Q) at this position (a lower bound of the full KL)
+    q_entropy: float | None = None  # nats, Q's full distribution at this position
     q_topk_ids: list[int] | None = None
     q_topk_logprobs: list[float] | None = None
-    t_generated: float = 0.0  # seconds since the start of the generation
-    t_checked: float | None = None
+    q_logprob: float | None = None  # Q's sampling log-probability of the token (edge tokens)
+    p_logprob: float | None = None  # P's log-probability of the token, when P saw it
+    replaced_token_id: int | None = None  # corrected: the edge's token P replaced here
+    t_generated: float = 0.0  # the edge drafted it, or its cloud token arrived
+    t_uploaded: float | None = None  # its window was sent to the cloud
+    t_answered: float | None = None  # the check point's answer arrived
 
 
 @dataclass
@@ -91,11 +144,17 @@ class GenerationResult:
     """What generate() produced."""
 
     prompt_ids: list[int]
+    mode: str = "hybrid"
     records: list[TokenRecord] = field(default_factory=list)
     check_points: int = 0
     handoffs: int = 0
+    handbacks_early: int = 0  # handoffs that ended because the models agreed again
+    discarded_drafts: int = 0  # edge tokens drafted behind a check point that handed over
+    cloud_failures: int = 0  # times the cloud was found unreachable or too slow
+    resyncs: int = 0  # sessions reopened with the committed text
     stop_reason: str = ""
     seconds: float = 0.0
+    first_token_s: float | None = None  # time to the first committed token
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -103,18 +162,52 @@ class GenerationResult:
     def tokens(self) -> list[int]:
         return [r.token_id for r in self.records]
 
+    @property
+    def text(self) -> str:
+        return "".join(r.text for r in self.records)
+
     def counts(self) -> dict[str, int]:
-        out = {"edge": 0, "cloud": 0, "corrected": 0}
+        """Committed tokens by source, plus how many edge tokens P never checked."""
+        out = {"edge": 0, "cloud": 0, "corrected": 0, "unchecked": 0}
         for r in self.records:
             out[r.source] += 1
+            out["unchecked"] += r.source == "edge" and not r.checked
         return out
 
     def mean_kl(self) -> float | None:
+        """Mean top-k KL over the positions where both views were known."""
         kls = [r.kl for r in self.records if r.kl is not None]
         return float(np.mean(kls)) if kls else None
 
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "tokens": len(self.records),
+            "by_source": self.counts(),
+            "check_points": self.check_points,
+            "handoffs": self.handoffs,
+            "handbacks_early": self.handbacks_early,
+            "discarded_drafts": self.discarded_drafts,
+            "cloud_failures": self.cloud_failures,
+            "resyncs": self.resyncs,
+            "mean_kl": self.mean_kl(),
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "seconds": self.seconds,
+            "first_token_s": self.first_token_s,
+            "stop_reason": self.stop_reason,
+        }
+
     def trace(self) -> list[dict]:
         return [asdict(r) for r in self.records]
+
+    def write_trace(self, f: IO[str], meta: dict[str, Any] | None = None) -> None:
+        """JSONL: a "generation" record (settings), one "token" record per token, a "summary" record."""
+        header = {"record": "generation", "version": TRACE_VERSION, "prompt_ids": self.prompt_ids}
+        f.write(json.dumps(header | (meta or {})) + "\n")
+        for r in self.trace():
+            f.write(json.dumps({"record": "token"} | r) + "\n")
+        f.write(json.dumps({"record": "summary"} | self.summary()) + "\n")
 
 
 def window_kl(steps: Sequence[EdgeStep], scores: Sequence[pb.PositionScore]) -> np.ndarray:
@@ -142,6 +235,24 @@ def window_kl(steps: Sequence[EdgeStep], scores: Sequence[pb.PositionScore]) -> 
     return out
 
 
+def window_cut(kls: np.ndarray, policy: PolicyConfig) -> int | None:
+    """Where a checked window hands over: None to keep going on the edge, else how many tokens to keep.
+
+    Args:
+        kls: [n] per-position KL of the window.
+
+    Returns:
+        None when the aggregated divergence is <= tau; otherwise n (seed: keep the window) or the
+        index of the first position over tau (rollback; 0 when only the mean is over).
+    """
+    if aggregate(kls, policy.aggregation) <= policy.threshold:
+        return None
+    if policy.kind == "seed":
+        return len(kls)
+    cut = first_over(kls, policy.threshold)
+    return 0 if cut is None else cut
+
+
 def _edge_token(step: EdgeStep) -> pb.EdgeToken:
     return pb.EdgeToken(
         position=step.position,
@@ -163,112 +274,485 @@ def sampling_to_proto(s: SamplingSettings, stop_ids: Sequence[int]) -> pb.Sampli
     )
 
 
+OnToken = Callable[[TokenRecord], "Awaitable[bool | None] | bool | None"]
+
+
+class _Stop(Exception):
+    """Raised inside generate() when on_token asks to stop."""
+
+
+@dataclass
+class _Window:
+    """Edge tokens uploaded together and checked by one check point."""
+
+    steps: list[EdgeStep]
+    times: list[float]
+    answer: asyncio.Future | None = None  # of pb.CheckPointResult; None: not sent (cloud unreachable)
+    t_uploaded: float | None = None
+    t_answered: float | None = None
+    deadline: float = 0.0  # loop.time() after which the cloud counts as gone
+    kls: np.ndarray | None = None  # [n] once answered
+    keep: int = 0  # tokens the policy keeps once answered
+
+
+class _Link:
+    """The edge's connection to the cloud: the live session, failure, probing and resynchronisation."""
+
+    def __init__(
+        self,
+        client: VerifierClient,
+        open_kwargs: dict[str, Any],
+        config: LinkConfig,
+        result: GenerationResult,
+    ) -> None:
+        self.client = client
+        self.open_kwargs = open_kwargs
+        self.config = config
+        self.result = result
+        self.session: RemoteSession | None = None
+        self.reachable = asyncio.Event()
+        self._prober: asyncio.Task | None = None
+        self._sessions: list[RemoteSession] = []
+
+    def alive(self) -> bool:
+        """True while the session is usable; a session found broken starts the fallback."""
+        if self.session is not None and self.session.failed is not None:
+            self.fail(self.session.failed)
+        return self.session is not None
+
+    async def open(self, context: Sequence[int], *, first: bool) -> bool:
+        """Open a session whose prompt is `context` (prompt + committed tokens); False if that failed."""
+        try:
+            session = await asyncio.wait_for(
+                self.client.open_session(context, **self.open_kwargs), self.config.open_timeout_s
+            )
+        except (VerifierError, TimeoutError, OSError) as e:
+            if not isinstance(e, VerifierError) or e.code in _TRANSIENT:
+                self.fail(e)
+                return False
+            raise  # a refusal retrying cannot fix: a different vocabulary, a bad argument
+        self.session = session
+        self._sessions.append(session)
+        self.reachable.clear()
+        if not first:
+            self.result.resyncs += 1
+            logger.info("cloud back: session resynchronised at %d tokens", len(context))
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        """The cloud is gone or too slow: drop the session and probe in the background until it answers."""
+        self.result.cloud_failures += 1
+        logger.warning("cloud unavailable (%s): the edge continues alone, unchecked", _describe(error))
+        if self.session is not None:
+            self.session.abort()
+            self.session = None
+        if self._prober is None or self._prober.done():
+            self.reachable.clear()
+            self._prober = asyncio.get_running_loop().create_task(self._probe(), name="cloud-probe")
+
+    async def _probe(self) -> None:
+        attempt = 0
+        while True:
+            await asyncio.sleep(self.config.backoff(attempt))
+            try:
+                await asyncio.wait_for(self.client.info(), self.config.open_timeout_s)
+            except (VerifierError, TimeoutError, OSError) as e:
+                logger.debug("cloud probe %d failed: %s", attempt, _describe(e))
+                attempt += 1
+                continue
+            self.reachable.set()
+            return
+
+    def totals(self) -> tuple[int, int]:
+        return (sum(s.bytes_sent for s in self._sessions), sum(s.bytes_received for s in self._sessions))
+
+    async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
+        if self.session is not None:
+            try:
+                await asyncio.wait_for(self.session.close(), self.config.open_timeout_s)
+            except TimeoutError:
+                self.session.abort()
+            self.session = None
+
+
+# A cloud that answers with these is busy or gone, not refusing us: retry later.
+_TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
 class HybridGenerator:
     """Generates with Q on the edge and P in the cloud under a PolicyConfig."""
 
     def __init__(
-        self, runner: EdgeRunner, client: VerifierClient, vocabulary: Vocabulary, policy: PolicyConfig
+        self,
+        runner: EdgeRunner,
+        client: VerifierClient | None,
+        vocabulary: Vocabulary,
+        policy: PolicyConfig,
+        *,
+        mode: Mode = "hybrid",
+        link: LinkConfig = LinkConfig(),
     ) -> None:
+        if mode not in MODES:
+            raise ShapeError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "edge" and client is None:
+            raise ShapeError(f"mode {mode!r} needs a cloud verifier client")
         self.runner = runner
         self.client = client
         self.vocabulary = vocabulary
         self.policy = policy
+        self.mode = mode
+        self.link_config = link
 
-    async def generate(self, prompt_ids: Sequence[int], max_tokens: int) -> GenerationResult:
-        """Generate up to max_tokens tokens after the prompt; stops at an end-of-turn token."""
-        start = time.perf_counter()
-        clock = lambda: time.perf_counter() - start  # noqa: E731 - a tiny local timer
-        result = GenerationResult(prompt_ids=list(prompt_ids))
-        stops = self.runner.stop_token_ids
-        session = await self.client.open_session(
-            prompt_ids,
-            self.vocabulary,
-            top_k=self.policy.top_k,
-            sampling=sampling_to_proto(self.runner.sampling, stops),
-            policy=self.policy.to_proto(),
-        )
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        *,
+        sampling: SamplingSettings | None = None,
+        on_token: OnToken | None = None,
+    ) -> GenerationResult:
+        """Generate up to max_tokens tokens after the prompt; stops at an end-of-turn token.
+
+        Args:
+            prompt_ids: [n] the prompt's token ids (chat template applied by the caller).
+            max_tokens: tokens to generate at most (also bounded by the edge's context).
+            sampling: sampling settings for this generation (default: the runner's).
+            on_token: called with each token as it is committed, in order (may be async); returning
+                True stops the generation there (stop_reason "stopped").
+
+        Returns:
+            The committed tokens with their trace records and the generation's counters.
+
+        Raises:
+            VerifierError: mode "cloud" and the cloud cannot be reached, or the cloud refused the
+                session for a reason retrying cannot fix (a different vocabulary, a bad argument).
+        """
+        gen = _Generation(self, list(prompt_ids), max_tokens, on_token)
+        return await gen.run(sampling)
+
+
+class _Generation:
+    """The state of one generate() call."""
+
+    def __init__(self, g: HybridGenerator, prompt: list[int], max_tokens: int, on_token: OnToken | None):
+        self.g = g
+        self.runner = g.runner
+        self.policy = g.policy
+        self.prompt = prompt
+        self.on_token = on_token
+        self.result = GenerationResult(prompt_ids=prompt, mode=g.mode)
+        room = self.runner.n_ctx - len(prompt)
+        self.max_tokens = max(0, min(max_tokens, room))
+        self.context_bound = max_tokens > room
+        self.stops = self.runner.stop_token_ids
+        self.link: _Link | None = None
+        self._start = time.perf_counter()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-runner")
+
+    def clock(self) -> float:
+        return time.perf_counter() - self._start
+
+    async def _in_pool(self, fn, *args):
+        """Run a blocking llama.cpp call on the runner's thread: the event loop keeps serving the cloud."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    @property
+    def committed(self) -> int:
+        return len(self.result.records)
+
+    async def run(self, sampling: SamplingSettings | None) -> GenerationResult:
+        result, g = self.result, self.g
         try:
-            self.runner.start(list(prompt_ids))
-            done = False
-            if self.policy.seed_tokens:
-                done = await self._cloud_turn(
-                    session, min(self.policy.seed_tokens, max_tokens), result, clock, None
+            await self._in_pool(self.runner.start, self.prompt, sampling)
+            if g.mode != "edge":
+                assert g.client is not None
+                self.link = _Link(
+                    g.client,
+                    dict(
+                        vocabulary=g.vocabulary,
+                        top_k=self.policy.top_k,
+                        sampling=sampling_to_proto(self.runner.sampling, self.stops),
+                        policy=self.policy.to_proto(),
+                    ),
+                    g.link_config,
+                    result,
                 )
-            while not done and len(result.records) < max_tokens:
-                done = await self._edge_window(session, max_tokens, result, clock)
-            result.stop_reason = result.stop_reason or ("stop_token" if done else "max_tokens")
+                if not await self.link.open(self.prompt, first=True) and g.mode == "cloud":
+                    raise VerifierError("UNAVAILABLE", "cloud-only generation: the cloud cannot be reached")
+            try:
+                result.stop_reason = await self._loop()
+            except _Stop:
+                result.stop_reason = "stopped"
         finally:
-            result.bytes_sent, result.bytes_received = session.bytes_sent, session.bytes_received
-            await session.close()
-        result.seconds = clock()
+            if self.link is not None:
+                await self.link.close()
+                result.bytes_sent, result.bytes_received = self.link.totals()
+            self._pool.shutdown(wait=True)
+            result.seconds = self.clock()
         return result
 
-    async def _edge_window(
-        self, session: RemoteSession, max_tokens: int, result: GenerationResult, clock
-    ) -> bool:
-        """Draft up to N tokens with Q, check them, commit or hand over. Returns True at a stop token."""
-        policy, stops = self.policy, self.runner.stop_token_ids
-        steps: list[EdgeStep] = []
-        times: list[float] = []
-        for _ in range(min(policy.check_interval, max_tokens - len(result.records))):
-            steps.append(self.runner.step())
-            times.append(clock())
-            if steps[-1].token_id in stops:
-                break
-        await session.append_nowait([_edge_token(s) for s in steps])
-        answer = await session.check(steps[0].position, steps[-1].position)
-        checked = clock()
-        result.check_points += 1
-        kls = window_kl(steps, answer.scores)
-        over = aggregate(kls, policy.aggregation) > policy.threshold
-        keep = len(steps)
-        if over and policy.kind == "rollback":
-            keep = first_over(kls, policy.threshold)
-            keep = 0 if keep is None else keep  # mean over tau with no single position over: cut the window
-        for j in range(keep):
-            s = steps[j]
-            result.records.append(
+    async def _loop(self) -> str:
+        g, link = self.g, self.link
+        ended = "context_full" if self.context_bound else "max_tokens"
+        if g.mode == "cloud":
+            assert link is not None
+            # A service caps one handoff (max_handoff_tokens): ask again until done.
+            while self.committed < self.max_tokens:
+                before = self.committed
+                if await self._cloud_turn(self.max_tokens - self.committed, None, early_handback=False):
+                    return "stop_token"
+                if not link.alive():
+                    return "cloud_unavailable"
+                if self.committed == before:
+                    return "context_full"  # the cloud's context
+            return ended
+        done = False
+        if g.mode == "hybrid" and self.policy.seed_tokens and link is not None and link.alive():
+            done = await self._cloud_turn(
+                min(self.policy.seed_tokens, self.max_tokens), None, early_handback=False
+            )
+        while not done and self.committed < self.max_tokens:
+            done = await self._edge_phase()
+        return "stop_token" if done else ended
+
+    # -- committing ----------------------------------------------------------------------------
+
+    async def _commit(self, record: TokenRecord) -> None:
+        record.text = self.runner.detokenize([record.token_id]).decode("utf-8", errors="replace")
+        if self.result.first_token_s is None:
+            self.result.first_token_s = self.clock()
+        self.result.records.append(record)
+        if self.on_token is not None:
+            answer = self.on_token(record)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            if answer is True:
+                raise _Stop
+
+    async def _commit_edge(self, w: _Window, n: int) -> bool:
+        """Commit the first n tokens of a window (checked if it has an answer); True at a stop token."""
+        scores = None
+        if w.kls is not None:
+            assert w.answer is not None
+            scores = w.answer.result().scores
+        for j in range(n):
+            s = w.steps[j]
+            await self._commit(
                 TokenRecord(
                     position=s.position,
                     token_id=s.token_id,
                     source="edge",
-                    kl=float(kls[j]),
+                    checked=scores is not None,
+                    kl=None if w.kls is None else float(w.kls[j]),
                     q_entropy=s.entropy,
                     q_topk_ids=s.topk_ids.tolist(),
                     q_topk_logprobs=s.topk_logprobs.tolist(),
-                    t_generated=times[j],
-                    t_checked=checked,
+                    q_logprob=s.sampled_logprob,
+                    p_logprob=None if scores is None else float(scores[j].token_logprob),
+                    t_generated=w.times[j],
+                    t_uploaded=w.t_uploaded,
+                    t_answered=w.t_answered,
                 )
             )
-        if keep < len(steps):  # rollback: forget the edge's tokens from the first offending one
-            cut = steps[keep].position
-            await session.rollback(cut)
-            self.runner.truncate(cut)
-        elif steps[-1].token_id in stops:
-            return True
-        if not over:
-            return False
-        room = max_tokens - len(result.records)
-        if room <= 0:
-            return False
-        corrected = steps[keep] if keep < len(steps) else None
-        return await self._cloud_turn(session, min(policy.handback_tokens, room), result, clock, corrected)
+        return n > 0 and w.steps[n - 1].token_id in self.stops
 
-    async def _cloud_turn(
-        self, session: RemoteSession, n: int, result: GenerationResult, clock, corrected: EdgeStep | None
-    ) -> bool:
-        """The cloud generates n tokens; the edge appends them to its context. True at a stop token."""
-        result.handoffs += 1
-        tokens: list[pb.CloudToken] = [t async for t in session.handoff(n)]
-        ids = [t.token_id for t in tokens]
-        if ids:
-            self.runner.append(ids)
-        for j, t in enumerate(tokens):
-            source: Source = "corrected" if (j == 0 and corrected is not None) else "cloud"
-            result.records.append(
-                TokenRecord(position=t.position, token_id=t.token_id, source=source, t_generated=clock())
+    # -- the edge's turn -----------------------------------------------------------------------
+
+    async def _upload(self, w: _Window, may_resync: bool) -> None:
+        """Send a finished window and its check point; leaves w.answer None if there is no cloud."""
+        link = self.link
+        if link is None or self.g.mode != "hybrid":
+            return
+        if link.session is None and link.reachable.is_set() and may_resync:
+            # The cloud answers probes again: resynchronise with everything committed so far. Nothing
+            # is waiting to be committed, so the new session ends exactly where the window starts.
+            await link.open(self.prompt + self.result.tokens, first=False)
+        if not link.alive():
+            return
+        assert link.session is not None
+        try:
+            await link.session.append_nowait([_edge_token(s) for s in w.steps])
+            w.answer = await link.session.send_check(w.steps[0].position, w.steps[-1].position)
+        except VerifierError as e:
+            link.fail(e)
+            w.answer = None
+            return
+        w.t_uploaded = self.clock()
+        w.deadline = asyncio.get_running_loop().time() + self.g.link_config.check_timeout_s
+        self.result.check_points += 1
+        w.answer.add_done_callback(lambda _f, w=w: setattr(w, "t_answered", self.clock()))
+
+    async def _edge_phase(self) -> bool:
+        """Draft and check windows until a handoff (run here too), a stop token or max_tokens.
+
+        Returns:
+            True when a stop token was committed.
+        """
+        pending: list[_Window] = []  # uploaded, answers outstanding, in order
+        current = _Window([], [])
+        drafted_stop = False
+        while True:
+            # Settle every answered window in order; the first that hands over ends the phase.
+            while pending and pending[0].answer is not None and pending[0].answer.done():
+                w = pending.pop(0)
+                outcome = await self._settle(w)
+                if outcome == "stop":
+                    return True
+                if outcome == "handover":
+                    return await self._hand_over(w, pending, current)
+            in_flight = sum(len(w.steps) for w in pending) + len(current.steps)
+            may_draft = (
+                not drafted_stop
+                and self.committed + in_flight < self.max_tokens
+                and len(pending) <= self.policy.lookahead_windows
             )
-        done = session.last_handoff.done
-        return bool(ids) and (
-            ids[-1] in self.runner.stop_token_ids or done.reason == pb.HandoffDone.REASON_STOP_TOKEN
-        )
+            if may_draft:
+                step = await self._in_pool(self.runner.step)
+                current.steps.append(step)
+                current.times.append(self.clock())
+                drafted_stop = step.token_id in self.stops
+                full = len(current.steps) >= self.policy.check_interval
+                if full or drafted_stop or self.committed + in_flight + 1 >= self.max_tokens:
+                    w, current = current, _Window([], [])
+                    await self._upload(w, may_resync=not pending)
+                    if w.answer is not None:
+                        pending.append(w)
+                    elif not pending:  # no cloud: commit at once, unchecked
+                        if await self._commit_edge(w, len(w.steps)):
+                            return True
+                    else:  # no cloud, older windows still settling: keep the order
+                        w.answer = asyncio.get_running_loop().create_future()
+                        w.answer.cancel()
+                        pending.append(w)
+                continue
+            if not pending:
+                return False  # max_tokens reached, everything committed
+            await self._wait_answer(pending)
+
+    async def _wait_answer(self, pending: list[_Window]) -> None:
+        """Wait for the oldest check point; past its deadline the cloud counts as gone."""
+        w = pending[0]
+        assert w.answer is not None
+        timeout = max(0.0, w.deadline - asyncio.get_running_loop().time())
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(w.answer), timeout)
+        if not w.answer.done():
+            assert self.link is not None
+            limit = self.g.link_config.check_timeout_s
+            self.link.fail(TimeoutError(f"no answer to a check point in {limit:g} s"))
+            for p in pending:  # each is committed unchecked when settled
+                if not p.answer.done():
+                    p.answer.cancel()
+
+    async def _settle(self, w: _Window) -> str:
+        """Commit what a window's answer allows: "continue", "stop" (a stop token) or "handover"."""
+        answer = w.answer
+        assert answer is not None and answer.done()
+        if answer.cancelled() or answer.exception() is not None:
+            if not answer.cancelled() and self.link is not None:
+                self.link.alive()  # a broken session starts the fallback
+            return "stop" if await self._commit_edge(w, len(w.steps)) else "continue"
+        w.kls = window_kl(w.steps, answer.result().scores)
+        cut = window_cut(w.kls, self.policy)
+        w.keep = len(w.steps) if cut is None else cut
+        if await self._commit_edge(w, w.keep) and w.keep == len(w.steps):
+            return "stop"
+        return "continue" if cut is None else "handover"
+
+    async def _hand_over(self, w: _Window, pending: list[_Window], current: _Window) -> bool:
+        """Throw away everything drafted after the cut, on both sides, and let the cloud generate."""
+        assert w.kls is not None
+        keep = w.keep
+        cut = w.steps[keep].position if keep < len(w.steps) else w.steps[-1].position + 1
+        self.result.discarded_drafts += sum(len(p.steps) for p in pending) + len(current.steps)
+        uploaded_beyond = keep < len(w.steps) or bool(pending)
+        for p in pending:
+            if p.answer is not None and not p.answer.done():
+                p.answer.cancel()  # its reply still comes, and is ignored
+        if self.runner.length > cut:
+            await self._in_pool(self.runner.truncate, cut)
+        link = self.link
+        assert link is not None
+        if link.alive() and uploaded_beyond:
+            try:
+                await link.session.rollback(cut)  # type: ignore[union-attr]
+            except VerifierError as e:
+                link.fail(e)
+        room = self.max_tokens - self.committed
+        if room <= 0 or not link.alive():
+            return False
+        corrected = (w.steps[keep].token_id, float(w.kls[keep])) if keep < len(w.steps) else None
+        return await self._cloud_turn(min(self.policy.handback_tokens, room), corrected, early_handback=True)
+
+    # -- the cloud's turn ----------------------------------------------------------------------
+
+    async def _cloud_turn(self, n: int, corrected: tuple[int, float] | None, early_handback: bool) -> bool:
+        """The cloud generates up to n tokens, streamed into the edge's context; True at a stop token.
+
+        With early_handback, each cloud position is compared with Q's view there; once agree_tokens
+        positions in a row have KL <= tau the cloud is asked to stop, and tokens it made past that
+        point are rolled back, so where generation returns to the edge does not depend on timing.
+
+        Args:
+            n: tokens at most, >= 1.
+            corrected: (the edge token P replaces, its KL) when the first cloud token is a correction.
+        """
+        link = self.link
+        assert link is not None and link.session is not None
+        session = link.session
+        self.result.handoffs += 1
+        streak, stopping, extra, last = 0, False, 0, None
+        agree = self.policy.agree_tokens if early_handback else 0
+        tokens = session.handoff(n)
+        try:
+            while True:
+                try:
+                    tok = await asyncio.wait_for(anext(tokens), self.g.link_config.token_timeout_s)
+                except StopAsyncIteration:
+                    break
+                if stopping:
+                    extra += 1  # generated before the cloud saw StopGeneration
+                    continue
+                p_ids, p_lp = topk_from_proto(tok.topk)
+                q_ids, q_lp, ent, q_at_p = await self._in_pool(self.runner.append_scored, tok.token_id, p_ids)
+                # Q is known everywhere on the edge: P's top-k with Q's values there gives the bound.
+                kl = float(
+                    topk_kl(p_ids[None], p_lp[None], q_ids[None], q_lp[None],
+                            q_logprobs_at_p_ids=q_at_p[None], rest_margin=WIRE_REST_MARGIN)[0]
+                )  # fmt: skip
+                record = TokenRecord(
+                    position=tok.position,
+                    token_id=tok.token_id,
+                    source="corrected" if last is None and corrected is not None else "cloud",
+                    checked=True,
+                    kl=kl,
+                    q_entropy=ent,
+                    q_topk_ids=q_ids.tolist(),
+                    q_topk_logprobs=q_lp.tolist(),
+                    p_logprob=float(tok.token_logprob),
+                    replaced_token_id=corrected[0] if last is None and corrected is not None else None,
+                    t_generated=self.clock(),
+                )
+                last = tok.token_id
+                await self._commit(record)
+                if agree and tok.token_id not in self.stops:
+                    streak = streak + 1 if kl <= self.policy.threshold else 0
+                    if streak >= agree and self.committed < self.max_tokens:
+                        stopping = True
+                        await session.stop_generation()
+            if extra:
+                await session.rollback(self.runner.length)
+            if stopping:
+                self.result.handbacks_early += 1
+        except (VerifierError, TimeoutError) as e:
+            link.fail(e)
+        finally:
+            await tokens.aclose()
+        return last is not None and last in self.stops

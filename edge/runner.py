@@ -65,7 +65,8 @@ class EdgeRunner:
             k: how many of Q's top entries each step reports, 1 <= k <= n_vocab.
             n_ctx: context length when the runner loads the model; ignored for a loaded model.
             n_threads: llama.cpp threads when the runner loads the model; ignored for a loaded model.
-            sampling: how tokens are picked; its seed seeds the runner's generator at every start().
+            sampling: how tokens are picked; a seeded draw is keyed by (seed, position), see
+                shared.sampling. start() can replace it for one generation.
         """
         # k's type and lower bound are checked before a model is loaded, its upper bound (V) after.
         try:
@@ -145,20 +146,36 @@ class EdgeRunner:
             )
         return [int(t) for t in arr]
 
-    def start(self, prompt_ids: Iterable[int]) -> None:
-        """Reset the context and the sampling generator, then evaluate the prompt in one pass.
+    def start(self, prompt_ids: Iterable[int], sampling: SamplingSettings | None = None) -> None:
+        """Make the context exactly `prompt_ids`, reusing the longest common prefix already evaluated.
+
+        A multi-turn chat re-sends its whole history each turn; only the new tail is evaluated.
 
         Args:
             prompt_ids: [n] token ids, n >= 1 (the first step needs a distribution to draw from).
+            sampling: sampling settings from now on (default: keep the current ones).
         """
         ids = self._check_ids(prompt_ids, extra_room=False, what="prompt_ids")
         if not ids:
             raise ShapeError("prompt_ids: expected at least one token, got none")
         if len(ids) > self.n_ctx:
             raise ShapeError(f"prompt_ids: {len(ids)} tokens do not fit in n_ctx {self.n_ctx}")
+        if sampling is not None:
+            self.sampling = sampling
         self._rng = self.sampling.rng()
-        self.model.reset()
-        self.model.eval(ids)
+        current = self.model.tokens
+        common = 0
+        for a, b in zip(current, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        # At least the last prompt token is evaluated, so its logits are the current ones.
+        common = min(common, len(ids) - 1)
+        if common == 0:
+            self.model.reset()
+        else:
+            self.model.truncate(common)
+        self.model.eval(ids[common:])
 
     def append(self, ids: Iterable[int]) -> None:
         """Append tokens produced elsewhere (the cloud's) in one forward pass; the next step follows them.
@@ -192,6 +209,28 @@ class EdgeRunner:
             views.append((top_ids, top_lp, ent))
             self.model.eval([tid])
         return views
+
+    def append_scored(
+        self, token_id: int, at_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        """Append one token produced elsewhere, returning Q's view of the position it fills.
+
+        Args:
+            token_id: the token (a cloud token, one at a time as it streams in).
+            at_ids: [m] ids where Q's log-probabilities are wanted too (P's top-k), or None.
+
+        Returns:
+            (topk_ids int32 [k], topk_logprobs float64 [k], entropy in nats, Q's log-probabilities
+            at at_ids float64 [m]).
+        """
+        (tid,) = self._check_ids([token_id])
+        if self.length == 0:
+            raise ShapeError("append_scored: the context is empty: start() a prompt first")
+        logprobs, ent = log_softmax_and_entropy(self.model.next_logits())
+        top_ids, top_lp = top_k(logprobs, self.k)
+        at = np.empty(0) if at_ids is None else logprobs[self._check_ids(at_ids, extra_room=False)]
+        self.model.eval([tid])
+        return top_ids, top_lp, ent, at
 
     def truncate(self, length: int) -> None:
         """Roll the context back to its first `length` tokens; the next step generates position `length`.
@@ -236,7 +275,7 @@ class EdgeRunner:
         logprobs, ent = log_softmax_and_entropy(self.model.next_logits())  # float64 [V]
         top_ids, top_lp = top_k(logprobs, self.k)  # [k], [k]; argpartition, O(V)
         # The same draw as the cloud's (shared.sampling): a seed picks the same tokens on both sides.
-        token, sampled_lp = draw(logprobs, self.sampling, self._rng)
+        token, sampled_lp = draw(logprobs, self.sampling, self.sampling.rng_for(position, self._rng))
         self.model.eval([token])
         top_ids.setflags(write=False)
         top_lp.setflags(write=False)

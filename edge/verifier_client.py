@@ -97,8 +97,14 @@ class GrpcTransport:
         max_message_bytes: int = 4 << 20,
         timeout_s: float = 30.0,
         server_name: str | None = None,
+        max_reconnect_backoff_ms: int = 4_000,
     ) -> None:
         options = [
+            # gRPC's own reconnect backoff (1 s initial, up to 120 s) would keep a restarted cloud
+            # unreachable long after it is back; the edge retries on its own schedule on top of this.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 20_000),
@@ -290,6 +296,38 @@ class RemoteSession:
             )
         )
         return reply.check
+
+    async def send_check(self, from_position: int, through_position: int) -> asyncio.Future:
+        """Send a check point now and return the future of its CheckPointResult (pipelining).
+
+        The request is on the wire when this returns, so later messages are ordered after it.
+        """
+        loop = asyncio.get_running_loop()
+        reply, answer = loop.create_future(), loop.create_future()
+
+        def unwrap(f: asyncio.Future) -> None:
+            if answer.done():  # the caller gave up on it (a discarded window)
+                return
+            if f.cancelled():
+                answer.cancel()
+            elif f.exception() is not None:
+                answer.set_exception(f.exception())
+            else:
+                answer.set_result(f.result().check)
+
+        reply.add_done_callback(unwrap)
+        # Retrieve a failure even if nobody awaits the answer any more.
+        answer.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+        msg = pb.EdgeMessage(
+            check=pb.CheckPoint(from_position=from_position, through_position=through_position)
+        )
+        await self._send(msg, reply)
+        return answer
+
+    @property
+    def failed(self) -> VerifierError | None:
+        """The error that ended the session, or None while it is usable."""
+        return self._error
 
     async def handoff(self, max_tokens: int) -> AsyncIterator[pb.CloudToken]:
         """Let the cloud generate; yields its tokens as they come. `last_handoff` holds the outcome."""

@@ -345,123 +345,248 @@ def serve_cloud(
 # handoff generate
 
 
+# Options shared by `generate` and `chat`; None = the EdgeSettings value (HANDOFF_EDGE_*, then defaults).
+EdgeOpt = Annotated[
+    str | None, typer.Option("--edge", help="Q: registry name or GGUF path (default: settings).")
+]
+CloudOpt = Annotated[
+    str | None, typer.Option("--cloud", help="HOST:PORT of a running verifier; default: an embedded one.")
+]
+CloudModelOpt = Annotated[
+    str | None, typer.Option("--cloud-model", help="P for the embedded verifier (default: settings).")
+]
+EdgeOnlyOpt = Annotated[bool, typer.Option("--edge-only", help="Baseline: Q alone, no cloud.")]
+CloudOnlyOpt = Annotated[bool, typer.Option("--cloud-only", help="Baseline: P generates everything.")]
+PolicyOpt = Annotated[str | None, typer.Option("--policy", help="rollback or seed.")]
+ThresholdOpt = Annotated[
+    float | None, typer.Option("--threshold", help="tau in nats (top-k KL, a lower bound of the full KL).")
+]
+IntervalOpt = Annotated[
+    int | None, typer.Option("--check-interval", min=1, help="N: edge tokens per check point.")
+]
+HandbackOpt = Annotated[
+    int | None, typer.Option("--handback-tokens", min=1, help="M: cloud tokens per handoff at most.")
+]
+AgreeOpt = Annotated[
+    int | None,
+    typer.Option("--agree-tokens", min=0, help="Hand back once this many cloud positions agree (0: off)."),
+]
+SeedTokensOpt = Annotated[
+    int | None, typer.Option("--seed-tokens", min=0, help="N0: tokens the cloud generates first.")
+]
+AggregationOpt = Annotated[
+    str | None, typer.Option("--aggregation", help="max or mean over a check point's window.")
+]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", min=1, max=256, help="k of the top-k views.")]
+LookaheadOpt = Annotated[
+    int | None, typer.Option("--lookahead", min=0, help="Windows drafted while a check point is in flight.")
+]
+CheckTimeoutOpt = Annotated[
+    float | None, typer.Option("--check-timeout", help="Seconds before a silent cloud counts as gone.")
+]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 = greedy.")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
+SeedOpt = Annotated[int | None, typer.Option(min=0, help="Sampling seed.")]
+
+
+def _edge_settings(*, edge_only: bool, cloud_only: bool, **flags):
+    """EdgeSettings from the environment, overridden by the flags that were given."""
+    from pydantic import ValidationError
+
+    from edge.settings import EdgeSettings
+
+    if edge_only and cloud_only:
+        raise typer.BadParameter("--edge-only and --cloud-only exclude each other")
+    given = {k: v for k, v in flags.items() if v is not None}
+    if edge_only or cloud_only:
+        given["mode"] = "edge" if edge_only else "cloud"
+    try:
+        return EdgeSettings(**given)
+    except ValidationError as e:
+        raise typer.BadParameter(str(e).replace("\n", "; ")) from None
+
+
+def _sampling(temperature: float, top_p: float, seed: int | None):
+    from shared.sampling import SamplingSettings
+
+    return SamplingSettings(temperature=temperature, top_p=top_p if top_p > 0 else 1.0, seed=seed)
+
+
+def _stats_line(result, cloud_info: dict[str, str]) -> str:
+    counts = result.counts()
+    mean_kl = "n/a" if result.mean_kl() is None else f"{result.mean_kl():.3f}"
+    unchecked = (
+        f", {counts['unchecked']} unchecked" if counts["unchecked"] and result.mode == "hybrid" else ""
+    )
+    rate = len(result.records) / result.seconds if result.seconds > 0 else 0.0
+    return (
+        f"{len(result.records)} tokens ({result.mode}): {counts['edge']} edge, {counts['cloud']} cloud, "
+        f"{counts['corrected']} corrected{unchecked}; {result.check_points} check points, "
+        f"{result.handoffs} handoffs; mean KL {mean_kl}; {_human_bytes(result.bytes_sent)} up, "
+        f"{_human_bytes(result.bytes_received)} down; {result.seconds:.1f} s, {rate:.1f} tok/s"
+    )
+
+
+SOURCE_STYLES = {"edge": "default", "cloud": "cyan", "corrected": "magenta", "unchecked": "yellow"}
+
+
+def _style(record) -> str:
+    return SOURCE_STYLES["unchecked" if record.source == "edge" and not record.checked else record.source]
+
+
 @app.command("generate")
 def generate(
     prompt: Annotated[
         str, typer.Option(help="User message, rendered with the chat template.")
     ] = DEFAULT_PROMPT,
     max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Tokens to generate at most.")] = 128,
-    edge: Annotated[
-        str | None, typer.Option(help="Q: registry name or GGUF path (default: settings).")
-    ] = None,
-    cloud: Annotated[
-        str | None, typer.Option(help="HOST:PORT of a running verifier; default: an embedded one.")
-    ] = None,
-    cloud_model: Annotated[
-        str | None, typer.Option(help="P for the embedded verifier (default: settings).")
-    ] = None,
-    policy: Annotated[str, typer.Option(help="rollback or seed.")] = "rollback",
-    threshold: Annotated[
-        float, typer.Option(help="tau in nats (top-k KL, a lower bound of the full KL).")
-    ] = 0.5,
-    check_interval: Annotated[int, typer.Option(min=1, help="N: edge tokens per check point.")] = 8,
-    handback_tokens: Annotated[int, typer.Option(min=1, help="M: cloud tokens per handoff.")] = 8,
-    seed_tokens: Annotated[int, typer.Option(min=0, help="N0: tokens the cloud generates first.")] = 0,
-    aggregation: Annotated[str, typer.Option(help="max or mean over a check-point window.")] = "max",
-    top_k: Annotated[int, typer.Option("--top-k", min=1, max=256, help="k of the top-k views.")] = 20,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    trace: Annotated[Path | None, typer.Option(help="Write one JSON record per token to this file.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    edge: EdgeOpt = None,
+    cloud: CloudOpt = None,
+    cloud_model: CloudModelOpt = None,
+    edge_only: EdgeOnlyOpt = False,
+    cloud_only: CloudOnlyOpt = False,
+    policy: PolicyOpt = None,
+    threshold: ThresholdOpt = None,
+    check_interval: IntervalOpt = None,
+    handback_tokens: HandbackOpt = None,
+    agree_tokens: AgreeOpt = None,
+    seed_tokens: SeedTokensOpt = None,
+    aggregation: AggregationOpt = None,
+    top_k: TopKOpt = None,
+    lookahead: LookaheadOpt = None,
+    check_timeout: CheckTimeoutOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    trace: Annotated[Path | None, typer.Option(help="Write a JSONL trace: one record per token.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
-    """Hybrid generation: Q drafts on the edge, P checks at check points and takes over where they diverge."""
-    import asyncio
+    """Hybrid generation: Q drafts on the edge, P checks at check points and takes over where they diverge.
 
-    from edge.controller import HybridGenerator, PolicyConfig
-    from edge.runner import EdgeRunner
-    from edge.verifier_client import GrpcTransport, VerifierClient
-    from shared.model_info import load_model_info
-    from shared.models import resolve
-    from shared.sampling import SamplingSettings
+    Tokens are coloured by source: edge (plain), cloud (cyan), corrected by the cloud (magenta),
+    unchecked because the cloud was unreachable (yellow).
+    """
+    import asyncio
+    from dataclasses import asdict
+
+    from edge.assistant import Assistant
 
     settings = get_settings()
-    config = PolicyConfig(
-        kind=policy, seed_tokens=seed_tokens, check_interval=check_interval, threshold=threshold,
-        aggregation=aggregation, handback_tokens=handback_tokens, top_k=top_k,
+    edge_settings = _edge_settings(
+        edge_only=edge_only, cloud_only=cloud_only, cloud=cloud, policy=policy, threshold=threshold,
+        check_interval=check_interval, handback_tokens=handback_tokens, agree_tokens=agree_tokens,
+        seed_tokens=seed_tokens, aggregation=aggregation, top_k=top_k, lookahead_windows=lookahead,
+        check_timeout_s=check_timeout,
     )  # fmt: skip
-    sampling = SamplingSettings(temperature=temperature, top_p=top_p if top_p > 0 else 1.0, seed=seed)
-    q_ref = resolve(edge or settings.edge_model, "edge", settings)
-    _, q_vocab = load_model_info(q_ref, settings)
+    sampling = _sampling(temperature, top_p, seed)
 
-    async def run() -> tuple:
-        server = None
-        target = cloud
-        if target is None:
-            from cloud.grpc_server import CloudServer
-            from cloud.loader import load_backend
-            from cloud.settings import CloudSettings
+    async def run():
+        async with Assistant(settings, edge_settings, edge_model=edge, cloud_model=cloud_model) as assistant:
+            ids = assistant.chat_prompt_ids([{"role": "user", "content": prompt}])
+            result = await assistant.generate(ids, max_tokens, sampling=sampling)
+            return result, assistant.cloud_info, assistant.model_name
 
-            cloud_settings = CloudSettings(
-                model=cloud_model or settings.cloud_model,
-                port=0,
-                threads=settings.threads,
-                max_sessions=4,
-                grace_s=0.5,
-            )
-            server = CloudServer(cloud_settings, lambda: load_backend(cloud_settings, settings))
-            await server.start()
-            target = f"127.0.0.1:{server.port}"
-        client = VerifierClient(GrpcTransport(target))
-        runner = EdgeRunner(q_ref.path, k=top_k, n_threads=settings.threads, sampling=sampling)
-        try:
-            info = await client.check_vocabulary(q_vocab)
-            text_prompt = runner.model.chat_prompt([{"role": "user", "content": prompt}])
-            ids = runner.model.tokenize(text_prompt)
-            result = await HybridGenerator(runner, client, q_vocab, config).generate(ids, max_tokens)
-            text = runner.detokenize(result.tokens).decode("utf-8", errors="replace")
-            pieces = [runner.detokenize([t]).decode("utf-8", errors="replace") for t in result.tokens]
-            return result, text, pieces, info
-        finally:
-            runner.close()
-            await client.close()
-            if server is not None:
-                await server.stop(grace=0.5)
-
-    result, text, pieces, info = asyncio.run(run())
+    result, cloud_info, edge_name = asyncio.run(run())
     if trace is not None:
+        meta = {
+            "edge_model": edge_name,
+            "cloud": cloud_info,
+            "policy": asdict(edge_settings.policy_config()),
+            "sampling": asdict(sampling),
+            "max_tokens": max_tokens,
+            "prompt": prompt,
+        }
         with open(trace, "w") as f:
-            for record, piece in zip(result.trace(), pieces, strict=True):
-                f.write(json.dumps(record | {"text": piece}) + "\n")
-    summary = {
-        "text": text,
-        "tokens": len(result.records),
-        "by_source": result.counts(),
-        "check_points": result.check_points,
-        "handoffs": result.handoffs,
-        "mean_kl": result.mean_kl(),
-        "bytes_sent": result.bytes_sent,
-        "bytes_received": result.bytes_received,
-        "seconds": result.seconds,
-        "stop_reason": result.stop_reason,
-        "cloud": {"model": info.model_id, "backend": info.backend, "device": info.device},
-    }
+            result.write_trace(f, meta)
     if as_json:
-        out.print_json(json.dumps(summary))
+        out.print_json(json.dumps({"text": result.text} | result.summary() | {"cloud": cloud_info}))
         return
-    colours = {"edge": "default", "cloud": "cyan", "corrected": "magenta"}
-    for record, piece in zip(result.records, pieces, strict=True):
-        out.print(piece, style=colours[record.source], end="", highlight=False, markup=False)
+    for record in result.records:
+        out.print(record.text, style=_style(record), end="", highlight=False, markup=False)
     out.print()
-    counts = result.counts()
-    mean_kl = "n/a" if result.mean_kl() is None else f"{result.mean_kl():.3f}"
-    out.print(
-        f"[dim]{len(result.records)} tokens: {counts['edge']} edge, {counts['cloud']} cloud, "
-        f"{counts['corrected']} corrected; {result.check_points} check points, {result.handoffs} handoffs, "
-        f"mean KL {mean_kl}; {result.bytes_sent:,} B up, {result.bytes_received:,} B down; "
-        f"{result.seconds:.1f} s[/dim]",
-        soft_wrap=True,
-    )
+    err.print(f"[dim]{_stats_line(result, cloud_info)}[/dim]", soft_wrap=True)
+
+
+@app.command("chat")
+def chat(
+    max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Tokens per answer at most.")] = 512,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    edge: EdgeOpt = None,
+    cloud: CloudOpt = None,
+    cloud_model: CloudModelOpt = None,
+    edge_only: EdgeOnlyOpt = False,
+    cloud_only: CloudOnlyOpt = False,
+    policy: PolicyOpt = None,
+    threshold: ThresholdOpt = None,
+    check_interval: IntervalOpt = None,
+    handback_tokens: HandbackOpt = None,
+    agree_tokens: AgreeOpt = None,
+    top_k: TopKOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+) -> None:
+    """Interactive chat in the terminal: answers stream as they are committed, coloured by source.
+
+    Edge tokens are plain, cloud tokens cyan, corrected ones magenta, unchecked ones yellow; a stats
+    line follows each answer. Commands: /reset forgets the conversation, /exit (or Ctrl-D) quits.
+    """
+    import asyncio
+    import codecs
+
+    from edge.assistant import Assistant
+
+    settings = get_settings()
+    edge_settings = _edge_settings(
+        edge_only=edge_only, cloud_only=cloud_only, cloud=cloud, policy=policy, threshold=threshold,
+        check_interval=check_interval, handback_tokens=handback_tokens, agree_tokens=agree_tokens, top_k=top_k,
+    )  # fmt: skip
+    sampling = _sampling(temperature, top_p, seed)
+    start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    async def run() -> None:
+        async with Assistant(settings, edge_settings, edge_model=edge, cloud_model=cloud_model) as assistant:
+            where = (
+                assistant.cloud_info.get("model", "no cloud") if edge_settings.mode != "edge" else "no cloud"
+            )
+            err.print(f"[dim]edge {assistant.model_name} · cloud {where} · /reset, /exit[/dim]")
+            messages = list(start)
+            while True:
+                try:
+                    line = await asyncio.to_thread(out.input, "[bold green]you>[/bold green] ")
+                except EOFError:
+                    out.print()
+                    return
+                text = line.strip()
+                if text in ("/exit", "/quit"):
+                    return
+                if text == "/reset":
+                    messages = list(start)
+                    err.print("[dim]conversation forgotten[/dim]")
+                    continue
+                if not text:
+                    continue
+                messages.append({"role": "user", "content": text})
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                assert assistant.runner is not None
+                detokenize = assistant.runner.detokenize
+                stops = assistant.runner.stop_token_ids
+
+                def show(record, decoder=decoder, detokenize=detokenize, stops=stops) -> None:
+                    if record.token_id in stops:
+                        return
+                    piece = decoder.decode(detokenize([record.token_id]))
+                    out.print(piece, style=_style(record), end="", highlight=False, markup=False)
+
+                result = await assistant.generate(
+                    assistant.chat_prompt_ids(messages), max_tokens, sampling=sampling, on_token=show
+                )
+                out.print(decoder.decode(b"", final=True))
+                answer = "".join(r.text for r in result.records if r.token_id not in stops)
+                messages.append({"role": "assistant", "content": answer})
+                err.print(f"[dim]{_stats_line(result, assistant.cloud_info)}[/dim]", soft_wrap=True)
+
+    asyncio.run(run())
 
 
 def main(argv: list[str] | None = None) -> int:

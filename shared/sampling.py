@@ -2,6 +2,11 @@
 
 Sampling is done on the host in float64 with numpy's PCG64 generator: the same distribution and the
 same seed give the same token on any machine and with either backend.
+
+A seeded draw is keyed by (seed, position), not by how many draws came before: a draft the edge
+throws away (a rollback, a window drafted while a check point was in flight) does not shift later
+draws, so the edge, the cloud and every policy draw the same token at the same position from the
+same distribution.
 """
 
 from __future__ import annotations
@@ -36,6 +41,17 @@ class SamplingSettings:
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
+
+    def rng_for(self, position: int, fallback: np.random.Generator | None = None) -> np.random.Generator:
+        """The generator for the draw at `position`: keyed by (seed, position) when seeded.
+
+        Args:
+            position: index of the token being drawn in the whole context (prompt included).
+            fallback: the session's own generator, used unseeded (a fresh one if None).
+        """
+        if self.seed is None:
+            return fallback if fallback is not None else np.random.default_rng()
+        return np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, int(position)])
 
 
 def sampling_distribution(logprobs: np.ndarray, settings: SamplingSettings) -> np.ndarray:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -83,3 +88,24 @@ async def score_all(
 def run(coro):
     """Run a test scenario in a fresh event loop."""
     return asyncio.run(coro)
+
+
+def start_server(
+    model, *extra: str, env: dict[str, str] | None = None, port: int = 0
+) -> tuple[subprocess.Popen, int]:
+    """`handoff serve-cloud` in its own process on 127.0.0.1:port (0: a free one); returns (process, port)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "--log-level", "INFO", "--log-format", "json", "serve-cloud",
+         "--model", str(model), "--port", str(port), "--threads", "1", "--max-sessions", "4", "--max-context", "512",
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300", **(env or {})},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"server did not start: {proc.stderr.read()}")

@@ -13,6 +13,7 @@ from edge.runner import EdgeRunner
 from edge.verifier_client import InProcessTransport, VerifierClient
 from shared.divergence import top_k, topk_kl
 from shared.llama_cpp_model import LlamaCppModel
+from shared.sampling import SamplingSettings, sample_token
 
 MAX_TOKENS = 40
 
@@ -23,19 +24,28 @@ def prompt(tiny_gguf_a):
         return m.tokenize(m.chat_prompt([{"role": "user", "content": "Sort a list of numbers in Python."}]))
 
 
-async def _generate(cloud_path, edge_path, prompt, policy, over_grpc=False):
+async def _generate(
+    cloud_path, edge_path, prompt, policy, over_grpc=False, *, mode="hybrid", sampling=None, on_token=None,
+    max_tokens=MAX_TOKENS,
+):  # fmt: skip
     vocab = vocabulary_of(edge_path)
     runner = EdgeRunner(edge_path, k=policy.top_k, n_ctx=512, n_threads=1)
+
+    async def go(client):
+        gen = HybridGenerator(runner, client, vocab, policy, mode=mode)
+        return await gen.generate(prompt, max_tokens, sampling=sampling, on_token=on_token)
+
     try:
+        if mode == "edge":
+            return await go(None)
         if over_grpc:
             async with running_server(llama_backend_factory(cloud_path)) as (_, client):
-                return await HybridGenerator(runner, client, vocab, policy).generate(prompt, MAX_TOKENS)
+                return await go(client)
         backend = llama_backend_factory(cloud_path)()
         service = VerifierService(backend, CloudSettings(batch_wait_s=0.0))
         await service.start()
         try:
-            client = VerifierClient(InProcessTransport(service))
-            return await HybridGenerator(runner, client, vocab, policy).generate(prompt, MAX_TOKENS)
+            return await go(VerifierClient(InProcessTransport(service)))
         finally:
             await service.stop()
             backend.close()
@@ -92,12 +102,23 @@ class _Reference:
                 return out
             if agg <= policy.threshold:
                 continue
+            streak = 0
             for j in range(min(policy.handback_tokens, max_tokens - len(out))):
-                t = int(np.argmax(self.dist(self.p, ctx)))
+                lp = self.dist(self.p, ctx)
+                t = int(np.argmax(lp))
                 out.append((t, "corrected" if j == 0 and keep < len(window) else "cloud"))
-                ctx.append(t)
                 if t in self.stops:
                     return out
+                if policy.agree_tokens:  # hand back once the models agree again
+                    lq = self.dist(self.q, ctx)
+                    p_ids, p_vals = top_k(lp, k)
+                    q_ids, q_vals = top_k(lq, k)
+                    kl = topk_kl(p_ids[None], p_vals[None], q_ids[None], q_vals[None],
+                                 q_logprobs_at_p_ids=lq[p_ids][None], rest_margin=WIRE_REST_MARGIN)[0]  # fmt: skip
+                    streak = streak + 1 if kl <= policy.threshold else 0
+                ctx.append(t)
+                if policy.agree_tokens and streak >= policy.agree_tokens and len(out) < max_tokens:
+                    break
         return out
 
 
@@ -123,24 +144,36 @@ def test_identical_models_never_hand_off(tiny_gguf_a, prompt):
     assert result.tokens == expected
 
 
-@pytest.mark.parametrize("kind", ["rollback", "seed"])
-def test_policies_match_the_reference_token_by_token(tiny_gguf_a, tiny_gguf_a_near, prompt, reference, kind):
+@pytest.mark.parametrize(
+    ("kind", "agree", "lookahead"), [("rollback", 0, 1), ("seed", 0, 1), ("rollback", 2, 0), ("seed", 2, 2)]
+)
+def test_policies_match_the_reference_token_by_token(
+    tiny_gguf_a, tiny_gguf_a_near, prompt, reference, kind, agree, lookahead
+):
     # A vs near-A: per-position KL 0.004-0.05 nats, so tau = 0.02 flags some windows and not others.
-    policy = PolicyConfig(kind=kind, check_interval=6, threshold=0.02, handback_tokens=3, top_k=20)
+    policy = PolicyConfig(
+        kind=kind, check_interval=6, threshold=0.02, handback_tokens=3 if not agree else 12, top_k=20,
+        agree_tokens=agree, lookahead_windows=lookahead,
+    )  # fmt: skip
     result = run(_generate(tiny_gguf_a, tiny_gguf_a_near, prompt, policy))
     expected = reference.run(prompt, policy, MAX_TOKENS)
     assert [(r.token_id, r.source) for r in result.records] == expected
     counts = result.counts()
-    assert result.handoffs >= 1 and counts["edge"] >= 1
+    assert result.handoffs >= 1 and counts["edge"] >= 1 and counts["unchecked"] == 0
+    if agree:  # some handoffs ended early, before M = 12 cloud tokens
+        assert result.handbacks_early >= 1
     if kind == "rollback":
         assert counts["corrected"] >= 1
         assert all(r.kl <= policy.threshold for r in result.records if r.source == "edge")
     assert [r.position for r in result.records] == list(range(len(prompt), len(prompt) + len(result.records)))
 
 
-def test_different_models_hand_off_where_the_kl_says(tiny_gguf_a, tiny_gguf_b, prompt):
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_different_models_hand_off_where_the_kl_says(tiny_gguf_a, tiny_gguf_b, prompt, lookahead):
     """A vs B disagree by several nats everywhere: every window is cut at once; the text is P's own."""
-    policy = PolicyConfig(kind="rollback", check_interval=4, threshold=0.5, handback_tokens=4)
+    policy = PolicyConfig(
+        kind="rollback", check_interval=4, threshold=0.5, handback_tokens=4, lookahead_windows=lookahead
+    )
     result = run(_generate(tiny_gguf_a, tiny_gguf_b, prompt, policy, over_grpc=True))
     with LlamaCppModel(tiny_gguf_a, n_ctx=512, n_threads=1) as m:
         m.eval(prompt)
@@ -149,7 +182,11 @@ def test_different_models_hand_off_where_the_kl_says(tiny_gguf_a, tiny_gguf_b, p
             cloud_greedy.append(int(np.argmax(m.next_logits())))
             m.eval([cloud_greedy[-1]])
     assert result.tokens == cloud_greedy
-    assert result.counts()["edge"] == 0 and result.check_points == result.handoffs
+    assert result.counts()["edge"] == 0
+    if lookahead:  # a window drafted behind each check point is thrown away, its check point too
+        assert result.check_points >= result.handoffs and result.discarded_drafts > 0
+    else:
+        assert result.check_points == result.handoffs and result.discarded_drafts == 0
     assert result.bytes_sent > 0 and result.bytes_received > 0
 
 
@@ -180,7 +217,129 @@ def test_generate_command_on_tiny_models(tiny_gguf_a, tiny_gguf_a_near, tmp_path
     assert summary["tokens"] == sum(summary["by_source"].values()) > 0
     assert summary["check_points"] >= 1 and summary["bytes_sent"] > 0
     assert summary["cloud"]["backend"] == "llama.cpp"
-    records = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert len(records) == summary["tokens"]
-    assert {"position", "token_id", "text", "source", "kl", "q_entropy", "t_generated"} <= set(records[0])
-    assert all(r["kl"] is not None for r in records if r["source"] == "edge")
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    header, records, footer = lines[0], lines[1:-1], lines[-1]
+    assert header["record"] == "generation" and header["policy"]["check_interval"] == 6
+    assert footer["record"] == "summary" and footer["tokens"] == summary["tokens"] == len(records)
+    keys = {"position", "token_id", "text", "source", "checked", "kl", "q_entropy", "q_topk_ids",
+            "t_generated", "t_uploaded", "t_answered"}  # fmt: skip
+    assert all(r["record"] == "token" and keys <= set(r) for r in records)
+    assert "".join(r["text"] for r in records) == summary["text"]
+    for r in records:
+        assert r["kl"] is not None and r["checked"]
+        if r["source"] == "edge":
+            assert r["t_generated"] <= r["t_uploaded"] <= r["t_answered"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Modes, sampling, streaming
+
+
+SAMPLED = SamplingSettings(temperature=0.9, top_p=0.95, seed=7)
+
+
+def test_cloud_only_equals_the_cloud_models_own_generation(tiny_gguf_a, tiny_gguf_a_near, prompt):
+    """--cloud-only with a seed is P's own sampled generation: P's backend run alone gives the same tokens."""
+    from cloud.backend import ForwardItem
+
+    policy = PolicyConfig()
+    cloud = run(_generate(tiny_gguf_a, tiny_gguf_a_near, prompt, policy, mode="cloud", sampling=SAMPLED))
+    assert {r.source for r in cloud.records} == {"cloud"} and cloud.check_points == 0 and cloud.tokens
+    # P's own generation: the same backend driven directly, one forward pass and one draw per token.
+    backend = llama_backend_factory(tiny_gguf_a)()
+    try:
+        seq, feed, own = backend.new_sequence(), list(prompt), []
+        while len(own) < len(cloud.tokens):
+            (out,) = backend.forward([ForwardItem(seq, feed, n_out=1, k=20, full_last=True)])
+            position = len(prompt) + len(own)
+            own.append(sample_token(out.last_logprobs, SAMPLED, SAMPLED.rng_for(position)))
+            feed = [own[-1]]
+    finally:
+        backend.close()
+    assert cloud.tokens == own
+    # Q's view was recorded at every cloud position: a full trace.
+    assert all(r.kl is not None and r.q_topk_ids for r in cloud.records)
+    greedy = run(_generate(tiny_gguf_a, tiny_gguf_a_near, prompt, policy, mode="cloud"))
+    assert greedy.tokens != cloud.tokens  # the seed mattered
+    # Greedy, across runtimes: cloud-only on P = P on the edge's runner, edge-only.
+    edge_on_p = run(_generate(None, tiny_gguf_a, prompt, policy, mode="edge"))
+    assert greedy.tokens == edge_on_p.tokens
+    assert edge_on_p.counts()["unchecked"] == len(edge_on_p.records) and edge_on_p.bytes_sent == 0
+
+
+def test_identical_models_sampled_hybrid_is_edge_only(tiny_gguf_a, prompt):
+    policy = PolicyConfig(check_interval=5, threshold=0.01)
+    hybrid = run(_generate(tiny_gguf_a, tiny_gguf_a, prompt, policy, over_grpc=True, sampling=SAMPLED))
+    edge = run(_generate(None, tiny_gguf_a, prompt, policy, mode="edge", sampling=SAMPLED))
+    assert hybrid.tokens == edge.tokens and hybrid.handoffs == 0
+    assert hybrid.counts()["edge"] == len(hybrid.records) and hybrid.counts()["unchecked"] == 0
+    assert edge.counts()["unchecked"] == len(edge.records)  # nothing checked them
+
+
+@pytest.mark.parametrize("kind", ["rollback", "seed"])
+def test_lookahead_does_not_change_sampled_output(tiny_gguf_a, tiny_gguf_a_near, prompt, kind):
+    """Drafts thrown away behind a handover do not shift later draws: seeded output is lookahead-free."""
+    outs = []
+    for lookahead in (0, 1, 3):
+        policy = PolicyConfig(kind=kind, check_interval=4, threshold=0.02, handback_tokens=3,
+                              lookahead_windows=lookahead)  # fmt: skip
+        result = run(_generate(tiny_gguf_a, tiny_gguf_a_near, prompt, policy, sampling=SAMPLED))
+        outs.append([(r.token_id, r.source) for r in result.records])
+        assert result.handoffs >= 1
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_on_token_streams_in_order_and_can_stop(tiny_gguf_a, tiny_gguf_a_near, prompt):
+    seen = []
+
+    async def on_token(record):
+        seen.append(record.position)
+        return len(seen) == 10  # stop after the 10th token
+
+    policy = PolicyConfig(check_interval=4, threshold=0.02, handback_tokens=3)
+    result = run(_generate(tiny_gguf_a, tiny_gguf_a_near, prompt, policy, on_token=on_token))
+    assert result.stop_reason == "stopped" and len(result.records) == 10
+    assert seen == [r.position for r in result.records] == list(range(len(prompt), len(prompt) + 10))
+    assert result.first_token_s is not None and 0 < result.first_token_s <= result.seconds
+
+
+def test_max_tokens_is_bounded_by_the_edge_context(tiny_gguf_a, prompt):
+    policy = PolicyConfig(check_interval=8)
+    room = 512 - len(prompt)
+    result = run(_generate(tiny_gguf_a, tiny_gguf_a, prompt, policy, mode="edge", max_tokens=room + 50))
+    assert len(result.records) <= room
+    assert result.stop_reason in ("context_full", "stop_token")
+
+
+def test_generate_baselines_and_chat_commands(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+    """`generate --edge-only/--cloud-only` and an interactive `chat` session through real processes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "300"}
+    models = ["--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a)]
+
+    def handoff(*args, stdin=None):
+        return subprocess.run([sys.executable, "-m", "shared.cli", *args], input=stdin, capture_output=True,
+                              text=True, timeout=600, env=env)  # fmt: skip
+
+    summaries = {}
+    for flag in ("--edge-only", "--cloud-only"):
+        proc = handoff("generate", *models, "--max-tokens", "12", "--json", flag)
+        assert proc.returncode == 0, proc.stderr
+        summaries[flag] = json.loads(proc.stdout)
+    edge, cloud = summaries["--edge-only"], summaries["--cloud-only"]
+    assert edge["mode"] == "edge" and edge["by_source"]["edge"] == edge["tokens"] > 0
+    assert edge["check_points"] == 0 and edge["bytes_sent"] == 0
+    assert cloud["mode"] == "cloud" and cloud["by_source"]["cloud"] == cloud["tokens"] > 0
+    assert handoff("generate", *models, "--edge-only", "--cloud-only").returncode == 2
+
+    proc = handoff("chat", *models, "--max-tokens", "10", "--threshold", "0.02", "--check-interval", "4",
+                   stdin="Hello there\n/reset\nSort a list\n/exit\n")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("you>") == 4  # three lines read, the fourth one exits
+    stats = [line for line in proc.stderr.splitlines() if "tokens (hybrid)" in line]
+    assert len(stats) == 2 and all("check points" in s and "tok/s" in s for s in stats)
+    assert "conversation forgotten" in proc.stderr

@@ -110,4 +110,7 @@ def test_hybrid_generation_on_the_default_pair(pair, tmp_path):
     assert summary["tokens"] == 24 or summary["stop_reason"] == "stop_token"
     assert summary["by_source"]["edge"] > 0  # the pair agrees on most of a short code answer
     assert summary["check_points"] >= 1 and summary["bytes_sent"] > 0 and summary["text"].strip()
-    assert len(trace.read_text().splitlines()) == summary["tokens"]
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [r["record"] for r in records] == ["generation"] + ["token"] * summary["tokens"] + ["summary"]
+    assert "".join(r["text"] for r in records[1:-1]) == summary["text"]
+    assert all(r["checked"] for r in records[1:-1])

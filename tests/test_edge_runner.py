@@ -134,21 +134,22 @@ def generate(runner: EdgeRunner, prompt: list[int], n: int) -> list[EdgeStep]:
 def test_seeded_sampling_is_reproducible(make_runner, make_ref, prompt) -> None:
     n = 24
     first, second = make_runner(sampling=SAMPLED), make_runner(sampling=SAMPLED)
-    a = [s.token_id for s in generate(first, prompt, n)]
+    steps = generate(first, prompt, n)
+    a = [s.token_id for s in steps]
     assert [s.token_id for s in generate(second, prompt, n)] == a  # another runner
-    steps = generate(first, prompt, n)  # start() resets the generator
-    assert [s.token_id for s in steps] == a
+    # start() again: the prompt's KV is reused and draws are keyed by position, so the same tokens.
+    assert [s.token_id for s in generate(first, prompt, n)] == a
     other = make_runner(sampling=SamplingSettings(temperature=0.8, top_p=0.9, seed=6))
     assert [s.token_id for s in generate(other, prompt, n)] != a
 
     # The draws are shared.sampling.sample_token's (the cloud's) with the same seed, and
     # sampled_logprob is the log-probability under the tempered, nucleus-cut distribution.
-    ref, rng = make_ref(), SAMPLED.rng()
+    ref = make_ref()
     ref.eval(prompt)
     diffs = []
     for step in steps:
         logprobs = log_softmax(ref.next_logits())
-        assert sample_token(logprobs, SAMPLED, rng) == step.token_id
+        assert sample_token(logprobs, SAMPLED, SAMPLED.rng_for(step.position)) == step.token_id
         probs = sampling_distribution(logprobs, SAMPLED)
         assert step.sampled_logprob == pytest.approx(np.log(probs[step.token_id]), abs=1e-12)
         diffs.append(step.sampled_logprob - logprobs[step.token_id])
@@ -204,15 +205,14 @@ def chi_square(draws: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
 
 
 def test_sampling_frequencies_match_model(make_runner, make_ref, prompt, tiny_gguf_b: Path) -> None:
-    # One long generator stream at one position: draw, roll back, draw again.
-    runner = make_runner(sampling=SamplingSettings(temperature=1.0, seed=11))
-    runner.start(prompt)
+    # Draws at one position keyed by (seed, position): a new seed for each (start() reuses the prompt).
+    runner = make_runner()
     draws = np.empty(N_DRAWS, dtype=np.int64)
     for i in range(N_DRAWS):
+        runner.start(prompt, SamplingSettings(temperature=1.0, seed=11_000 + i))
         step = runner.step()
         assert step.position == len(prompt)
         draws[i] = step.token_id
-        runner.truncate(len(prompt))
 
     ref_a = make_ref()
     ref_a.eval(prompt)

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 
-from cloud_harness import run, score_all, vocabulary_of
+from cloud_harness import run, score_all, start_server, vocabulary_of
 
 from edge.verifier_client import GrpcTransport, VerifierClient
 
 PROMPT = [1001, 872, 198, 9, 10, 11, 1002, 198, 1001, 77, 198]
-
-
-def start_server(model, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "--log-level", "INFO", "--log-format", "json", "serve-cloud",
-         "--model", str(model), "--port", "0", "--threads", "1", "--max-sessions", "4", "--max-context", "512", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300", **(env or {})},
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-            return proc, int(m.group(1))
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"server did not start: {proc.stderr.read()}")
 
 
 def test_serve_cloud_process_serves_and_drains_on_sigterm(tiny_gguf_a):

@@ -1,0 +1,154 @@
+"""The edge's models and its cloud link, ready to generate: what `generate`, `chat` and `serve-edge` share.
+
+An `Assistant` loads Q with llama.cpp, connects to the cloud verifier (a remote one, or an embedded
+one started in this process on a loopback port: the same gRPC path as a remote one), checks that
+the vocabularies match, and runs HybridGenerator for each request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from edge.controller import GenerationResult, HybridGenerator, OnToken
+from edge.runner import EdgeRunner
+from edge.settings import EdgeSettings
+from edge.verifier_client import GrpcTransport, VerifierClient
+from shared.errors import VerifierError
+from shared.model_info import load_model_info
+from shared.models import resolve
+from shared.sampling import SamplingSettings
+from shared.settings import HandoffSettings
+
+logger = logging.getLogger(__name__)
+
+
+class Assistant:
+    """Q on this device plus a link to P; use as `async with Assistant(...) as a: await a.generate(...)`."""
+
+    def __init__(
+        self,
+        settings: HandoffSettings,
+        edge: EdgeSettings,
+        *,
+        edge_model: str | None = None,
+        cloud_model: str | None = None,
+    ) -> None:
+        """Describe the assistant; nothing is loaded before `async with`.
+
+        Args:
+            settings: process settings (cache, threads, default models).
+            edge: the cloud's address, mode, policy and timeouts.
+            edge_model: Q (registry name or GGUF path); default settings.edge_model.
+            cloud_model: P for an embedded verifier; default settings.cloud_model.
+        """
+        self.settings = settings
+        self.edge = edge
+        self.edge_ref = resolve(edge_model or settings.edge_model, "edge", settings)
+        self.cloud_model = cloud_model or settings.cloud_model
+        self.policy = edge.policy_config()
+        self.cloud_info: dict[str, str] = {}
+        self.runner: EdgeRunner | None = None
+        self.client: VerifierClient | None = None
+        self._server = None
+        self.generator: HybridGenerator | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.edge_ref.name
+
+    async def __aenter__(self) -> Assistant:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        _, vocabulary = load_model_info(self.edge_ref, self.settings)
+        if self.edge.mode != "edge":
+            target = self.edge.cloud
+            if target is None:
+                target = await self._start_embedded()
+            root = self.edge.tls_ca.read_bytes() if self.edge.tls_ca else None
+            self.client = VerifierClient(
+                GrpcTransport(
+                    target, tls=self.edge.tls, root_certificates=root, auth_token=self.edge.auth_token
+                )
+            )
+            try:
+                info = await self.client.check_vocabulary(vocabulary)
+                self.cloud_info = {"model": info.model_id, "backend": info.backend, "device": info.device}
+            except VerifierError as e:
+                if e.code != "UNAVAILABLE" or self.edge.mode == "cloud":
+                    raise
+                # The session's open checks the fingerprint again once the cloud is back.
+                logger.warning("the cloud at %s is unreachable (%s): starting on the edge alone", target, e)
+        self.runner = EdgeRunner(
+            self.edge_ref.path, k=self.policy.top_k, n_ctx=self.edge.n_ctx, n_threads=self.settings.threads
+        )
+        self.generator = HybridGenerator(
+            self.runner,
+            self.client,
+            vocabulary,
+            self.policy,
+            mode=self.edge.mode,
+            link=self.edge.link_config(),
+        )
+
+    async def _start_embedded(self) -> str:
+        from cloud.grpc_server import CloudServer
+        from cloud.loader import load_backend
+        from cloud.settings import CloudSettings
+
+        cloud_settings = CloudSettings(
+            model=self.cloud_model,
+            host="127.0.0.1",
+            port=0,
+            threads=self.settings.threads,
+            max_sessions=4,
+            max_context=self.edge.n_ctx,
+            grace_s=0.5,
+        )
+        self._server = CloudServer(cloud_settings, lambda: load_backend(cloud_settings, self.settings))
+        await self._server.start()
+        return f"127.0.0.1:{self._server.port}"
+
+    def chat_prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with Q's chat template, ready for the answer."""
+        assert self.runner is not None
+        return self.runner.model.tokenize(self.runner.model.chat_prompt(messages))
+
+    def tokenize(self, text: str) -> list[int]:
+        assert self.runner is not None
+        return self.runner.model.tokenize(text)
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        *,
+        sampling: SamplingSettings | None = None,
+        on_token: OnToken | None = None,
+    ) -> GenerationResult:
+        """One generation through the configured mode and policy (see HybridGenerator.generate)."""
+        assert self.generator is not None, "use the Assistant inside `async with`"
+        return await self.generator.generate(
+            prompt_ids, max_tokens, sampling=sampling or SamplingSettings(), on_token=on_token
+        )
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+            self._server = None

@@ -1,0 +1,55 @@
+"""Settings of the edge processes (`handoff generate`, `chat`, `serve-edge`): env HANDOFF_EDGE_*, or flags."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from edge.controller import LinkConfig, PolicyConfig
+
+_P = PolicyConfig()
+_L = LinkConfig()
+
+
+class EdgeSettings(BaseSettings):
+    """Where the cloud is, how to reach it, and the handoff policy (defaults: PolicyConfig's)."""
+
+    model_config = SettingsConfigDict(env_prefix="HANDOFF_EDGE_", extra="ignore")
+
+    # The cloud
+    cloud: str | None = Field(None, description="HOST:PORT of a running verifier; None: an embedded one.")
+    tls: bool = Field(False, description="Connect with TLS (system roots, or tls_ca).")
+    tls_ca: Path | None = Field(None, description="PEM root certificates to trust.")
+    auth_token: str | None = Field(None, description="Bearer token sent to the verifier.")
+    mode: Literal["hybrid", "edge", "cloud"] = Field("hybrid", description="edge / cloud: the baselines.")
+    n_ctx: int = Field(4096, ge=64, description="The edge model's context length.")
+
+    # The policy (edge/controller.py PolicyConfig; docs/policy_defaults.md says how they were chosen)
+    policy: Literal["seed", "rollback"] = Field(_P.kind)
+    seed_tokens: int = Field(_P.seed_tokens, ge=0, description="N0: tokens the cloud generates first.")
+    check_interval: int = Field(_P.check_interval, ge=1, description="N: edge tokens per check point.")
+    threshold: float = Field(_P.threshold, ge=0, description="tau, nats, top-k KL (a lower bound of KL).")
+    aggregation: Literal["max", "mean"] = Field(_P.aggregation)
+    handback_tokens: int = Field(_P.handback_tokens, ge=1, description="M: cloud tokens per handoff.")
+    agree_tokens: int = Field(_P.agree_tokens, ge=0, description="Hand back after this many agreeing.")
+    top_k: int = Field(_P.top_k, ge=1, le=256)
+    lookahead_windows: int = Field(_P.lookahead_windows, ge=0)
+
+    # A slow or unreachable cloud
+    check_timeout_s: float = Field(_L.check_timeout_s, gt=0)
+    token_timeout_s: float = Field(_L.token_timeout_s, gt=0)
+    open_timeout_s: float = Field(_L.open_timeout_s, gt=0)
+    retry_initial_s: float = Field(_L.retry_initial_s, gt=0)
+    retry_max_s: float = Field(_L.retry_max_s, gt=0)
+
+    def policy_config(self) -> PolicyConfig:
+        names = {f.name for f in fields(PolicyConfig)} - {"kind"}
+        return PolicyConfig(kind=self.policy, **{n: getattr(self, n) for n in names})
+
+    def link_config(self) -> LinkConfig:
+        names = {f.name for f in fields(LinkConfig)} - {"retry_multiplier"}
+        return LinkConfig(**{n: getattr(self, n) for n in names})
