@@ -131,8 +131,10 @@ class TokenRecord:
     q_entropy: float | None = None  # nats, Q's full distribution at this position
     q_topk_ids: list[int] | None = None
     q_topk_logprobs: list[float] | None = None
-    q_logprob: float | None = None  # Q's sampling log-probability of the token (edge tokens)
-    p_logprob: float | None = None  # P's log-probability of the token, when P saw it
+    q_logprob: float | None = None  # Q's log-probability of the token (temperature 1)
+    p_logprob: float | None = None  # P's log-probability of the token (temperature 1), when P saw it
+    p_topk_ids: list[int] | None = None  # P's top-k at this position, when P saw it
+    p_topk_logprobs: list[float] | None = None
     replaced_token_id: int | None = None  # corrected: the edge's token P replaced here
     t_generated: float = 0.0  # the edge drafted it, or its cloud token arrived
     t_uploaded: float | None = None  # its window was sent to the cloud
@@ -554,8 +556,10 @@ class _Generation:
                     q_entropy=s.entropy,
                     q_topk_ids=s.topk_ids.tolist(),
                     q_topk_logprobs=s.topk_logprobs.tolist(),
-                    q_logprob=s.sampled_logprob,
+                    q_logprob=s.token_logprob,
                     p_logprob=None if scores is None else float(scores[j].token_logprob),
+                    p_topk_ids=None if scores is None else list(scores[j].topk.ids),
+                    p_topk_logprobs=None if scores is None else [float(v) for v in scores[j].topk.logprobs],
                     t_generated=w.times[j],
                     t_uploaded=w.t_uploaded,
                     t_answered=w.t_answered,
@@ -721,7 +725,9 @@ class _Generation:
                     extra += 1  # generated before the cloud saw StopGeneration
                     continue
                 p_ids, p_lp = topk_from_proto(tok.topk)
-                q_ids, q_lp, ent, q_at_p = await self._in_pool(self.runner.append_scored, tok.token_id, p_ids)
+                at = np.append(p_ids, tok.token_id)  # P's top-k, and the token itself
+                q_ids, q_lp, ent, q_at = await self._in_pool(self.runner.append_scored, tok.token_id, at)
+                q_at_p, q_tok = q_at[:-1], q_at[-1]
                 # Q is known everywhere on the edge: P's top-k with Q's values there gives the bound.
                 kl = float(
                     topk_kl(p_ids[None], p_lp[None], q_ids[None], q_lp[None],
@@ -736,7 +742,10 @@ class _Generation:
                     q_entropy=ent,
                     q_topk_ids=q_ids.tolist(),
                     q_topk_logprobs=q_lp.tolist(),
+                    q_logprob=float(q_tok),
                     p_logprob=float(tok.token_logprob),
+                    p_topk_ids=p_ids.tolist(),
+                    p_topk_logprobs=p_lp.tolist(),
                     replaced_token_id=corrected[0] if last is None and corrected is not None else None,
                     t_generated=self.clock(),
                 )

@@ -42,6 +42,7 @@ class EdgeStep:
     topk_logprobs: np.ndarray  # float64 [k], Q's log-probabilities (temperature 1) at topk_ids
     entropy: float  # nats, of Q's full next-token distribution (temperature 1)
     sampled_logprob: float  # log-prob of token_id under the distribution it was drawn from; 0.0 greedy
+    token_logprob: float  # Q's log-probability of token_id (temperature 1)
     seconds: float  # wall time of this step: distribution, sampling and evaluating the token
 
 
@@ -286,6 +287,7 @@ class EdgeRunner:
             topk_logprobs=top_lp,
             entropy=ent,
             sampled_logprob=sampled_lp,
+            token_logprob=float(logprobs[token]),
             seconds=time.perf_counter() - t0,
         )
 
