@@ -461,6 +461,10 @@ class _Generation:
     def clock(self) -> float:
         return time.perf_counter() - self._start
 
+    async def _bounded(self, request: Awaitable):
+        """A request to the cloud that must not hang the edge: TimeoutError after check_timeout_s."""
+        return await asyncio.wait_for(request, self.g.link_config.check_timeout_s)
+
     async def _in_pool(self, fn, *args):
         """Run a blocking llama.cpp call on the runner's thread: the event loop keeps serving the cloud."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -582,9 +586,9 @@ class _Generation:
             return
         assert link.session is not None
         try:
-            await link.session.append_nowait([_edge_token(s) for s in w.steps])
-            w.answer = await link.session.send_check(w.steps[0].position, w.steps[-1].position)
-        except VerifierError as e:
+            await self._bounded(link.session.append_nowait([_edge_token(s) for s in w.steps]))
+            w.answer = await self._bounded(link.session.send_check(w.steps[0].position, w.steps[-1].position))
+        except (VerifierError, TimeoutError) as e:
             link.fail(e)
             w.answer = None
             return
@@ -686,8 +690,8 @@ class _Generation:
         assert link is not None
         if link.alive() and uploaded_beyond:
             try:
-                await link.session.rollback(cut)  # type: ignore[union-attr]
-            except VerifierError as e:
+                await self._bounded(link.session.rollback(cut))  # type: ignore[union-attr]
+            except (VerifierError, TimeoutError) as e:
                 link.fail(e)
         room = self.max_tokens - self.committed
         if room <= 0 or not link.alive():
@@ -755,9 +759,9 @@ class _Generation:
                     streak = streak + 1 if kl <= self.policy.threshold else 0
                     if streak >= agree and self.committed < self.max_tokens:
                         stopping = True
-                        await session.stop_generation()
+                        await self._bounded(session.stop_generation())
             if extra:
-                await session.rollback(self.runner.length)
+                await self._bounded(session.rollback(self.runner.length))
             if stopping:
                 self.result.handbacks_early += 1
         except (VerifierError, TimeoutError) as e:
