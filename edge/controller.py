@@ -64,10 +64,10 @@ class PolicyConfig:
     kind: Literal["seed", "rollback"] = "rollback"
     seed_tokens: int = 0  # N0: tokens the cloud generates first
     check_interval: int = 8  # N: edge tokens per check point
-    threshold: float = 0.5  # tau, nats, on the top-k KL (a lower bound of the full KL)
+    threshold: float = 0.2  # tau, nats, on the top-k KL (a lower bound of the full KL)
     aggregation: str = "max"  # over a window: "max" or "mean"
-    handback_tokens: int = 8  # M: cloud tokens per handoff at most
-    agree_tokens: int = 4  # hand back early once this many cloud positions in a row have KL <= tau; 0 = off
+    handback_tokens: int = 4  # M: cloud tokens per handoff at most
+    agree_tokens: int = 0  # hand back early once this many cloud positions in a row have KL <= tau; 0 = off
     top_k: int = 20
     lookahead_windows: int = 1  # windows drafted beyond the oldest unanswered check point; 0 = wait
 
