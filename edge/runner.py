@@ -22,7 +22,7 @@ from types import TracebackType
 
 import numpy as np
 
-from shared.divergence import log_softmax_and_entropy, top_k
+from shared.divergence import log_softmax, logits_view
 from shared.errors import ShapeError
 from shared.llama_cpp_model import LlamaCppModel
 from shared.sampling import SamplingSettings, draw
@@ -205,8 +205,7 @@ class EdgeRunner:
             raise ShapeError("score_appended: the context is empty: start() a prompt first")
         views: list[tuple[np.ndarray, np.ndarray, float]] = []
         for tid in ids:
-            logprobs, ent = log_softmax_and_entropy(self.model.next_logits())
-            top_ids, top_lp = top_k(logprobs, self.k)
+            top_ids, top_lp, ent, _ = logits_view(self.model.next_logits(), self.k)
             views.append((top_ids, top_lp, ent))
             self.model.eval([tid])
         return views
@@ -227,9 +226,10 @@ class EdgeRunner:
         (tid,) = self._check_ids([token_id])
         if self.length == 0:
             raise ShapeError("append_scored: the context is empty: start() a prompt first")
-        logprobs, ent = log_softmax_and_entropy(self.model.next_logits())
-        top_ids, top_lp = top_k(logprobs, self.k)
-        at = np.empty(0) if at_ids is None else logprobs[self._check_ids(at_ids, extra_room=False)]
+        at_ids = (
+            None if at_ids is None else np.asarray(self._check_ids(at_ids, extra_room=False), dtype=np.int64)
+        )
+        top_ids, top_lp, ent, at = logits_view(self.model.next_logits(), self.k, at_ids)
         self.model.eval([tid])
         return top_ids, top_lp, ent, at
 
@@ -273,10 +273,18 @@ class EdgeRunner:
         # Only the last position's logits are read (llama_get_logits_ith(ctx, -1)): the context is
         # built without logits_all, which would cost ~25% of the generation speed to keep logits for
         # every position we never look at again; every position's view is taken right when it is last.
-        logprobs, ent = log_softmax_and_entropy(self.model.next_logits())  # float64 [V]
-        top_ids, top_lp = top_k(logprobs, self.k)  # [k], [k]; argpartition, O(V)
-        # The same draw as the cloud's (shared.sampling): a seed picks the same tokens on both sides.
-        token, sampled_lp = draw(logprobs, self.sampling, self.sampling.rng_for(position, self._rng))
+        logits = self.model.next_logits()  # float32 [V]
+        top_ids, top_lp, ent, _ = logits_view(logits, self.k)  # [k], [k]: float32 work, float64 sums
+        if self.sampling.greedy:  # argmax of the logits = argmax of the log-probabilities
+            token, sampled_lp = int(np.argmax(logits)), 0.0
+            token_lp = (
+                float(top_lp[0]) if top_ids[0] == token else float(logits_view(logits, 1, [token])[3][0])
+            )
+        else:
+            # The same draw as the cloud's (shared.sampling): a seed picks the same token on both sides.
+            logprobs = log_softmax(logits)  # float64 [V]
+            token, sampled_lp = draw(logprobs, self.sampling, self.sampling.rng_for(position, self._rng))
+            token_lp = float(logprobs[token])
         self.model.eval([token])
         top_ids.setflags(write=False)
         top_lp.setflags(write=False)
@@ -287,7 +295,7 @@ class EdgeRunner:
             topk_logprobs=top_lp,
             entropy=ent,
             sampled_logprob=sampled_lp,
-            token_logprob=float(logprobs[token]),
+            token_logprob=token_lp,
             seconds=time.perf_counter() - t0,
         )
 

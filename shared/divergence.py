@@ -7,6 +7,7 @@ the actual one.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -195,6 +196,64 @@ def log_softmax_and_entropy(logits: np.ndarray) -> tuple[np.ndarray, float]:
     shifted -= log_z
     ent = log_z - weighted / (1.0 + others)
     return shifted, max(ent, 0.0)
+
+
+def logits_view(
+    logits: Any, k: int, at_ids: Any | None = None
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """One position's view from raw logits: top-k log-probabilities, entropy, log-probabilities at ids.
+
+    The edge pays this every token, so it avoids float64 work over the vocabulary: numpy's float32
+    exp is SIMD-vectorised and float64's is not (0.24 ms against 3 ms for V = 151,936 on the 2-core
+    box, where a 0.5B token takes ~32 ms). Sums are accumulated in float64 (Z) or are relative
+    (entropy): log-probabilities are within ~1e-7 (relative) of log_softmax's, the entropy within ~1e-6
+    nats. The top-k is searched among entries within 12 nats of the peak when there are at least k
+    of them (then the exact top-k is among them), else over the whole row.
+
+    Args:
+        logits: [V] raw logits (float32 as llama.cpp returns them, or float64).
+        k: entries to return, 1 <= k <= V; ordered by descending value, ties to the lower id.
+        at_ids: [m] ids whose log-probabilities are wanted too, or None.
+
+    Returns:
+        (ids int32 [k], logprobs float64 [k], entropy in nats >= 0, logprobs at at_ids float64 [m]).
+    """
+    x = np.asarray(logits)
+    if x.ndim != 1 or x.size == 0 or x.dtype.kind != "f":
+        raise ShapeError(f"logits: expected a float array of shape [V], got {x.dtype} {x.shape}")
+    x = x.astype(np.float32, copy=False)
+    try:
+        k = operator.index(k)
+    except TypeError as exc:
+        raise ShapeError(f"k: expected an int in [1, {x.size}], got {k!r}") from exc
+    if not 1 <= k <= x.size:
+        raise ShapeError(f"k: expected 1 <= k <= V = {x.size}, got {k}")
+    peak = x[int(np.argmax(x))]
+    if not np.isfinite(peak):
+        raise ShapeError(f"logits: expected finite values, got a maximum of {peak}")
+    shifted = x - peak  # float32 [V], <= 0
+    e = np.exp(shifted)  # float32 [V]
+    z = float(e.sum(dtype=np.float64))
+    weighted = float(np.einsum("i,i->", e, shifted))  # relative error ~1e-7 is plenty for an entropy
+    if not np.isfinite(weighted) or np.isnan(z):
+        raise ShapeError("logits: expected finite values, got non-finite entries")
+    log_z = math.log(z)
+    ent = max(log_z - weighted / z, 0.0)
+    cand = np.flatnonzero(shifted >= -12.0)  # [c]
+    if cand.size >= k:
+        ids, vals = top_k(shifted[cand], k)
+        ids = cand[ids].astype(np.int32)
+    else:
+        ids, vals = top_k(shifted, k)
+    at = np.empty(0)
+    if at_ids is not None:
+        a = np.asarray(at_ids)
+        if a.ndim != 1 or (a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= x.size)):
+            raise ShapeError(
+                f"at_ids: expected integer ids in [0, {x.size}) of shape [m], got {a.dtype} {a.shape}"
+            )
+        at = shifted[a].astype(np.float64) - log_z
+    return ids, vals.astype(np.float64) - log_z, ent, at
 
 
 def top_k(logprobs: Any, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -640,3 +640,48 @@ def test_log_softmax_and_entropy_in_one_pass():
         log_softmax_and_entropy(np.array([0.0, np.inf]))
     with pytest.raises(ShapeError, match=r"expected shape \[V\]"):
         log_softmax_and_entropy(np.zeros((2, 3)))
+
+
+# --------------------------------------------------------------------------------------------------
+# logits_view: the edge's per-token view in float32
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
+def test_logits_view_matches_the_float64_path(scale):
+    from shared.divergence import log_softmax_and_entropy, logits_view
+
+    rng = np.random.default_rng(int(scale * 10))
+    logits = (rng.standard_normal(151_936) * scale).astype(np.float32)
+    logits[[5, 9]] = logits.max()  # a tie at the top: the lower id first
+    lp, ent = log_softmax_and_entropy(logits)
+    ref_ids, ref_vals = top_k(lp, 20)
+    at = np.array([0, 9, 151_935, 77])
+    ids, vals, ent_v, at_v = logits_view(logits, 20, at)
+    np.testing.assert_array_equal(ids, ref_ids)
+    assert ids.dtype == np.int32 and ids[0] == 5 and ids[1] == 9
+    np.testing.assert_allclose(vals, ref_vals, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(at_v, lp[at], rtol=2e-7, atol=1e-6)  # float32 rounding of x - peak
+    assert ent_v == pytest.approx(ent, abs=1e-5)
+
+
+def test_logits_view_falls_back_when_few_entries_are_near_the_peak():
+    from shared.divergence import logits_view
+
+    logits = np.full(1000, -50.0, dtype=np.float32)
+    logits[[3, 700]] = [0.0, -1.0]  # only two within 12 nats of the peak, k = 5
+    ids, vals, _, _ = logits_view(logits, 5)
+    assert ids.tolist() == [3, 700, 0, 1, 2]  # then the lowest ids among the tied rest
+    np.testing.assert_allclose(np.exp(vals[:2]).sum() + 998 * np.exp(vals[2]), 1.0, rtol=1e-6)
+
+
+def test_logits_view_rejects_bad_input():
+    from shared.divergence import logits_view
+
+    with pytest.raises(ShapeError, match="shape"):
+        logits_view(np.zeros((2, 3), dtype=np.float32), 1)
+    with pytest.raises(ShapeError, match="k"):
+        logits_view(np.zeros(3, dtype=np.float32), 4)
+    with pytest.raises(ShapeError, match="finite"):
+        logits_view(np.array([np.nan, np.inf], dtype=np.float32), 1)
+    with pytest.raises(ShapeError, match="at_ids"):
+        logits_view(np.zeros(3, dtype=np.float32), 1, [3])

@@ -70,7 +70,8 @@ def assert_view(top_ids, top_lp, ent, logprobs: np.ndarray) -> None:
     assert top_lp.dtype == np.float64 and top_lp.shape == (K,)
     assert np.all(np.diff(top_lp) <= 0), "top-k log-probs must be sorted descending"
     np.testing.assert_allclose(top_lp, logprobs[top_ids], rtol=0, atol=LP_ATOL)
-    assert ent == pytest.approx(float(entropy(logprobs)), abs=1e-9)
+    # The runner works in float32 with float64 sums (shared.divergence.logits_view): ~1e-7 relative.
+    assert ent == pytest.approx(float(entropy(logprobs)), abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
