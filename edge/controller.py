@@ -270,7 +270,7 @@ def sampling_to_proto(s: SamplingSettings, stop_ids: Sequence[int]) -> pb.Sampli
         temperature=s.temperature,
         top_p=s.top_p,
         top_k=s.top_k,
-        seed=s.seed or 0,
+        seed=(s.seed or 0) & 0xFFFF_FFFF_FFFF_FFFF,  # the same 64 bits rng_for keys the draws with
         has_seed=s.seed is not None,
         stop_token_ids=sorted(stop_ids),
     )
@@ -325,7 +325,7 @@ class _Link:
     async def open(self, context: Sequence[int], *, first: bool) -> bool:
         """Open a session whose prompt is `context` (prompt + committed tokens); False if that failed."""
         try:
-            session = await asyncio.wait_for(
+            session = await _within(
                 self.client.open_session(context, **self.open_kwargs), self.config.open_timeout_s
             )
         except (VerifierError, TimeoutError, OSError) as e:
@@ -357,7 +357,7 @@ class _Link:
         while True:
             await asyncio.sleep(self.config.backoff(attempt))
             try:
-                await asyncio.wait_for(self.client.info(), self.config.open_timeout_s)
+                await _within(self.client.info(), self.config.open_timeout_s)
             except (VerifierError, TimeoutError, OSError) as e:
                 logger.debug("cloud probe %d failed: %s", attempt, _describe(e))
                 attempt += 1
@@ -374,7 +374,7 @@ class _Link:
             await asyncio.gather(self._prober, return_exceptions=True)
         if self.session is not None:
             try:
-                await asyncio.wait_for(self.session.close(), self.config.open_timeout_s)
+                await _within(self.session.close(), self.config.open_timeout_s)
             except TimeoutError:
                 self.session.abort()
             self.session = None
@@ -382,6 +382,12 @@ class _Link:
 
 # A cloud that answers with these is busy or gone, not refusing us: retry later.
 _TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
+
+
+async def _within(request: Awaitable, seconds: float):
+    """Await with a time limit (TimeoutError); unlike 3.11's wait_for, never swallows a cancellation."""
+    async with asyncio.timeout(seconds):
+        return await request
 
 
 def _describe(error: BaseException) -> str:
@@ -463,7 +469,7 @@ class _Generation:
 
     async def _bounded(self, request: Awaitable):
         """A request to the cloud that must not hang the edge: TimeoutError after check_timeout_s."""
-        return await asyncio.wait_for(request, self.g.link_config.check_timeout_s)
+        return await _within(request, self.g.link_config.check_timeout_s)
 
     async def _in_pool(self, fn, *args):
         """Run a blocking llama.cpp call on the runner's thread: the event loop keeps serving the cloud."""
@@ -497,11 +503,14 @@ class _Generation:
             except _Stop:
                 result.stop_reason = "stopped"
         finally:
-            if self.link is not None:
-                await self.link.close()
-                result.bytes_sent, result.bytes_received = self.link.totals()
-            self._pool.shutdown(wait=True)
-            result.seconds = self.clock()
+            try:
+                if self.link is not None:
+                    await asyncio.shield(self.link.close())  # a second cancel must not cut the goodbye short
+                    result.bytes_sent, result.bytes_received = self.link.totals()
+            finally:
+                # Always: the runner's thread must be idle before anyone frees the model under it.
+                self._pool.shutdown(wait=True)
+                result.seconds = self.clock()
         return result
 
     async def _loop(self) -> str:
@@ -650,7 +659,7 @@ class _Generation:
         assert w.answer is not None
         timeout = max(0.0, w.deadline - asyncio.get_running_loop().time())
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(w.answer), timeout)
+            await _within(asyncio.shield(w.answer), timeout)
         if not w.answer.done():
             assert self.link is not None
             limit = self.g.link_config.check_timeout_s
@@ -722,7 +731,7 @@ class _Generation:
         try:
             while True:
                 try:
-                    tok = await asyncio.wait_for(anext(tokens), self.g.link_config.token_timeout_s)
+                    tok = await _within(anext(tokens), self.g.link_config.token_timeout_s)
                 except StopAsyncIteration:
                     break
                 if stopping:

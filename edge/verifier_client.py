@@ -257,6 +257,7 @@ class RemoteSession:
                 waiter.put_nowait(self._error)
             elif not waiter.done():
                 waiter.set_exception(self._error)
+                waiter.exception()  # retrieved: a discarded request's failure is not an unhandled error
         self._waiting.clear()
 
     async def _send(self, msg: pb.EdgeMessage, waiter=None) -> int:
