@@ -589,6 +589,100 @@ def chat(
     asyncio.run(run())
 
 
+# ---------------------------------------------------------------------------------------------
+# handoff serve-edge
+
+
+@app.command("serve-edge")
+def serve_edge(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000; 0 picks a free one).")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Require `Authorization: Bearer KEY` (prefer HANDOFF_SERVE_API_KEY: flags show in ps)."
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="Requests that may wait while one generates; more get 429 (default 8).")
+    ] = None,
+    model_alias: Annotated[
+        str | None, typer.Option(help="Model id clients use (default: the edge model's name).")
+    ] = None,
+    default_max_tokens: Annotated[
+        int | None,
+        typer.Option(help="Chat answer length when a request gives none (default: the context's rest)."),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None, typer.Option("--cors-origin", help="An origin browsers may call from (repeatable).")
+    ] = None,
+    n_ctx: Annotated[
+        int | None, typer.Option("--n-ctx", help="The edge model's context length (default 4096).")
+    ] = None,
+    edge: EdgeOpt = None,
+    cloud: CloudOpt = None,
+    cloud_model: CloudModelOpt = None,
+    edge_only: EdgeOnlyOpt = False,
+    cloud_only: CloudOnlyOpt = False,
+    policy: PolicyOpt = None,
+    threshold: ThresholdOpt = None,
+    check_interval: IntervalOpt = None,
+    handback_tokens: HandbackOpt = None,
+    agree_tokens: AgreeOpt = None,
+    seed_tokens: SeedTokensOpt = None,
+    aggregation: AggregationOpt = None,
+    top_k: TopKOpt = None,
+    lookahead: LookaheadOpt = None,
+    check_timeout: CheckTimeoutOpt = None,
+) -> None:
+    """Serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions) over hybrid generation.
+
+    Point any OpenAI client at http://HOST:PORT/v1. One model instance answers requests in arrival
+    order; settings also come from HANDOFF_SERVE_* (HTTP side) and HANDOFF_EDGE_* (models, cloud, policy).
+    """
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from edge.openai_server import ServeSettings, serve
+
+    settings = get_settings()
+    edge_settings = _edge_settings(
+        edge_only=edge_only, cloud_only=cloud_only, cloud=cloud, policy=policy, threshold=threshold,
+        check_interval=check_interval, handback_tokens=handback_tokens, agree_tokens=agree_tokens,
+        seed_tokens=seed_tokens, aggregation=aggregation, top_k=top_k, lookahead_windows=lookahead,
+        check_timeout_s=check_timeout, n_ctx=n_ctx,
+    )  # fmt: skip
+    given = {
+        "host": host, "port": port, "api_key": api_key, "max_queue": max_queue, "model_alias": model_alias,
+        "default_max_tokens": default_max_tokens, "cors_origins": cors_origin or None,
+    }  # fmt: skip
+    try:
+        serve_settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise HandoffError(f"invalid setting: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+
+    def ready(server) -> None:
+        api = server.api
+        cloud_desc = (
+            "none (edge only)" if edge_settings.mode == "edge" else api.assistant.cloud_info.get("model", "?")
+        )
+        out.print(
+            f"handoff serve-edge: model {api.model_id!r} at {server.base_url} "
+            f"(edge {api.assistant.model_name}, cloud {cloud_desc}, mode {edge_settings.mode}, "
+            f"policy {edge_settings.policy}, max_queue {serve_settings.max_queue}"
+            f"{', API key required' if serve_settings.api_key else ''})",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    asyncio.run(
+        serve(
+            settings, edge_settings, serve_settings, edge_model=edge, cloud_model=cloud_model, on_ready=ready
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one clear line (exit 2), never a traceback."""
     try:
