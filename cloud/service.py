@@ -76,6 +76,19 @@ class _Stop:
         return self.stopped_through >= self.handoffs_served
 
 
+def limits_proto(s: CloudSettings, max_context: int) -> pb.Limits:
+    """The limits a verifier announces in GetInfo, from its settings and its effective context."""
+    return pb.Limits(
+        max_sessions=s.max_sessions,
+        max_context=max_context,
+        max_message_bytes=s.max_message_bytes,
+        max_top_k=s.max_top_k,
+        max_tokens_per_append=s.max_tokens_per_append,
+        max_handoff_tokens=s.max_handoff_tokens,
+        session_idle_timeout_s=int(s.session_idle_timeout_s),
+    )
+
+
 class VerifierService:
     """Sessions over one backend; many run concurrently and share batched forward passes."""
 
@@ -131,16 +144,7 @@ class VerifierService:
     # -- GetInfo -------------------------------------------------------------------------------
 
     def limits(self) -> pb.Limits:
-        s = self.settings
-        return pb.Limits(
-            max_sessions=s.max_sessions,
-            max_context=self.max_context,
-            max_message_bytes=s.max_message_bytes,
-            max_top_k=s.max_top_k,
-            max_tokens_per_append=s.max_tokens_per_append,
-            max_handoff_tokens=s.max_handoff_tokens,
-            session_idle_timeout_s=int(s.session_idle_timeout_s),
-        )
+        return limits_proto(self.settings, self.max_context)
 
     def get_info(self, request: pb.GetInfoRequest | None = None) -> pb.ServiceInfo:
         info = self.backend.info

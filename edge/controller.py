@@ -617,7 +617,7 @@ class _Generation:
         drafted_stop = False
         while True:
             # Settle every answered window in order; the first that hands over ends the phase.
-            while pending and pending[0].answer is not None and pending[0].answer.done():
+            while pending and (pending[0].answer is None or pending[0].answer.done()):
                 w = pending.pop(0)
                 outcome = await self._settle(w)
                 if outcome == "stop":
@@ -639,15 +639,7 @@ class _Generation:
                 if full or drafted_stop or self.committed + in_flight + 1 >= self.max_tokens:
                     w, current = current, _Window([], [])
                     await self._upload(w, may_resync=not pending)
-                    if w.answer is not None:
-                        pending.append(w)
-                    elif not pending:  # no cloud: commit at once, unchecked
-                        if await self._commit_edge(w, len(w.steps)):
-                            return True
-                    else:  # no cloud, older windows still settling: keep the order
-                        w.answer = asyncio.get_running_loop().create_future()
-                        w.answer.cancel()
-                        pending.append(w)
+                    pending.append(w)  # without an answer (no cloud) it is committed unchecked, in order
                 continue
             if not pending:
                 return False  # max_tokens reached, everything committed
@@ -665,15 +657,14 @@ class _Generation:
             limit = self.g.link_config.check_timeout_s
             self.link.fail(TimeoutError(f"no answer to a check point in {limit:g} s"))
             for p in pending:  # each is committed unchecked when settled
-                if not p.answer.done():
+                if p.answer is not None and not p.answer.done():
                     p.answer.cancel()
 
     async def _settle(self, w: _Window) -> str:
         """Commit what a window's answer allows: "continue", "stop" (a stop token) or "handover"."""
         answer = w.answer
-        assert answer is not None and answer.done()
-        if answer.cancelled() or answer.exception() is not None:
-            if not answer.cancelled() and self.link is not None:
+        if answer is None or answer.cancelled() or answer.exception() is not None:
+            if answer is not None and not answer.cancelled() and self.link is not None:
                 self.link.alive()  # a broken session starts the fallback
             return "stop" if await self._commit_edge(w, len(w.steps)) else "continue"
         w.kls = window_kl(w.steps, answer.result().scores)

@@ -203,12 +203,7 @@ class EdgeRunner:
         ids = self._check_ids(ids)
         if ids and self.length == 0:
             raise ShapeError("score_appended: the context is empty: start() a prompt first")
-        views: list[tuple[np.ndarray, np.ndarray, float]] = []
-        for tid in ids:
-            top_ids, top_lp, ent, _ = logits_view(self.model.next_logits(), self.k)
-            views.append((top_ids, top_lp, ent))
-            self.model.eval([tid])
-        return views
+        return [self._view_then_eval(tid, None)[:3] for tid in ids]
 
     def append_scored(
         self, token_id: int, at_ids: np.ndarray | None = None
@@ -229,9 +224,15 @@ class EdgeRunner:
         at_ids = (
             None if at_ids is None else np.asarray(self._check_ids(at_ids, extra_room=False), dtype=np.int64)
         )
-        top_ids, top_lp, ent, at = logits_view(self.model.next_logits(), self.k, at_ids)
-        self.model.eval([tid])
-        return top_ids, top_lp, ent, at
+        return self._view_then_eval(tid, at_ids)
+
+    def _view_then_eval(
+        self, token_id: int, at_ids: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        """Q's view of the next position (see logits_view), then evaluate token_id there (checked ids)."""
+        view = logits_view(self.model.next_logits(), self.k, at_ids)
+        self.model.eval([token_id])
+        return view
 
     def truncate(self, length: int) -> None:
         """Roll the context back to its first `length` tokens; the next step generates position `length`.
@@ -275,11 +276,8 @@ class EdgeRunner:
         # every position we never look at again; every position's view is taken right when it is last.
         logits = self.model.next_logits()  # float32 [V]
         top_ids, top_lp, ent, _ = logits_view(logits, self.k)  # [k], [k]: float32 work, float64 sums
-        if self.sampling.greedy:  # argmax of the logits = argmax of the log-probabilities
-            token, sampled_lp = int(np.argmax(logits)), 0.0
-            token_lp = (
-                float(top_lp[0]) if top_ids[0] == token else float(logits_view(logits, 1, [token])[3][0])
-            )
+        if self.sampling.greedy:  # the argmax, ties to the lower id: the top-k's first entry
+            token, sampled_lp, token_lp = int(top_ids[0]), 0.0, float(top_lp[0])
         else:
             # The same draw as the cloud's (shared.sampling): a seed picks the same token on both sides.
             logprobs = log_softmax(logits)  # float64 [V]

@@ -256,19 +256,12 @@ def service_info(model_info, vocabulary) -> pb.ServiceInfo:
     Returns:
         The ServiceInfo, built as cloud/service.py builds it.
     """
+    from cloud.service import limits_proto
     from cloud.settings import CloudSettings
     from shared.wire import fingerprint_to_proto
 
     s = CloudSettings()
-    limits = pb.Limits(
-        max_sessions=s.max_sessions,
-        max_context=min(s.max_context, model_info.context_length or s.max_context),
-        max_message_bytes=s.max_message_bytes,
-        max_top_k=s.max_top_k,
-        max_tokens_per_append=s.max_tokens_per_append,
-        max_handoff_tokens=s.max_handoff_tokens,
-        session_idle_timeout_s=int(s.session_idle_timeout_s),
-    )
+    limits = limits_proto(s, min(s.max_context, model_info.context_length or s.max_context))
     return pb.ServiceInfo(
         protocol_version=PROTOCOL_VERSION,
         model_id=model_info.path,
