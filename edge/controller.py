@@ -604,7 +604,12 @@ class _Generation:
         w.t_uploaded = self.clock()
         w.deadline = asyncio.get_running_loop().time() + self.g.link_config.check_timeout_s
         self.result.check_points += 1
-        w.answer.add_done_callback(lambda _f, w=w: setattr(w, "t_answered", self.clock()))
+        w.answer.add_done_callback(lambda _f, w=w: self._answered(w))
+
+    def _answered(self, w: _Window) -> None:
+        """Stamp the answer's arrival once: by its done-callback, or by _settle if that runs first."""
+        if w.t_answered is None:
+            w.t_answered = self.clock()
 
     async def _edge_phase(self) -> bool:
         """Draft and check windows until a handoff (run here too), a stop token or max_tokens.
@@ -667,6 +672,8 @@ class _Generation:
             if answer is not None and not answer.cancelled() and self.link is not None:
                 self.link.alive()  # a broken session starts the fallback
             return "stop" if await self._commit_edge(w, len(w.steps)) else "continue"
+        # A done-callback runs one loop turn after the answer is set; settling may come first.
+        self._answered(w)
         w.kls = window_kl(w.steps, answer.result().scores)
         cut = window_cut(w.kls, self.policy)
         w.keep = len(w.steps) if cut is None else cut
