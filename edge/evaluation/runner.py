@@ -1,0 +1,247 @@
+"""Run tasks through small-only, large-only and hybrid generation; one result row per (run, task).
+
+Every run goes through HybridGenerator, the path `handoff generate` takes: "small" is mode edge,
+"large" mode cloud, and each hybrid run a PolicyConfig (threshold, check interval). Tasks are taken
+in order and every run is done for a task before the next task starts, so a partial evaluation
+still pairs small, large and hybrid on the same tasks.
+
+Rows are appended to `results.jsonl` as each generation finishes. A row's key hashes everything
+that defines it (the run's policy, the task, the models, max_tokens, sampling): a resumed
+evaluation skips rows whose key is there and redoes anything that changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm import tqdm
+
+from edge.controller import GenerationResult, HybridGenerator, PolicyConfig
+from edge.evaluation.checkers import check
+from edge.evaluation.sandbox import SandboxLimits
+from edge.evaluation.tasks import Task
+from shared.quality import oracle_positions
+from shared.sampling import SamplingSettings
+
+logger = logging.getLogger(__name__)
+
+RunMode = Literal["small", "large", "hybrid"]
+_GENERATION_MODE = {"small": "edge", "large": "cloud", "hybrid": "hybrid"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration evaluated on every task."""
+
+    name: str
+    mode: RunMode
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    def describe(self) -> dict[str, Any]:
+        if self.mode != "hybrid":
+            return {"run": self.name, "mode": self.mode, "threshold": None, "check_interval": None}
+        return {
+            "run": self.name,
+            "mode": self.mode,
+            "threshold": self.policy.threshold,
+            "check_interval": self.policy.check_interval,
+        }
+
+
+def run_specs(
+    thresholds: Sequence[float],
+    intervals: Sequence[int],
+    base: PolicyConfig,
+    *,
+    baselines: bool = True,
+) -> list[RunSpec]:
+    """small, large, then a hybrid run per (threshold, check interval), named e.g. "hybrid-tau0.2-n8"."""
+    specs = [RunSpec("small", "small", base), RunSpec("large", "large", base)] if baselines else []
+    for n in intervals:
+        for tau in thresholds:
+            policy = replace(base, threshold=float(tau), check_interval=int(n))
+            specs.append(RunSpec(f"hybrid-tau{tau:g}-n{n}", "hybrid", policy))
+    return specs
+
+
+def row_key(spec: RunSpec, task: Task, fixed: dict[str, Any]) -> str:
+    """A hash of everything a result row depends on."""
+    blob = json.dumps(
+        {"spec": [spec.mode, asdict(spec.policy) if spec.mode != "small" else None],
+         "task": task.digest, **fixed},
+        sort_keys=True,
+    )  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file; a line cut short by a crash is skipped with a warning."""
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: an incomplete row (an interrupted run?) is ignored", path, n)
+    return rows
+
+
+def trace_oracle(result: GenerationResult) -> int | None:
+    """Positions of a cloud-only greedy result where Q's greedy token differs (None: Q not scored)."""
+    records = result.records
+    if not records or any(not r.q_topk_ids for r in records):
+        return None
+    import numpy as np
+
+    p = np.asarray([r.token_id for r in records], dtype=np.int64)
+    q = np.asarray([r.q_topk_ids[0] for r in records], dtype=np.int64)
+    return int(oracle_positions(p, q).size)
+
+
+class Evaluation:
+    """Tasks × runs through one Assistant's generator, resumable, with a results file and traces."""
+
+    def __init__(
+        self,
+        generator: HybridGenerator,
+        prompt_ids: Any,
+        tasks: Sequence[Task],
+        specs: Sequence[RunSpec],
+        out_dir: Path,
+        *,
+        max_tokens: int,
+        sampling: SamplingSettings | None = None,
+        limits: SandboxLimits | None = None,
+        fixed: dict[str, Any] | None = None,
+        traces: bool = True,
+        progress: bool = True,
+    ) -> None:
+        """Describe an evaluation; nothing runs before `run()`.
+
+        Args:
+            generator: the assistant's generator (its runner, client and vocabulary are reused).
+            prompt_ids: a function from a task's user message to the prompt's token ids.
+            tasks: the tasks, in the order they are run.
+            specs: the runs; "small" and "large" are the baselines RPI needs.
+            out_dir: where results.jsonl and traces/ go.
+            max_tokens: tokens per answer at most.
+            sampling: greedy by default.
+            limits: the sandbox's limits for python tasks.
+            fixed: what else defines a row (models, ...), part of every row's key.
+            traces: write every generation's token trace under out_dir/traces.
+            progress: show a progress bar.
+        """
+        if len({t.task_id for t in tasks}) != len(tasks):
+            raise ValueError("task ids must be unique")
+        if len({s.name for s in specs}) != len(specs):
+            raise ValueError("run names must be unique")
+        self.generator = generator
+        self.prompt_ids = prompt_ids
+        self.tasks = list(tasks)
+        self.specs = list(specs)
+        self.out_dir = out_dir
+        self.max_tokens = max_tokens
+        self.sampling = sampling or SamplingSettings()
+        self.limits = limits or SandboxLimits()
+        self.fixed = {**(fixed or {}), "max_tokens": max_tokens, "sampling": asdict(self.sampling)}
+        self.traces = traces
+        self.progress = progress
+        self.results_path = out_dir / "results.jsonl"
+
+    def keys(self) -> dict[str, tuple[RunSpec, Task]]:
+        return {row_key(s, t, self.fixed): (s, t) for t in self.tasks for s in self.specs}
+
+    def current_rows(self) -> list[dict[str, Any]]:
+        """The rows of this plan found in the results file (the latest for a key that repeats)."""
+        wanted = self.keys()
+        rows = {r["key"]: r for r in read_rows(self.results_path) if r.get("key") in wanted}
+        return list(rows.values())
+
+    async def run(self) -> list[dict[str, Any]]:
+        """Run what is not done yet; returns this plan's rows (done before and now)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        done = {r["key"] for r in self.current_rows()}
+        todo = [(k, s, t) for k, (s, t) in self.keys().items() if k not in done]
+        if done:
+            logger.info("resuming: %d of %d generations are done", len(done), len(done) + len(todo))
+        bar = tqdm(total=len(done) + len(todo), initial=len(done), disable=not self.progress, unit="gen")
+        correct: dict[str, list[bool]] = {}
+        try:
+            with self.results_path.open("a", encoding="utf-8") as results:
+                for key, spec, task in todo:
+                    bar.set_description(f"{spec.name} {task.task_id}")
+                    row = await self.one(spec, task)
+                    row["key"] = key
+                    results.write(json.dumps(row) + "\n")
+                    results.flush()
+                    correct.setdefault(spec.name, []).append(row["correct"])
+                    bar.set_postfix_str(
+                        " ".join(f"{n}={sum(c) / len(c):.2f}" for n, c in correct.items()), refresh=False
+                    )
+                    bar.update()
+        finally:
+            bar.close()
+        return self.current_rows()
+
+    async def one(self, spec: RunSpec, task: Task) -> dict[str, Any]:
+        """Generate and check one task under one run; the result row."""
+        base = self.generator
+        gen = HybridGenerator(
+            base.runner,
+            base.client,
+            base.vocabulary,
+            spec.policy,
+            mode=_GENERATION_MODE[spec.mode],  # type: ignore[arg-type]
+            link=base.link_config,
+        )
+        ids = self.prompt_ids(task.prompt)
+        result = await gen.generate(ids, self.max_tokens, sampling=self.sampling)
+        # The answer's text without the end-of-turn token ("<|im_end|>" is not part of an answer).
+        stops = set(base.runner.stop_token_ids)
+        text = "".join(r.text for r in result.records if r.token_id not in stops)
+        # The sandbox is a blocking subprocess wait: keep it off the event loop.
+        verdict = await asyncio.to_thread(check, task, text, self.limits)
+        counts = result.counts()
+        row = {
+            **spec.describe(),
+            "suite": task.suite,
+            "task_id": task.task_id,
+            "correct": verdict.correct,
+            "answer": verdict.answer,
+            "expected": task.answer,
+            "detail": verdict.detail,
+            "output": text,
+            "tokens": len(result.records),
+            "cloud_tokens": counts["cloud"],
+            "corrected_tokens": counts["corrected"],
+            "unchecked_tokens": counts["unchecked"],
+            "handoffs": result.handoffs,
+            "check_points": result.check_points,
+            "bytes_sent": result.bytes_sent,
+            "bytes_received": result.bytes_received,
+            "seconds": result.seconds,
+            "first_token_s": result.first_token_s,
+            "stop_reason": result.stop_reason,
+            "oracle_positions": trace_oracle(result)
+            if spec.mode == "large" and self.sampling.greedy
+            else None,
+        }
+        if self.traces:
+            path = self.out_dir / "traces" / f"{spec.name}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                meta = {"run": spec.name, "task_id": task.task_id, "suite": task.suite,
+                        "policy": asdict(spec.policy), "max_tokens": self.max_tokens,
+                        "sampling": asdict(self.sampling), "correct": verdict.correct}  # fmt: skip
+                result.write_trace(f, meta)
+        return row
