@@ -1,0 +1,209 @@
+"""`handoff eval` on the tiny models: runs through the generation path, oracle from traces, resuming, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
+
+from edge.controller import HybridGenerator, PolicyConfig
+from edge.evaluation.runner import Evaluation, RunSpec, read_rows, run_specs
+from edge.evaluation.sandbox import SandboxLimits
+from edge.evaluation.tasks import Task, generate_suite
+from edge.runner import EdgeRunner
+
+FAST = SandboxLimits(timeout_s=3.0, cpu_s=3, memory_mb=256)
+MAX_TOKENS = 14
+
+
+def tasks() -> list[Task]:
+    return [
+        *generate_suite("arithmetic", 2, difficulty=1),
+        *generate_suite("python", 1, difficulty=1),
+        Task("ext/1", "ext", "Say hello.", "exact", answer="hello"),
+    ]
+
+
+def specs() -> list[RunSpec]:
+    # tau 0: every window is cut at its first position (tiny A and B never agree exactly): P writes all.
+    # tau 1e9: P never overrules Q: the edge's own text, checked.
+    return run_specs([0.0, 1e9], [4], PolicyConfig(check_interval=4, handback_tokens=4))
+
+
+async def evaluate(cloud_path, edge_path, out_dir, plan_specs, *, fail_after: int | None = None):
+    """An Evaluation over a real gRPC server on a free port; fail_after: raise KeyboardInterrupt then."""
+    vocab = vocabulary_of(edge_path)
+    runner = EdgeRunner(edge_path, k=20, n_ctx=512, n_threads=1)
+    try:
+        async with running_server(llama_backend_factory(cloud_path)) as (_, client):
+            gen = HybridGenerator(runner, client, vocab, PolicyConfig())
+
+            def prompt_ids(message: str) -> list[int]:
+                return runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": message}]))
+
+            ev = Evaluation(gen, prompt_ids, tasks(), plan_specs, out_dir, max_tokens=MAX_TOKENS,
+                            limits=FAST, fixed={"edge": edge_path.name}, progress=False)  # fmt: skip
+            if fail_after is not None:
+                calls = {"n": 0}
+                one = ev.one
+
+                async def failing(spec, task):
+                    calls["n"] += 1
+                    if calls["n"] > fail_after:
+                        raise KeyboardInterrupt
+                    return await one(spec, task)
+
+                ev.one = failing  # type: ignore[method-assign]
+            return await ev.run()
+    finally:
+        runner.close()
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_gguf_a, tiny_gguf_b, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    return out, run(evaluate(tiny_gguf_a, tiny_gguf_b, out, specs()))
+
+
+def by_run(rows):
+    table: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        table.setdefault(r["run"], {})[r["task_id"]] = r
+    return table
+
+
+def test_every_run_goes_through_its_mode(first_run):
+    _, rows = first_run
+    t = by_run(rows)
+    assert set(t) == {"small", "large", "hybrid-tau0-n4", "hybrid-tau1e+09-n4"}
+    assert all(len(v) == 4 for v in t.values())
+    for task_id in t["small"]:
+        small, large = t["small"][task_id], t["large"][task_id]
+        never, always = t["hybrid-tau1e+09-n4"][task_id], t["hybrid-tau0-n4"][task_id]
+        assert small["tokens"] > 0 and small["cloud_tokens"] == 0 and small["bytes_sent"] == 0
+        assert large["cloud_tokens"] == large["tokens"] > 0 and large["check_points"] == 0
+        # A cloud that never overrules: Q's own text, every window checked.
+        assert never["output"] == small["output"] and never["cloud_tokens"] == never["corrected_tokens"] == 0
+        assert never["check_points"] >= 1 and never["bytes_sent"] > 0
+        # A cloud that overrules every position: P's own text (greedy), all of it from the cloud.
+        assert always["output"] == large["output"]
+        assert always["cloud_tokens"] + always["corrected_tokens"] == always["tokens"]
+        assert always["handoffs"] >= 1
+        for r in (small, large, never, always):
+            assert isinstance(r["correct"], bool) and r["seconds"] > 0
+            assert r["suite"] in ("arithmetic", "python", "ext")
+    python = [r for r in rows if r["suite"] == "python"]
+    statuses = ("passed", "failed", "syntax_error", "timeout", "crashed", "error")
+    assert python and all(r["answer"] in statuses for r in python)
+
+
+def test_oracle_counts_come_from_the_large_runs_traces(first_run):
+    out, rows = first_run
+    large = by_run(rows)["large"]
+    lines = [json.loads(line) for line in (out / "traces" / "large.jsonl").read_text().splitlines()]
+    headers = [i for i, rec in enumerate(lines) if rec["record"] == "generation"]
+    assert len(headers) == 4
+    for start, end in zip(headers, [*headers[1:], len(lines)], strict=True):
+        task_id = lines[start]["task_id"]
+        tokens = [rec for rec in lines[start:end] if rec["record"] == "token"]
+        differ = sum(rec["q_topk_ids"][0] != rec["token_id"] for rec in tokens)
+        assert large[task_id]["oracle_positions"] == differ
+        assert len(tokens) == large[task_id]["tokens"]
+    assert all(r["oracle_positions"] is None for r in rows if r["mode"] != "large")
+    assert {p.name for p in (out / "traces").iterdir()} == {f"{n}.jsonl" for n in by_run(rows)}
+
+
+def test_resuming_redoes_nothing_and_only_what_is_new(first_run, tiny_gguf_a, tiny_gguf_b, tmp_path):
+    out, rows = first_run
+    # Same plan: nothing runs (the failing wrapper would raise on the first generation).
+    again = run(evaluate(tiny_gguf_a, tiny_gguf_b, out, specs(), fail_after=0))
+    assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows)
+    # A new threshold: only its 4 generations run.
+    bigger = [*specs(), RunSpec("hybrid-tau0.5-n4", "hybrid", replace(specs()[-1].policy, threshold=0.5))]
+    before = len(read_rows(out / "results.jsonl"))
+    more = run(evaluate(tiny_gguf_a, tiny_gguf_b, out, bigger, fail_after=4))
+    assert len(more) == 20 and len(read_rows(out / "results.jsonl")) == before + 4
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tiny_gguf_a, tiny_gguf_b, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(evaluate(tiny_gguf_a, tiny_gguf_b, tmp_path, specs(), fail_after=3))
+    results = tmp_path / "results.jsonl"
+    assert len(read_rows(results)) == 3
+    with results.open("a") as f:
+        f.write('{"run": "small", "cut short')  # a crash in the middle of a write
+    rows = run(evaluate(tiny_gguf_a, tiny_gguf_b, tmp_path, specs(), fail_after=13))
+    assert len(rows) == 16 and len({r["key"] for r in rows}) == 16
+
+
+def test_eval_command_end_to_end(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+    """`handoff eval` in its own process: an embedded verifier, the report, plots, resume, --report-only."""
+    env = {**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "200"}
+    out = tmp_path / "eval"
+    args = ["eval", "--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a), "--out", str(out),
+            "--suites", "arithmetic,sorting", "--tasks", "2", "--thresholds", "0.01,5", "--intervals", "4",
+            "--max-tokens", "10", "--no-progress"]  # fmt: skip
+
+    def handoff(*a):
+        return subprocess.run([sys.executable, "-m", "shared.cli", *a], capture_output=True, text=True,
+                              timeout=600, env=env)  # fmt: skip
+
+    proc = handoff(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "handoff eval" in proc.stdout and "hybrid-tau0.01-n4" in proc.stdout
+    for name in ("report.md", "summary.json", "rpi_vs_threshold.png", "frontier.png", "results.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["tasks"] == 4 and summary["meta"]["runs"] == [
+        "small", "large", "hybrid-tau0.01-n4", "hybrid-tau5-n4"
+    ]  # fmt: skip
+    assert set(summary["suites"]) == {"all", "arithmetic", "sorting"}
+    report = (out / "report.md").read_text()
+    assert "## arithmetic" in report and "oracle" in report and "--thresholds 0.01,5" in report
+    n_rows = len(read_rows(out / "results.jsonl"))
+    assert n_rows == 16
+    # Again: resumed, nothing redone; the report rebuilt from the results alone.
+    assert handoff(*args).returncode == 0
+    assert len(read_rows(out / "results.jsonl")) == n_rows
+    proc = handoff("eval", "--out", str(out), "--report-only")
+    assert proc.returncode == 0, proc.stderr
+    assert "16 rows" in proc.stdout
+    # A clear error for a bad suite, before any model loads.
+    bad = handoff("eval", "--suites", "poetry", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "poetry" in bad.stderr
+
+
+@pytest.mark.real_models
+@pytest.mark.slow
+def test_eval_on_the_default_pair(tmp_path):
+    """The default pair on two easy sorting tasks: P sorts them, the report pairs the three runs."""
+    from shared.models import ensure_model
+    from shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+
+    ensure_model(DEFAULT_EDGE_MODEL), ensure_model(DEFAULT_CLOUD_MODEL)
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "eval", "--out", str(out), "--suites", "sorting", "--tasks", "2",
+         "--difficulty", "1", "--thresholds", "0.3", "--max-tokens", "40", "--no-progress"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = by_run(read_rows(out / "results.jsonl"))
+    assert set(rows) == {"small", "large", "hybrid-tau0.3-n8"} and all(len(v) == 2 for v in rows.values())
+    large = list(rows["large"].values())
+    assert all(r["correct"] for r in large), [r["output"] for r in large]  # P sorts five numbers or words
+    assert all(r["oracle_positions"] is not None for r in large)
+    hybrid = list(rows["hybrid-tau0.3-n8"].values())
+    assert all(r["check_points"] >= 1 and r["bytes_sent"] > 0 for r in hybrid)
+    summary = json.loads((out / "summary.json").read_text())
+    sorting = summary["by_suite"]["sorting"]
+    assert (
+        sorting["runs"]["large"]["cloud_fraction"] == 1.0
+        and sorting["runs"]["small"]["cloud_fraction"] == 0.0
+    )
+    assert sorting["large_accuracy"] == 1.0
