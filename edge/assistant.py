@@ -78,7 +78,11 @@ class Assistant:
             root = self.edge.tls_ca.read_bytes() if self.edge.tls_ca else None
             self.client = VerifierClient(
                 GrpcTransport(
-                    target, tls=self.edge.tls, root_certificates=root, auth_token=self.edge.auth_token
+                    target,
+                    tls=self.edge.tls,
+                    root_certificates=root,
+                    auth_token=self.edge.auth_token,
+                    delay=self.edge.network_delay(),
                 )
             )
             try:

@@ -159,6 +159,7 @@ class GenerationResult:
     first_token_s: float | None = None  # time to the first committed token
     bytes_sent: int = 0
     bytes_received: int = 0
+    open_bytes: tuple[int, int] | None = None  # the first session's OpenSession, SessionOpened sizes
 
     @property
     def tokens(self) -> list[int]:
@@ -195,6 +196,7 @@ class GenerationResult:
             "mean_kl": self.mean_kl(),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "open_bytes": self.open_bytes,
             "seconds": self.seconds,
             "first_token_s": self.first_token_s,
             "stop_reason": self.stop_reason,
@@ -335,6 +337,8 @@ class _Link:
             raise  # a refusal retrying cannot fix: a different vocabulary, a bad argument
         self.session = session
         self._sessions.append(session)
+        if first:  # for the latency simulator: the open carries the vocabulary fingerprint
+            self.result.open_bytes = (session.bytes_sent, session.bytes_received)
         self.reachable.clear()
         if not first:
             self.result.resyncs += 1

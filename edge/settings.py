@@ -10,9 +10,14 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge.controller import LinkConfig, PolicyConfig
+from edge.verifier_client import NetworkDelay
 
 _P = PolicyConfig()
 _L = LinkConfig()
+_INJECT = (
+    "Loopback testing only: add this round-trip time / bandwidth limit to every message to the cloud "
+    "(see scripts/validate_simulator.py)"
+)
 
 
 class EdgeSettings(BaseSettings):
@@ -46,6 +51,12 @@ class EdgeSettings(BaseSettings):
     retry_initial_s: float = Field(_L.retry_initial_s, gt=0)
     retry_max_s: float = Field(_L.retry_max_s, gt=0)
 
+    # A simulated network on top of the real connection (edge/verifier_client.py NetworkDelay);
+    # bandwidths in kbit/s of 1000 bit/s.
+    inject_rtt_ms: float = Field(0.0, ge=0, allow_inf_nan=False, description=_INJECT)
+    inject_uplink_kbps: float | None = Field(None, gt=0, allow_inf_nan=False, description=_INJECT)
+    inject_downlink_kbps: float | None = Field(None, gt=0, allow_inf_nan=False, description=_INJECT)
+
     def policy_config(self) -> PolicyConfig:
         names = {f.name for f in fields(PolicyConfig)} - {"kind"}
         return PolicyConfig(kind=self.policy, **{n: getattr(self, n) for n in names})
@@ -53,3 +64,22 @@ class EdgeSettings(BaseSettings):
     def link_config(self) -> LinkConfig:
         names = {f.name for f in fields(LinkConfig)} - {"retry_multiplier"}
         return LinkConfig(**{n: getattr(self, n) for n in names})
+
+    def network_delay(self) -> NetworkDelay | None:
+        """The injected network delay for GrpcTransport; None when none is asked for.
+
+        Returns:
+            A NetworkDelay (kbit/s converted to bytes/s: kbps * 1000 / 8), or None when the round-trip
+            time is 0 and neither bandwidth is limited.
+        """
+        if self.inject_rtt_ms == 0 and self.inject_uplink_kbps is None and self.inject_downlink_kbps is None:
+            return None
+
+        def bytes_per_s(kbps: float | None) -> float | None:
+            return None if kbps is None else kbps * 1000 / 8
+
+        return NetworkDelay(
+            rtt_s=self.inject_rtt_ms / 1000,
+            uplink_bytes_per_s=bytes_per_s(self.inject_uplink_kbps),
+            downlink_bytes_per_s=bytes_per_s(self.inject_downlink_kbps),
+        )

@@ -7,6 +7,9 @@ name either way.
 
 Requests are pipelined: `append_nowait` sends without waiting for the reply, so the edge can keep
 streaming tokens while a check point is in flight; replies are matched to requests by request_id.
+
+`GrpcTransport(delay=NetworkDelay(...))` adds a simulated network (latency, bandwidth) on top of a
+loopback connection, so that real runs can be compared with the latency simulator.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -84,6 +89,226 @@ class _GrpcStream:
         self._call.cancel()
 
 
+# ---------------------------------------------------------------------------------------------
+# A simulated network on top of a (loopback) gRPC connection
+
+
+@dataclass(frozen=True)
+class NetworkDelay:
+    """A simulated network between the edge and the cloud, for loopback runs compared with a simulator.
+
+    Every message takes a one-way delay of rtt_s / 2 in each direction. A message of B bytes (its
+    protobuf `ByteSize()`) also takes B / bandwidth seconds to transmit, and transmissions in one
+    direction are serialised: a message starts transmitting when the previous one in the same
+    direction has finished. So a message sent at `now` arrives at
+    `max(now, previous_tx_end) + B / bandwidth + rtt_s / 2`. The sender never waits for that.
+
+    Args:
+        rtt_s: round-trip time in seconds (>= 0).
+        uplink_bytes_per_s: edge -> cloud bandwidth; None: unlimited.
+        downlink_bytes_per_s: cloud -> edge bandwidth; None: unlimited.
+    """
+
+    rtt_s: float = 0.0
+    uplink_bytes_per_s: float | None = None
+    downlink_bytes_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.rtt_s) and self.rtt_s >= 0):
+            raise ValueError(f"rtt_s must be a finite number >= 0, not {self.rtt_s}")
+        for name in ("uplink_bytes_per_s", "downlink_bytes_per_s"):
+            bw = getattr(self, name)
+            if bw is not None and not bw > 0:  # `not >`: NaN is rejected too
+                raise ValueError(f"{name} must be > 0 (or None: unlimited), not {bw}")
+
+    @property
+    def one_way_s(self) -> float:
+        return self.rtt_s / 2
+
+
+class _Pipe:
+    """One direction of the simulated link: when each message arrives, transmissions in turn."""
+
+    def __init__(self, one_way_s: float, bytes_per_s: float | None) -> None:
+        self.one_way_s = one_way_s
+        self.bytes_per_s = bytes_per_s
+        self.free_at = -math.inf  # when the transmission in progress ends
+
+    def schedule(self, size: int, now: float) -> float:
+        """Start transmitting `size` bytes at `now` or after the previous message; returns its arrival.
+
+        Args:
+            size: the message's size in bytes.
+            now: the event loop's clock.
+
+        Returns:
+            The arrival time on the same clock.
+        """
+        start = max(now, self.free_at)
+        self.free_at = start + (size / self.bytes_per_s if self.bytes_per_s else 0.0)
+        return self.free_at + self.one_way_s
+
+
+async def _sleep_until(when: float) -> None:
+    delay = when - asyncio.get_running_loop().time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def _cancelled_by_grpc() -> bool:
+    """True if a CancelledError came from the call (cancelled by the channel), not from our task."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+class _DelayedStream:
+    """A _GrpcStream behind a simulated network: sends return at once, messages arrive later, in order.
+
+    A writer task writes each message to the real call at its uplink arrival time; a reader task
+    takes replies off the call as they come and stamps each with its downlink arrival time, at which
+    `recv` hands it over. The end of the stream and errors travel in order behind the messages.
+    """
+
+    def __init__(self, inner: _GrpcStream, uplink: _Pipe, downlink: _Pipe) -> None:
+        self._inner = inner
+        self._uplink, self._downlink = uplink, downlink
+        loop = asyncio.get_running_loop()
+        # (arrival, message); None: the half-close.
+        self._outbox: asyncio.Queue[tuple[float, pb.EdgeMessage | None]] = asyncio.Queue()
+        # (arrival, reply); None: the cloud ended the stream; an error: the call failed.
+        self._inbox: asyncio.Queue[tuple[float, pb.CloudMessage | VerifierError | None]] = asyncio.Queue()
+        self._head: tuple[float, pb.CloudMessage | VerifierError | None] | None = None
+        self._ended = False
+        self._last: VerifierError | None = None  # recv's last word once ended (None: a clean end)
+        self._send_error: VerifierError | None = None
+        self._half_closed = False
+        self._cancelled = False
+        self._woken = loop.create_future()  # wakes a recv waiting for an arrival time
+        self.last_uplink_arrival = -math.inf
+        self._writer = loop.create_task(self._write_loop(), name="delay-uplink")
+        self._reader = loop.create_task(self._read_loop(), name="delay-downlink")
+
+    # -- background tasks ------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                arrival, msg = await self._outbox.get()
+                await _sleep_until(arrival)
+                if msg is None:
+                    await self._inner.done_sending()
+                    return
+                await self._inner.send(msg)
+        except VerifierError as e:
+            error = e
+        except asyncio.CancelledError:
+            if not _cancelled_by_grpc():
+                raise
+            error = VerifierError("CANCELLED", "the call was cancelled")
+        except Exception as e:  # not gRPC's: still an error the session must see, not a dead task
+            logger.warning("delayed stream: a write failed unexpectedly", exc_info=True)
+            error = VerifierError("UNKNOWN", f"{type(e).__name__}: {e}")
+        # What was still queued is lost with the call; the sender learns of it on its next send,
+        # the receiver after the replies that came before (a hang would be worse than a duplicate).
+        logger.debug("delayed stream: a write failed: %s", error)
+        self._send_error = error
+        self._deliver(error)
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                item = await self._inner.recv()
+            except VerifierError as e:
+                item = e
+            except asyncio.CancelledError:
+                if not _cancelled_by_grpc():
+                    raise
+                item = VerifierError("CANCELLED", "the call was cancelled")
+            except Exception as e:  # not gRPC's: end the stream with it rather than leave recv waiting
+                logger.warning("delayed stream: a read failed unexpectedly", exc_info=True)
+                item = VerifierError("UNKNOWN", f"{type(e).__name__}: {e}")
+            self._deliver(item)
+            if not isinstance(item, pb.CloudMessage):
+                return
+
+    def _deliver(self, item: pb.CloudMessage | VerifierError | None) -> None:
+        size = item.ByteSize() if isinstance(item, pb.CloudMessage) else 0
+        self._inbox.put_nowait((self._downlink.schedule(size, asyncio.get_running_loop().time()), item))
+
+    # -- MessageStream ---------------------------------------------------------------------------
+
+    async def send(self, msg: pb.EdgeMessage) -> None:
+        if self._cancelled:
+            raise VerifierError("CANCELLED", "the session was cancelled")
+        if self._send_error is not None:
+            raise self._send_error
+        if self._half_closed:
+            raise VerifierError("FAILED_PRECONDITION", "send after done_sending")
+        # A copy: the message is on the wire once sent, whatever the caller does with it next.
+        copy = pb.EdgeMessage()
+        copy.CopyFrom(msg)
+        self._enqueue(copy.ByteSize(), copy)
+
+    def _enqueue(self, size: int, msg: pb.EdgeMessage | None) -> None:
+        arrival = self._uplink.schedule(size, asyncio.get_running_loop().time())
+        self.last_uplink_arrival = arrival
+        self._outbox.put_nowait((arrival, msg))
+
+    async def recv(self) -> pb.CloudMessage | None:
+        while not self._ended:
+            if self._head is None:
+                self._head = await self._inbox.get()
+            # The head stays put while we wait: a cancelled recv loses nothing.
+            delay = self._head[0] - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.wait([self._woken], timeout=delay)
+            if self._ended:  # cancel() came meanwhile
+                break
+            item, self._head = self._head[1], None
+            if isinstance(item, pb.CloudMessage):
+                return item
+            # After the end, every recv repeats it, as a finished gRPC call does.
+            self._ended, self._last = True, item
+        if self._last is not None:
+            raise self._last
+        return None
+
+    async def done_sending(self) -> None:
+        # Like done_writing: the half-close is on its way when this returns, behind the messages.
+        if not (self._half_closed or self._cancelled or self._send_error is not None):
+            self._half_closed = True
+            self._enqueue(0, None)
+
+    def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._inner.cancel()
+        self._writer.cancel()
+        self._reader.cancel()
+        # A cancelled call delivers nothing more: drop what is in flight and wake a waiting recv.
+        if not self._ended:
+            self._ended, self._last = True, VerifierError("CANCELLED", "the session was cancelled")
+        self._woken.set_result(None)
+        self._head = None
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+        self._inbox.put_nowait((-math.inf, None))
+
+    async def aclose(self, linger_s: float) -> None:
+        """Stop the background tasks and wait for them (the transport is closing).
+
+        Args:
+            linger_s: at most this long, let a half-close still in flight reach the cloud first.
+        """
+        if self._half_closed and not self._writer.done():
+            loop = asyncio.get_running_loop()
+            wait = min(linger_s, max(0.0, self.last_uplink_arrival - loop.time()) + 0.05)
+            await asyncio.wait([self._writer], timeout=wait)
+        self.cancel()
+        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+
+
 class GrpcTransport:
     """A channel to a remote verifier, with keepalive, size limits, optional TLS and bearer token."""
 
@@ -98,7 +323,21 @@ class GrpcTransport:
         timeout_s: float = 30.0,
         server_name: str | None = None,
         max_reconnect_backoff_ms: int = 4_000,
+        delay: NetworkDelay | None = None,
     ) -> None:
+        """Open a channel (connections are made lazily, on the first call).
+
+        Args:
+            target: HOST:PORT of the verifier.
+            root_certificates: PEM roots to trust (implies TLS).
+            tls: connect with TLS (system roots unless root_certificates).
+            auth_token: bearer token sent with every call.
+            max_message_bytes: the largest message either way.
+            timeout_s: deadline of unary calls (GetInfo).
+            server_name: the TLS name to expect, when it differs from target's host.
+            max_reconnect_backoff_ms: cap of gRPC's reconnect backoff.
+            delay: a simulated network on top of the connection (loopback testing); None: none.
+        """
         options = [
             # gRPC's own reconnect backoff (1 s initial, up to 120 s) would keep a restarted cloud
             # unreachable long after it is back; the edge retries on its own schedule on top of this.
@@ -121,17 +360,44 @@ class GrpcTransport:
         self.stub = pb_grpc.VerifierStub(self.channel)
         self.metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
         self.timeout_s = timeout_s
+        self.delay = delay
+        if delay is not None:
+            # One link for the whole channel: sessions and GetInfo share each direction's bandwidth.
+            self._uplink = _Pipe(delay.one_way_s, delay.uplink_bytes_per_s)
+            self._downlink = _Pipe(delay.one_way_s, delay.downlink_bytes_per_s)
+            self._delayed: weakref.WeakSet[_DelayedStream] = weakref.WeakSet()
 
     async def get_info(self, request: pb.GetInfoRequest) -> pb.ServiceInfo:
+        if self.delay is None:
+            return await self._get_info(request)
+        loop = asyncio.get_running_loop()
+        await _sleep_until(self._uplink.schedule(request.ByteSize(), loop.time()))
+        try:
+            reply = await self._get_info(request)
+        except VerifierError:
+            await _sleep_until(self._downlink.schedule(0, loop.time()))  # the status travels back too
+            raise
+        await _sleep_until(self._downlink.schedule(reply.ByteSize(), loop.time()))
+        return reply
+
+    async def _get_info(self, request: pb.GetInfoRequest) -> pb.ServiceInfo:
         try:
             return await self.stub.GetInfo(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             raise _from_rpc_error(e) from None
 
     def open_stream(self) -> MessageStream:
-        return _GrpcStream(self.stub.Session(metadata=self.metadata))
+        stream = _GrpcStream(self.stub.Session(metadata=self.metadata))
+        if self.delay is None:
+            return stream
+        delayed = _DelayedStream(stream, self._uplink, self._downlink)
+        self._delayed.add(delayed)
+        return delayed
 
     async def close(self) -> None:
+        if self.delay is not None:
+            for stream in list(self._delayed):
+                await stream.aclose(linger_s=self.delay.one_way_s + 1.0)
         await self.channel.close()
 
 

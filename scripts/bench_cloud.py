@@ -9,6 +9,11 @@ For each concurrency N, in one run on one device:
 Prints tokens/s of both and their ratio. The target (DESIGN.md): ratio >= 0.5 at 64 sessions, and
 service throughput growing with concurrency.
 
+With --profile it measures latencies instead, for the latency/cost simulator
+(edge/simulation/cloud_latency.py): opening a session by prompt length, one check point by new tokens
+and concurrent sessions, handoff seconds per token and first token by concurrent sessions, and the
+loopback round trip to subtract (docs/bench_cloud.md).
+
     python scripts/bench_cloud.py --model tiny                       # tiny Qwen2 (built here), llama.cpp
     python scripts/bench_cloud.py --model qwen2.5-coder-1.5b-instruct-q4_k_m --backend transformers --device cuda
 """
@@ -33,7 +38,7 @@ from cloud.backend import Backend, ForwardItem  # noqa: E402
 from cloud.grpc_server import CloudServer  # noqa: E402
 from cloud.loader import load_backend  # noqa: E402
 from cloud.settings import CloudSettings  # noqa: E402
-from edge.verifier_client import GrpcTransport, VerifierClient  # noqa: E402
+from edge.verifier_client import GrpcTransport, RemoteSession, VerifierClient  # noqa: E402
 from shared.wire import pb  # noqa: E402
 
 CHUNK = 16
@@ -111,6 +116,231 @@ def raw_run(backend: Backend, n_sessions: int, prompt_len: int, rounds: int) -> 
             backend.release(s)
 
 
+# ---------------------------------------------------------------------------------------------
+# --profile: client-side latencies by size, the input of the latency/cost simulator
+# (edge/simulation/cloud_latency.py).
+
+
+def int_list(text: str) -> list[int]:
+    """Sorted distinct positive integers from `1,4,16` (argparse type)."""
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def edge_tokens(ids: list[int], start: int, q_ids: list[np.ndarray], q_logprobs: list[float]) -> list:
+    """EdgeTokens at positions start.. carrying k-id views of Q, as the edge sends them."""
+    toks = []
+    for j, t in enumerate(ids):
+        tok = pb.EdgeToken(position=start + j, token_id=t, has_distribution=True)
+        tok.topk.ids.extend(q_ids[t].tolist())
+        tok.topk.logprobs.extend(q_logprobs)
+        toks.append(tok)
+    return toks
+
+
+class Profiler:
+    """Times open, check and handoff through a running CloudServer's gRPC port, one client on loopback."""
+
+    def __init__(self, server: CloudServer, prompt_len: int, k: int) -> None:
+        self.server = server
+        self.prompt_len = prompt_len
+        self.k = k
+        self.vocab = server.backend.vocabulary
+        self.limit = min(1000, server.backend.info.vocab_size)
+        rng = np.random.default_rng(0)
+        # Q's views: k distinct ids per position (their values do not matter to the cloud's cost).
+        self.q_ids = [rng.choice(self.limit, size=k, replace=False) for _ in range(self.limit)]
+        self.q_logprobs = (-np.arange(1.0, k + 1.0)).tolist()
+        self.client = VerifierClient(GrpcTransport(f"127.0.0.1:{server.port}", max_message_bytes=64 << 20))
+        self._seed = 0
+
+    def _ids(self, n: int) -> list[int]:
+        self._seed += 1
+        return token_stream(n, self.limit, self._seed)
+
+    async def _open(self, prompt_len: int) -> RemoteSession:
+        return await self.client.open_session(self._ids(prompt_len), self.vocab, top_k=self.k)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def rtt(self, n: int = 20) -> tuple[float, float]:
+        """Median round trips of an empty append on an open session's stream, and of a GetInfo.
+
+        The empty append takes the check point's own path (the session's bidirectional stream, the
+        session loop, one reply) and never reaches the model: it is the part of a check's latency
+        that is transport and not cloud.
+        """
+        session = await self._open(8)
+        try:
+            for _ in range(3):  # warm-up
+                await session.append([])
+                await self.client.info()
+            appends, infos = [], []
+            for _ in range(n):
+                start = time.perf_counter()
+                await session.append([])
+                appends.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                await self.client.info()
+                infos.append(time.perf_counter() - start)
+        finally:
+            await session.close()
+        return float(np.median(appends)), float(np.median(infos))
+
+    async def open_latency(self, prompt_len: int, repeats: int) -> list[float]:
+        """Seconds to open a session with a prompt_len-token prompt (its prefill), alone on the service."""
+        times = []
+        for _ in range(repeats):
+            ids = self._ids(prompt_len)
+            start = time.perf_counter()
+            session = await self.client.open_session(ids, self.vocab, top_k=self.k)
+            times.append(time.perf_counter() - start)
+            await session.close()
+        return times
+
+    async def _check_round(self, sessions: list[RemoteSession], n: int) -> list[tuple[float, float]]:
+        """Each session appends n tokens and checks them, all at once: (seconds, forward seconds) each."""
+        pos = self.prompt_len
+
+        async def one(session: RemoteSession) -> tuple[float, float]:
+            toks = edge_tokens(self._ids(n), pos, self.q_ids, self.q_logprobs)  # ready before the clock
+            start = time.perf_counter()
+            await session.append_nowait(toks)
+            result = await session.check(pos, pos + n - 1)
+            return time.perf_counter() - start, result.forward_ms / 1000.0
+
+        out = await asyncio.gather(*(one(s) for s in sessions))
+        # Back to the prompt, after every session is done: each round sees the same cache length,
+        # and no rollback competes with a check that is still being timed.
+        await asyncio.gather(*(s.rollback(self.prompt_len) for s in sessions))
+        return out
+
+    async def _handoff_round(self, sessions: list[RemoteSession], g: int) -> list[tuple[float, list[float]]]:
+        """Each session hands off for g tokens, all at once: (first-token seconds, inter-arrivals) each."""
+
+        async def one(session: RemoteSession) -> tuple[float, list[float]]:
+            start = time.perf_counter()
+            arrivals = [time.perf_counter() async for _ in session.handoff(g)]
+            if not arrivals:
+                raise RuntimeError(f"the handoff produced no tokens ({session.last_handoff.done})")
+            return arrivals[0] - start, np.diff(arrivals).tolist()
+
+        out = await asyncio.gather(*(one(s) for s in sessions))
+        await asyncio.gather(*(s.rollback(self.prompt_len) for s in sessions))
+        return out
+
+    async def batched(
+        self, n_sessions: int, tokens: list[int], handoff_tokens: int, repeats: int
+    ) -> tuple[list[dict], dict]:
+        """Check rows for every n in tokens, and the decode row, with n_sessions sessions at once."""
+        # Only these sessions are open: the scheduler's batch wait expects every open session to join.
+        sessions = list(await asyncio.gather(*(self._open(self.prompt_len) for _ in range(n_sessions))))
+        try:
+            await self._check_round(sessions, max(tokens))  # warm-up: the largest batch's buffers
+            rows = []
+            for n in tokens:
+                samples = [x for _ in range(repeats) for x in await self._check_round(sessions, n)]
+                rows.append(
+                    {
+                        "sessions": n_sessions,
+                        "tokens": n,
+                        "seconds": float(np.median([s for s, _ in samples])),
+                        "forward_s": float(np.median([f for _, f in samples])),
+                        "samples": len(samples),
+                    }
+                )
+            await self._handoff_round(sessions, 2)  # warm-up
+            firsts, gaps = [], []
+            for _ in range(repeats):
+                for first, between in await self._handoff_round(sessions, handoff_tokens):
+                    firsts.append(first)
+                    gaps.extend(between)
+            decode = {
+                "sessions": n_sessions,
+                "seconds_per_token": float(np.median(gaps)),
+                "first_token_s": float(np.median(firsts)),
+                "tokens": handoff_tokens,
+                "samples": len(firsts),
+            }
+        finally:
+            await asyncio.gather(*(s.close() for s in sessions))
+        return rows, decode
+
+
+async def profile_main(args: argparse.Namespace) -> None:
+    """--profile: open, check and decode latencies by size, printed and written to --json."""
+    if args.profile_handoff < 2:
+        raise SystemExit("--profile-handoff must be at least 2 (seconds per token come from inter-arrivals)")
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    levels = args.profile_sessions
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(tiny_model(Path(tmp))) if args.model == "tiny" else args.model
+        context = max(
+            max(args.profile_prompts), args.prompt + max(max(args.profile_tokens), args.profile_handoff)
+        )
+        settings = CloudSettings(
+            model=model, backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads,
+            port=0, max_sessions=max(levels), max_context=context + 16, max_message_bytes=64 << 20,
+            max_batch_items=max(levels), grace_s=1.0,
+        )  # fmt: skip
+        server = CloudServer(settings, lambda: load_backend(settings))
+        await server.start()
+        info = server.backend.info
+        print(f"model {info.model_name} ({info.model_id}), {info.backend} on {info.device}, {info.dtype}")
+        print(f"latency profile over gRPC on loopback, median of {args.repeats} repeat(s), k={args.top_k}")
+        profiler = Profiler(server, args.prompt, args.top_k)
+        try:
+            rtt, getinfo = await profiler.rtt()
+            print(f"round trip: empty append {rtt * 1000:.2f} ms, GetInfo {getinfo * 1000:.2f} ms")
+
+            await profiler.open_latency(min(args.profile_prompts), 1)  # warm-up
+            opens = []
+            print(f"\n{'open: prompt tokens':>20} {'seconds':>9}")
+            for length in args.profile_prompts:
+                seconds = float(np.median(await profiler.open_latency(length, args.repeats)))
+                opens.append({"prompt_tokens": length, "seconds": seconds})
+                print(f"{length:>20} {seconds:>9.4f}", flush=True)
+
+            checks, decodes = [], []
+            print(f"\ncheck points and handoffs on {args.prompt}-token caches")
+            print(f"{'sessions':>8} {'tokens':>6} {'check s':>9} {'forward s':>9}")
+            for s in levels:
+                rows, decode = await profiler.batched(
+                    s, args.profile_tokens, args.profile_handoff, args.repeats
+                )
+                for row in rows:
+                    print(
+                        f"{s:>8} {row['tokens']:>6} {row['seconds']:>9.4f} {row['forward_s']:>9.4f}",
+                        flush=True,
+                    )
+                checks.extend(rows)
+                decodes.append(decode)
+            print(f"\nhandoffs of {args.profile_handoff} tokens")
+            print(f"{'sessions':>8} {'s/token':>9} {'first token s':>13}")
+            for d in decodes:
+                print(f"{d['sessions']:>8} {d['seconds_per_token']:>9.4f} {d['first_token_s']:>13.4f}")
+        finally:
+            await profiler.close()
+            await server.stop(grace=0.5)
+    if args.json:
+        result = {
+            "model": info.model_id, "backend": info.backend, "device": info.device, "dtype": info.dtype,
+            "threads": args.threads,
+            "settings": {"context_tokens": args.prompt, "top_k": args.top_k, "repeats": args.repeats,
+                         "handoff_tokens": args.profile_handoff},
+            "profile": {"rtt_s": rtt, "getinfo_s": getinfo, "open": opens, "check": checks,
+                        "decode": decodes},
+        }  # fmt: skip
+        args.json.write_text(json.dumps(result, indent=2))
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -125,7 +355,19 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="check points per session")
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    profile = parser.add_argument_group("latency profile (--profile; --prompt sizes the caches checked)")
+    profile.add_argument(
+        "--profile", action="store_true", help="measure open/check/handoff latencies instead of throughput"
+    )
+    profile.add_argument("--profile-prompts", type=int_list, default="32,128,512", help="open: prompt tokens")
+    profile.add_argument("--profile-tokens", type=int_list, default="1,2,4,8,16,32", help="check: new tokens")
+    profile.add_argument("--profile-sessions", type=int_list, default="1,4,16", help="concurrent sessions")
+    profile.add_argument("--profile-handoff", type=int, default=16, help="tokens per timed handoff (>= 2)")
+    profile.add_argument("--repeats", type=int, default=3, help="measurements per point (median)")
     args = parser.parse_args()
+    if args.profile:
+        await profile_main(args)
+        return
     levels = [int(x) for x in args.sessions.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:

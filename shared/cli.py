@@ -384,6 +384,14 @@ LookaheadOpt = Annotated[
 CheckTimeoutOpt = Annotated[
     float | None, typer.Option("--check-timeout", help="Seconds before a silent cloud counts as gone.")
 ]
+InjectRttOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--inject-rtt-ms",
+        min=0,
+        help="Loopback testing only: add this round-trip time (ms) to every message to the cloud.",
+    ),
+]
 TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 = greedy.")]
 TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
 SeedOpt = Annotated[int | None, typer.Option(min=0, help="Sampling seed.")]
@@ -455,6 +463,7 @@ def generate(
     top_k: TopKOpt = None,
     lookahead: LookaheadOpt = None,
     check_timeout: CheckTimeoutOpt = None,
+    inject_rtt_ms: InjectRttOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
@@ -476,7 +485,7 @@ def generate(
         edge_only=edge_only, cloud_only=cloud_only, cloud=cloud, policy=policy, threshold=threshold,
         check_interval=check_interval, handback_tokens=handback_tokens, agree_tokens=agree_tokens,
         seed_tokens=seed_tokens, aggregation=aggregation, top_k=top_k, lookahead_windows=lookahead,
-        check_timeout_s=check_timeout,
+        check_timeout_s=check_timeout, inject_rtt_ms=inject_rtt_ms,
     )  # fmt: skip
     sampling = _sampling(temperature, top_p, seed)
 
@@ -522,6 +531,7 @@ def chat(
     handback_tokens: HandbackOpt = None,
     agree_tokens: AgreeOpt = None,
     top_k: TopKOpt = None,
+    inject_rtt_ms: InjectRttOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
@@ -540,6 +550,7 @@ def chat(
     edge_settings = _edge_settings(
         edge_only=edge_only, cloud_only=cloud_only, cloud=cloud, policy=policy, threshold=threshold,
         check_interval=check_interval, handback_tokens=handback_tokens, agree_tokens=agree_tokens, top_k=top_k,
+        inject_rtt_ms=inject_rtt_ms,
     )  # fmt: skip
     sampling = _sampling(temperature, top_p, seed)
     start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -742,6 +753,7 @@ def eval_command(
     top_k: TopKOpt = None,
     lookahead: LookaheadOpt = None,
     check_timeout: CheckTimeoutOpt = None,
+    inject_rtt_ms: InjectRttOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
@@ -789,7 +801,7 @@ def eval_command(
     edge_settings = _edge_settings(
         edge_only=False, cloud_only=False, cloud=cloud, policy=policy, handback_tokens=handback_tokens,
         agree_tokens=agree_tokens, seed_tokens=seed_tokens, aggregation=aggregation, top_k=top_k,
-        lookahead_windows=lookahead, check_timeout_s=check_timeout,
+        lookahead_windows=lookahead, check_timeout_s=check_timeout, inject_rtt_ms=inject_rtt_ms,
     )  # fmt: skip
     summary = asyncio.run(
         evaluate(
@@ -823,6 +835,103 @@ def _print_eval(summary: dict) -> None:
                 f"{run['mean_seconds']:.1f}",
             )  # fmt: skip
     out.print(table, width=max(out.width, 120))
+
+
+# ---------------------------------------------------------------------------------------------
+# handoff simulate
+
+
+@app.command("simulate")
+def simulate_command(
+    traces: Annotated[
+        list[Path], typer.Argument(exists=True, dir_okay=False, help="Trace files (generate --trace, eval).")
+    ],
+    cloud_profile: Annotated[
+        Path,
+        typer.Option(
+            exists=True, dir_okay=False, help="The cloud's latency profile (bench_cloud.py --profile)."
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="simulate.json, simulate.md and plots go here.")
+    ] = Path("simulate-out"),
+    rtt_ms: Annotated[
+        str, typer.Option(help="Round-trip times to simulate (ms), comma-separated.")
+    ] = "0,20,100",
+    rtt_sigma: Annotated[float, typer.Option(min=0, help="Log-normal jitter of each message's delay.")] = 0.0,
+    uplink_kbps: Annotated[float | None, typer.Option(min=0.001, help="Uplink bandwidth (kbit/s).")] = None,
+    downlink_kbps: Annotated[
+        float | None, typer.Option(min=0.001, help="Downlink bandwidth (kbit/s).")
+    ] = None,
+    edge_tok_s: Annotated[
+        float | None, typer.Option(min=0.001, help="Edge decode speed; default: measured in the traces.")
+    ] = None,
+    edge_prefill_tok_s: Annotated[
+        float | None, typer.Option(min=0.001, help="Edge prompt processing speed (default: not counted).")
+    ] = None,
+    gpu_per_hour: Annotated[float, typer.Option(min=0, help="GPU price per hour ($).")] = 3.0,
+    per_gb: Annotated[float, typer.Option(min=0, help="Price per GB moved ($).")] = 0.09,
+    sessions: Annotated[int, typer.Option(min=1, help="Concurrent sessions batched on one GPU.")] = 1,
+    replay_thresholds: Annotated[
+        str, typer.Option(help="Thresholds to replay offline on full (cloud-only) traces; '' for none.")
+    ] = "0.1,0.2,0.3,0.5,1.0",
+    replay_intervals: Annotated[str, typer.Option(help="Check intervals to replay offline.")] = "8",
+    lookahead: Annotated[
+        int | None, typer.Option(min=0, help="Windows drafted ahead (default: each trace's policy).")
+    ] = None,
+) -> None:
+    """Latency and cost of recorded generations under a network, device and price model.
+
+    Recorded runs are exact replays of their structure; thresholds replayed offline on full traces
+    (cloud-only runs, where both models scored every position) are approximations where the policy
+    keeps an edge token that is not P's.
+    """
+    from edge.simulation.cloud_latency import CloudLatencyModel
+    from edge.simulation.run import edge_model_from_traces, run_simulation
+    from edge.simulation.simulate import CostModel, EdgeModel
+    from edge.simulation.traces import iter_generations
+
+    try:
+        cloud = CloudLatencyModel.from_bench(cloud_profile)
+        rtts = _csv(rtt_ms, float, "--rtt-ms")
+        taus = _csv(replay_thresholds, float, "--replay-thresholds") if replay_thresholds.strip() else ()
+        intervals = _csv(replay_intervals, int, "--replay-intervals")
+        if edge_tok_s is None:
+            edge = edge_model_from_traces(iter_generations(list(traces)))
+        else:
+            edge = EdgeModel(token_s=1 / edge_tok_s)
+        if edge_prefill_tok_s is not None:
+            edge = EdgeModel(edge.token_s, edge.append_s, 1 / edge_prefill_tok_s)
+        kb = 1000 / 8
+        rows = run_simulation(
+            traces, cloud, out_dir, rtts_ms=rtts, rtt_sigma=rtt_sigma,
+            uplink_bytes_per_s=uplink_kbps * kb if uplink_kbps else None,
+            downlink_bytes_per_s=downlink_kbps * kb if downlink_kbps else None,
+            edge=edge, cost=CostModel(gpu_per_hour, per_gb, sessions), thresholds=taus, intervals=intervals,
+            lookahead=lookahead, meta={"command": "handoff " + " ".join(sys.argv[1:])},
+        )  # fmt: skip
+    except ValueError as e:
+        raise HandoffError(str(e)) from None
+    table = Table(title=f"handoff simulate (edge {1 / edge.token_s:.1f} tok/s; {out_dir / 'simulate.md'})")
+    for col in (
+        "config",
+        "RTT ms",
+        "fidelity",
+        "cloud",
+        "TTFT s",
+        "tok/s",
+        "ITL p95 ms",
+        "$/1k tok",
+        "up B/tok",
+    ):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["config"], f"{r['rtt_ms']:.0f}", "exact" if r["fidelity"] == "exact replay" else "approx.",
+            f"{r['cloud_fraction']:.2f}", f"{r['ttft_mean_s']:.2f}", f"{r['tokens_per_s']:.1f}",
+            f"{1000 * (r['itl_p95_s'] or 0):.0f}", f"{r['cost_per_1k_tokens']:.4f}", f"{r['up_bytes_per_token']:.0f}",
+        )  # fmt: skip
+    out.print(table, width=max(out.width, 130))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,115 @@
+"""Re-run a handoff policy offline on a full trace: other thresholds and check intervals without models.
+
+A full trace has both models' views at every position (a cloud-only generation: the edge scores
+every cloud token with Q, so each record carries P's and Q's top-k and their KL). The replay walks
+P's text with the policy: windows of N positions, the window's KL against τ, a cut, M cloud tokens,
+and so on — the same decisions as edge/controller.py (window_cut) on the same per-position KLs.
+
+What is exact and what is not: the replay keeps P's text. Where the policy keeps an edge token,
+the real edge would have written Q's own token there; when Q's greedy token is P's token at every
+kept position, the real greedy run writes exactly this text and the replay is exact. Otherwise the
+real text departs from P's at the first such position and everything after it is an approximation
+(`ReplayInfo.first_departure`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from edge.controller import PolicyConfig, window_cut
+from edge.simulation.traces import Generation, open_bytes
+
+
+@dataclass(frozen=True)
+class ReplayInfo:
+    """How faithful a replayed generation is."""
+
+    exact: bool  # greedy, and Q's greedy token is P's at every position the edge keeps
+    departures: int  # kept positions where Q's greedy token differs from P's
+    first_departure: int | None  # index (in the output) of the first one
+
+
+def replay_policy(gen: Generation, policy: PolicyConfig) -> tuple[Generation, ReplayInfo]:
+    """A hybrid generation under `policy`, built from a full trace of P's text.
+
+    Args:
+        gen: a full trace (Generation.full), normally of a cloud-only run.
+        policy: the policy to replay (kind, threshold, check_interval, handback_tokens,
+            agree_tokens, aggregation, seed_tokens are used).
+
+    Returns:
+        The synthetic generation (records re-labelled edge / corrected / cloud, with the policy in
+        its meta) and how faithful it is.
+
+    Raises:
+        ValueError: the trace lacks a view at some position.
+    """
+    if not gen.full:
+        raise ValueError(f"{gen.source}: not a full trace (a position lacks P's or Q's view, or its KL)")
+    recs = gen.records
+    kls = np.asarray([float(r["kl"]) for r in recs])  # [n]
+    greedy = float((gen.meta.get("sampling") or {}).get("temperature", 0.0) or 0.0) == 0.0
+    out: list[dict] = []
+    departures, first_departure = 0, None
+    window_id = 0
+
+    def cloud(i: int, corrected: bool) -> dict:
+        r = recs[i]
+        return r | {
+            "source": "corrected" if corrected else "cloud",
+            "checked": True,
+            "replaced_token_id": int(r["q_topk_ids"][0]) if corrected else None,
+            "t_uploaded": None,
+        }
+
+    def cloud_turn(i: int, n: int, corrected: bool) -> int:
+        """Up to n cloud tokens from i (hand-back early after agree_tokens agreeing ones); the next i."""
+        streak, start = 0, i
+        while i < len(recs) and i - start < n:
+            out.append(cloud(i, corrected and i == start))
+            i += 1
+            if policy.agree_tokens:
+                streak = streak + 1 if kls[i - 1] <= policy.threshold else 0
+                if streak >= policy.agree_tokens:
+                    break
+        return i
+
+    i = 0
+    if policy.seed_tokens:
+        i = cloud_turn(0, policy.seed_tokens, corrected=False)
+    while i < len(recs):
+        window = kls[i : i + policy.check_interval]
+        cut = window_cut(window, policy)
+        keep = len(window) if cut is None else cut
+        window_id += 1
+        for j in range(i, i + keep):
+            r = recs[j]
+            if int(r["q_topk_ids"][0]) != int(r["token_id"]):
+                departures += 1
+                if first_departure is None:
+                    first_departure = len(out)
+            out.append(
+                r | {"source": "edge", "checked": True, "replaced_token_id": None, "t_uploaded": window_id}
+            )
+        i += keep
+        if cut is not None and i < len(recs):
+            i = cloud_turn(i, policy.handback_tokens, corrected=keep < len(window))
+    meta = gen.meta | {"policy": _policy_dict(policy), "replayed_from": gen.source,
+                       "open_bytes": list(open_bytes(gen))}  # fmt: skip
+    counts = {s: sum(r["source"] == s for r in out) for s in ("edge", "cloud", "corrected")}
+    summary = gen.summary | {"mode": "hybrid", "by_source": counts | {"unchecked": 0}, "bytes_sent": 0,
+                             "bytes_received": 0}  # fmt: skip
+    info = ReplayInfo(greedy and departures == 0, departures, first_departure)
+    return Generation(meta, out, summary, gen.source), info
+
+
+def _policy_dict(policy: PolicyConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(policy)
+
+
+def with_policy(policy: PolicyConfig, **changes) -> PolicyConfig:
+    return replace(policy, **changes)

@@ -1,0 +1,274 @@
+"""Replay a generation's structure under a network, device and cost model: when each token is committed.
+
+The replay follows the controller's loop (edge/controller.py) step by step:
+- the edge prefills the prompt, then (hybrid and cloud modes) opens the session: one round trip plus
+  the cloud's prefill;
+- the edge drafts windows token by token; a full window is uploaded (AppendTokens + CheckPoint)
+  and drafting goes on while at most `lookahead` windows await their answers; answers are settled
+  in order at the edge's next step boundary, and a window's kept tokens are committed then;
+- after a cut, drafts beyond it are dropped, a Rollback makes a round trip, and the cloud
+  generates the handoff's tokens, streamed one message each; the edge scores each as it arrives
+  (`append_s`) and commits it;
+- the cloud is one server per session: a check, a rollback or a handoff waits until the previous
+  request is done (a check of a window that turns out to be dropped still costs its time);
+- a message of B bytes takes rtt/2 plus B / bandwidth, and messages one way are sent one after the
+  other; the session's Close makes a last round trip.
+Cloud latencies come from a measured profile (CloudLatencyModel, scripts/bench_cloud.py --profile).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.simulation.cloud_latency import CloudLatencyModel
+from edge.simulation.traces import (
+    CloudTurn,
+    Generation,
+    Window,
+    cloud_token_bytes,
+    control_bytes,
+    events,
+    open_bytes,
+    padded,
+    window_bytes,
+)
+
+
+@dataclass(frozen=True)
+class NetworkModel:
+    """The link between the edge and the cloud.
+
+    rtt_s is the median round trip; rtt_sigma > 0 draws each message's one-way delay from a
+    log-normal around rtt_s / 2 (sigma of the log), seeded.
+    """
+
+    rtt_s: float = 0.0
+    rtt_sigma: float = 0.0
+    uplink_bytes_per_s: float | None = None
+    downlink_bytes_per_s: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rtt_s < 0 or self.rtt_sigma < 0:
+            raise ValueError("rtt_s and rtt_sigma must be >= 0")
+        for bw in (self.uplink_bytes_per_s, self.downlink_bytes_per_s):
+            if bw is not None and bw <= 0:
+                raise ValueError("bandwidths must be > 0")
+
+
+@dataclass(frozen=True)
+class EdgeModel:
+    """The device: seconds per drafted token (a decode plus its top-k view), per scored cloud token,
+    and per prompt token of prefill."""
+
+    token_s: float
+    append_s: float | None = None  # default: token_s (one decode each)
+    prefill_s_per_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (
+            self.token_s <= 0
+            or (self.append_s is not None and self.append_s <= 0)
+            or self.prefill_s_per_token < 0
+        ):
+            raise ValueError("edge times must be positive")
+
+    @property
+    def append(self) -> float:
+        return self.token_s if self.append_s is None else self.append_s
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Prices: a GPU hour, shared by `sessions` concurrent sessions batched together, and data moved."""
+
+    gpu_per_hour: float = 3.0
+    per_gb: float = 0.09
+    sessions: int = 1
+
+    def __post_init__(self) -> None:
+        if self.gpu_per_hour < 0 or self.per_gb < 0 or self.sessions < 1:
+            raise ValueError("prices must be >= 0 and sessions >= 1")
+
+
+@dataclass
+class Timeline:
+    """One simulated generation."""
+
+    commits: list[float] = field(default_factory=list)  # seconds from the start, per token
+    seconds: float = 0.0  # wall time, Close included
+    gpu_seconds: float = 0.0  # device time this session is charged (batched: divided by sessions)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    check_points: int = 0
+    handoffs: int = 0
+
+    @property
+    def first_token_s(self) -> float | None:
+        return self.commits[0] if self.commits else None
+
+
+class _Link:
+    """Message delivery times one way: rtt/2 (+ jitter) plus serialised transmission."""
+
+    def __init__(self, net: NetworkModel, bandwidth: float | None, rng: np.random.Generator) -> None:
+        self.net, self.bandwidth, self.rng = net, bandwidth, rng
+        self.free = 0.0  # when the link finishes transmitting what was sent before
+
+    def one_way(self) -> float:
+        half = self.net.rtt_s / 2
+        if self.net.rtt_sigma > 0 and half > 0:
+            return float(half * self.rng.lognormal(0.0, self.net.rtt_sigma))
+        return half
+
+    def send(self, t: float, nbytes: int) -> float:
+        """Arrival time of a message of nbytes handed to the link at time t."""
+        if self.bandwidth is None:
+            return t + self.one_way()
+        start = max(t, self.free)
+        self.free = start + nbytes / self.bandwidth
+        return self.free + self.one_way()
+
+
+class _Sim:
+    def __init__(self, gen: Generation, net: NetworkModel, edge: EdgeModel, cloud: CloudLatencyModel,
+                 cost: CostModel, lookahead: int) -> None:  # fmt: skip
+        rng = np.random.default_rng(net.seed)
+        self.gen, self.edge, self.cloud, self.cost = gen, edge, cloud, cost
+        self.up = _Link(net, net.uplink_bytes_per_s, rng)
+        self.down = _Link(net, net.downlink_bytes_per_s, rng)
+        self.lookahead = lookahead
+        self.s = cost.sessions
+        self.k = int(gen.policy.get("top_k") or 20)
+        self.n_check = int(gen.policy.get("check_interval") or 8)
+        self.cloud_free = 0.0
+        self.dropped_uploads = False
+        self.out = Timeline()
+
+    # -- the cloud --------------------------------------------------------------------------------
+
+    def request(self, t: float, up: int, down: int, work: float, gpu: float) -> float:
+        """A request sent at t doing `work` seconds on the cloud; when its reply reaches the edge."""
+        arrive = self.up.send(t, up)
+        start = max(arrive, self.cloud_free)
+        self.cloud_free = start + work
+        self.out.gpu_seconds += gpu
+        self.out.bytes_up += up
+        self.out.bytes_down += down
+        return self.down.send(self.cloud_free, down)
+
+    # -- the phases -------------------------------------------------------------------------------
+
+    def run(self) -> Timeline:
+        gen, out = self.gen, self.out
+        t = self.edge.prefill_s_per_token * gen.prompt_len
+        evs = events(gen)
+        if gen.mode != "edge":
+            open_up, open_down = open_bytes(gen)
+            work = self.cloud.open_s(gen.prompt_len)
+            t = self.request(t, open_up, open_down, work, work / self.s)
+        i = 0
+        while i < len(evs):
+            ev = evs[i]
+            if isinstance(ev, Window):
+                j = i  # the windows up to and including the first cut: one edge phase
+                while j < len(evs) and isinstance(evs[j], Window):
+                    j += 1
+                    if evs[j - 1].cut:  # type: ignore[union-attr]
+                        break
+                t = self._edge_phase([e for e in evs[i:j] if isinstance(e, Window)], t)
+                i = j
+            else:
+                t = self._cloud_turn(ev, t, after_cut=i > 0 and isinstance(evs[i - 1], Window))
+                i += 1
+        if gen.mode != "edge":
+            c = control_bytes(gen.prompt_len + len(gen.records))
+            t = self.request(t, c["close_up"], c["close_down"], 0.0, 0.0)
+        out.seconds = max([t, *out.commits])
+        return out
+
+    def _edge_phase(self, windows: list[Window], t: float) -> float:
+        """Draft, upload and settle windows until the last (which may be cut); returns the edge's time."""
+        hybrid = self.gen.mode == "hybrid"
+        pending: deque[tuple[Window, float]] = deque()  # uploaded windows and their answers' arrival
+        to_draft = list(windows)
+        cut_follows = windows[-1].cut
+        drafting: Window | None = None
+        drafted = 0
+        while True:
+            while pending and pending[0][1] <= t:
+                w, _ = pending.popleft()
+                self.out.commits.extend([t] * w.kept)
+                if w.cut:
+                    # Drafts uploaded past the kept tokens must be rolled back on the cloud.
+                    self.dropped_uploads = w.kept < w.drafted or bool(pending)
+                    return t
+            may_draft = len(pending) <= self.lookahead and (to_draft or drafting is not None or cut_follows)
+            if may_draft:
+                if drafting is None:
+                    # Beyond the recorded windows: a speculative draft the cut will throw away.
+                    drafting = to_draft.pop(0) if to_draft else Window(0, self.n_check, 0, False, True)
+                    drafted = 0
+                t += self.edge.token_s
+                drafted += 1
+                if drafted >= drafting.drafted:
+                    w, drafting = drafting, None
+                    if not hybrid or not w.checked:
+                        pending.append((w, t))  # committed without a check
+                        continue
+                    b = window_bytes(padded(w), self.k)
+                    work = self.cloud.check_s(w.drafted, self.s)
+                    gpu = self.cloud.gpu_seconds_per_check(w.drafted, self.s)
+                    pending.append((w, self.request(t, b.up, b.down, work, gpu)))
+                    self.out.check_points += 1
+                continue
+            if not pending:
+                return t
+            t = max(t, pending[0][1])
+
+    def _cloud_turn(self, turn: CloudTurn, t: float, *, after_cut: bool) -> float:
+        c = control_bytes(turn.first)
+        if after_cut and self.dropped_uploads:
+            t = self.request(t, c["rollback_up"], c["rollback_down"], 0.0, 0.0)
+        self.out.handoffs += 1
+        arrive = self.up.send(t, c["handoff_up"])
+        self.out.bytes_up += c["handoff_up"]
+        start = max(arrive, self.cloud_free)
+        produced = start + self.cloud.handoff_first_token_s(self.s)
+        last_commit = t
+        for n, r in enumerate(turn.records or ({"position": turn.first, "token_id": 0},) * turn.tokens):
+            if n:
+                produced += self.cloud.decode_s(self.s)
+            size = cloud_token_bytes(r)
+            self.out.bytes_down += size
+            reach = self.down.send(produced, size)
+            last_commit = max(reach, last_commit) + self.edge.append
+            self.out.commits.append(last_commit)
+        self.out.gpu_seconds += self.cloud.gpu_seconds_per_token(self.s) * turn.tokens
+        self.cloud_free = produced
+        self.out.bytes_down += c["handoff_down"]
+        done = self.down.send(produced, c["handoff_down"])
+        return max(last_commit, done)
+
+
+def simulate(
+    gen: Generation,
+    net: NetworkModel,
+    edge: EdgeModel,
+    cloud: CloudLatencyModel,
+    cost: CostModel | None = None,
+    *,
+    lookahead: int | None = None,
+) -> Timeline:
+    """The timeline of one recorded generation (its structure) under the given models.
+
+    Args:
+        gen: a recorded generation (mode edge, cloud or hybrid).
+        lookahead: windows drafted ahead of an unanswered check point (default: the trace's policy).
+    """
+    if lookahead is None:
+        lookahead = int(gen.policy.get("lookahead_windows", 1))
+    return _Sim(gen, net, edge, cloud, cost or CostModel(), lookahead).run()

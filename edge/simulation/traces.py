@@ -1,0 +1,294 @@
+"""Recorded generations, as `handoff generate --trace` and `handoff eval` write them, turned into events.
+
+A trace file is JSONL: per generation a "generation" record (its settings), one "token" record per
+committed token (edge/controller.py TokenRecord), and a "summary" record. The simulator needs the
+generation's structure, not its clock: which windows the edge drafted and how many of their tokens
+were kept, where the cloud took over and for how many tokens. `events()` recovers that structure;
+`message_bytes()` rebuilds the protocol messages of each event to size them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.wire import pb
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One recorded generation: its settings, its token records, its summary."""
+
+    meta: dict[str, Any]
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    source: str = ""  # file:line, for messages
+
+    @property
+    def mode(self) -> str:
+        return str(self.summary.get("mode", "hybrid"))
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        return dict(self.meta.get("policy") or {})
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.meta.get("prompt_ids") or [])
+
+    @property
+    def max_tokens(self) -> int | None:
+        value = self.meta.get("max_tokens")
+        return int(value) if value is not None else None
+
+    @property
+    def run(self) -> str:
+        """The eval run it belongs to ("small", "large", "hybrid-tau0.3-n8"), else its mode."""
+        return str(self.meta.get("run") or self.mode)
+
+    @property
+    def full(self) -> bool:
+        """Both models' views at every position: the policy can be replayed offline on it."""
+        return bool(self.records) and all(
+            r.get("q_topk_ids") and r.get("p_topk_ids") and r.get("kl") is not None for r in self.records
+        )
+
+
+def read_traces(path: Path) -> list[Generation]:
+    """Every generation in a trace file.
+
+    Raises:
+        ValueError: a file that is not a trace, naming the file and line.
+    """
+    out: list[Generation] = []
+    meta: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = []
+    start = 0
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{n}: not JSON") from None
+            kind = rec.get("record") if isinstance(rec, dict) else None
+            if kind == "generation":
+                meta, records, start = rec, [], n
+            elif kind == "token":
+                if meta is None:
+                    raise ValueError(f"{path}:{n}: a token record before any generation record")
+                records.append(rec)
+            elif kind == "summary":
+                if meta is None:
+                    raise ValueError(f"{path}:{n}: a summary record before any generation record")
+                out.append(Generation(meta, records, rec, f"{path}:{start}"))
+                meta = None
+            else:
+                raise ValueError(f"{path}:{n}: not a trace record (no 'record': generation|token|summary)")
+    if meta is not None:
+        raise ValueError(f"{path}:{start}: a generation without its summary record (cut short?)")
+    return out
+
+
+# -- structure ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """Edge tokens drafted, uploaded and checked together."""
+
+    first: int  # the position of its first token
+    drafted: int  # tokens the edge drafted (and uploaded) for it
+    kept: int  # tokens committed from it
+    cut: bool  # the cloud took over at position first + kept (a handover)
+    checked: bool = True  # False: the cloud was unreachable; committed unchecked
+    records: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class CloudTurn:
+    """Tokens the cloud generated in one handoff (the first corrects the edge after a cut)."""
+
+    first: int
+    tokens: int
+    corrected: bool
+    records: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+
+
+Event = Window | CloudTurn
+
+
+def events(gen: Generation) -> list[Event]:
+    """The windows and cloud turns of a recorded generation, in order.
+
+    A window's drafted size is not recorded when it was cut (only its kept tokens are committed):
+    it is the check interval, bounded by max_tokens, as the controller drafts it.
+    """
+    recs = gen.records
+    n_check = int(gen.policy.get("check_interval") or 8)
+    budget = gen.max_tokens
+    out: list[Event] = []
+    i = 0
+    while i < len(recs):
+        r = recs[i]
+        if r["source"] == "edge":
+            j = i + 1
+            while (
+                j < len(recs)
+                and recs[j]["source"] == "edge"
+                and j - i < n_check
+                and recs[j].get("t_uploaded") == r.get("t_uploaded")
+            ):
+                j += 1
+            following = recs[j]["source"] if j < len(recs) else None
+            drafted = j - i
+            if following == "corrected":  # rollback: the window went on past the cut
+                drafted = n_check if budget is None else max(j - i + 1, min(n_check, budget - i))
+            # Followed by cloud tokens: a handover (seed policy: the whole window is kept).
+            cut = following in ("corrected", "cloud")
+            out.append(Window(r["position"], drafted, j - i, cut, bool(r.get("checked")), tuple(recs[i:j])))
+            i = j
+            continue
+        corrected = r["source"] == "corrected"
+        if corrected and not (out and isinstance(out[-1], Window) and out[-1].cut):
+            # Cut at the window's first position: nothing of it was kept.
+            drafted = n_check if budget is None else max(1, min(n_check, budget - i))
+            out.append(Window(r["position"], drafted, 0, True, True, ()))
+        j = i + 1
+        while j < len(recs) and recs[j]["source"] == "cloud":
+            j += 1
+        out.append(CloudTurn(r["position"], j - i, corrected, tuple(recs[i:j])))
+        i = j
+    return out
+
+
+# -- message sizes -------------------------------------------------------------------------------
+
+
+def _topk(ids: Any, logprobs: Any) -> pb.TopK:
+    return pb.TopK(ids=[int(x) for x in ids or []], logprobs=[float(x) for x in logprobs or []])
+
+
+def _edge_token(r: dict[str, Any]) -> pb.EdgeToken:
+    return pb.EdgeToken(
+        position=int(r["position"]),
+        token_id=int(r["token_id"]),
+        topk=_topk(r.get("q_topk_ids"), r.get("q_topk_logprobs")),
+        has_distribution=True,
+        sampled_logprob=float(r.get("q_logprob") or 0.0),
+    )
+
+
+def _score(r: dict[str, Any], k: int) -> pb.PositionScore:
+    return pb.PositionScore(
+        position=int(r["position"]),
+        topk=_topk(r.get("p_topk_ids"), r.get("p_topk_logprobs")),
+        logprobs_at_edge_topk=[-1.0] * k,  # fixed32 each: the values do not change the size
+        token_logprob=float(r.get("p_logprob") or -1.0),
+    )
+
+
+@dataclass(frozen=True)
+class WindowBytes:
+    up: int  # AppendTokens + CheckPoint
+    down: int  # Appended + CheckPointResult
+
+
+def window_bytes(records: list[dict[str, Any]], k: int, request_id: int = 1000) -> WindowBytes:
+    """The serialized sizes of one window's messages, each way, built from its token records.
+
+    Args:
+        records: the window's tokens (position, token_id, Q's and P's top-k views).
+        k: the top-k size (P's scores carry P's log-probabilities at Q's k ids).
+        request_id: a typical request id (a varint: its size depends on the value).
+    """
+    if not records:
+        return WindowBytes(0, 0)
+    first, last = int(records[0]["position"]), int(records[-1]["position"])
+    append = pb.EdgeMessage(
+        request_id=request_id, append=pb.AppendTokens(tokens=[_edge_token(r) for r in records])
+    )
+    check = pb.EdgeMessage(
+        request_id=request_id + 1, check=pb.CheckPoint(from_position=first, through_position=last)
+    )
+    appended = pb.CloudMessage(request_id=request_id, appended=pb.Appended(length=last + 1))
+    result = pb.CloudMessage(
+        request_id=request_id + 1,
+        check=pb.CheckPointResult(scores=[_score(r, k) for r in records], forward_ms=12.5, batch_size=1),
+    )
+    return WindowBytes(append.ByteSize() + check.ByteSize(), appended.ByteSize() + result.ByteSize())
+
+
+def cloud_token_bytes(r: dict[str, Any], request_id: int = 1000) -> int:
+    """One streamed CloudToken message."""
+    return pb.CloudMessage(
+        request_id=request_id,
+        token=pb.CloudToken(
+            position=int(r["position"]),
+            token_id=int(r["token_id"]),
+            topk=_topk(r.get("p_topk_ids"), r.get("p_topk_logprobs")),
+            token_logprob=float(r.get("p_logprob") or -1.0),
+        ),
+    ).ByteSize()
+
+
+def control_bytes(position: int, request_id: int = 1000) -> dict[str, int]:
+    """The small control messages: handoff/done, rollback/rolled back, close/closed."""
+    m = pb.EdgeMessage
+    c = pb.CloudMessage
+    return {
+        "handoff_up": m(request_id=request_id, handoff=pb.Handoff(max_tokens=16)).ByteSize(),
+        "handoff_down": c(
+            request_id=request_id,
+            handoff_done=pb.HandoffDone(reason=pb.HandoffDone.REASON_MAX_TOKENS, length=position),
+        ).ByteSize(),
+        "rollback_up": m(request_id=request_id, rollback=pb.Rollback(length=position)).ByteSize(),
+        "rollback_down": c(request_id=request_id, rolled_back=pb.RolledBack(length=position)).ByteSize(),
+        "close_up": m(request_id=request_id, close=pb.Close()).ByteSize(),
+        "close_down": c(request_id=request_id, closed=pb.Closed(tokens_scored=position)).ByteSize(),
+    }
+
+
+def padded(w: Window) -> list[dict[str, Any]]:
+    """A window's uploaded tokens: the kept ones, then the dropped ones (not recorded) sized like the last."""
+    recs = list(w.records)
+    if len(recs) < w.drafted:
+        pad = recs[-1] if recs else {"position": w.first, "token_id": 0}
+        recs += [pad] * (w.drafted - len(recs))
+    return recs
+
+
+def open_bytes(gen: Generation) -> tuple[int, int]:
+    """The session's OpenSession and SessionOpened sizes (they carry the vocabulary fingerprint).
+
+    Recorded in the summary (or, replayed, in meta); for older traces, what the summary's byte
+    counts leave over once every other message is rebuilt from the records.
+    """
+    for recorded in (gen.meta.get("open_bytes"), gen.summary.get("open_bytes")):
+        if recorded:
+            return int(recorded[0]), int(recorded[1])
+    sent, received = int(gen.summary.get("bytes_sent") or 0), int(gen.summary.get("bytes_received") or 0)
+    if not sent:
+        return 0, 0
+    k = int(gen.policy.get("top_k") or 20)
+    up = down = 0
+    for ev in events(gen):
+        if isinstance(ev, Window):
+            if ev.checked:
+                b = window_bytes(padded(ev), k)
+                up, down = up + b.up, down + b.down
+        else:
+            c = control_bytes(ev.first)
+            up += c["handoff_up"]
+            down += sum(cloud_token_bytes(r) for r in ev.records) + c["handoff_down"]
+    c = control_bytes(0)
+    return max(0, sent - up - c["close_up"]), max(0, received - down - c["close_down"])
+
+
+def iter_generations(paths: list[Path]) -> Iterator[Generation]:
+    for path in paths:
+        yield from read_traces(path)
