@@ -9,6 +9,7 @@ were kept, where the cloud took over and for how many tokens. `events()` recover
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class Generation:
 
 
 def read_traces(path: Path) -> list[Generation]:
-    """Every generation in a trace file.
+    """Every generation in a trace file (JSONL, or JSONL.gz).
 
     Raises:
         ValueError: a file that is not a trace, naming the file and line.
@@ -67,7 +68,8 @@ def read_traces(path: Path) -> list[Generation]:
     meta: dict[str, Any] | None = None
     records: list[dict[str, Any]] = []
     start = 0
-    with path.open(encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open  # traces kept in docs/ are gzipped
+    with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
