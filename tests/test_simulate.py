@@ -216,3 +216,87 @@ def test_models_reject_nonsense():
     with pytest.raises(ValueError):
         CostModel(sessions=0)
     assert np.isfinite(CLOUD.check_s(100))
+
+
+# -- on real recorded generations (tiny models) ----------------------------------------------------
+
+
+def test_rebuilt_messages_match_the_bytes_a_real_run_sent(tiny_gguf_a, tiny_gguf_b):
+    """The simulator sizes every message from the trace: the totals match what the real session sent."""
+    from cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
+
+    from edge.controller import HybridGenerator
+    from edge.runner import EdgeRunner
+
+    async def go():
+        runner = EdgeRunner(tiny_gguf_b, k=20, n_ctx=512, n_threads=1)
+        try:
+            async with running_server(llama_backend_factory(tiny_gguf_a)) as (_, client):
+                policy = PolicyConfig(check_interval=4, handback_tokens=3, lookahead_windows=0, threshold=0.5)
+                out = []
+                for mode in ("cloud", "hybrid"):
+                    gen = HybridGenerator(runner, client, vocabulary_of(tiny_gguf_b), policy, mode=mode)
+                    prompt = runner.model.tokenize("Sort a list of numbers in Python.")
+                    r = await gen.generate(prompt, 24)
+                    meta = {"prompt_ids": prompt, "policy": {"check_interval": 4, "handback_tokens": 3,
+                            "lookahead_windows": 0, "top_k": 20}, "max_tokens": 24}  # fmt: skip
+                    out.append(Generation(meta, r.trace(), r.summary(), mode))
+                return out
+        finally:
+            runner.close()
+
+    for gen in run(go()):
+        assert gen.summary["open_bytes"] and gen.summary["handoffs"] >= 1
+        t = simulate(gen, net(0.0), EDGE, CLOUD, FREE)
+        # Request ids and a few scalar fields are sized with typical values: within 3 %.
+        assert t.bytes_up == pytest.approx(gen.summary["bytes_sent"], rel=0.03), gen.mode
+        assert t.bytes_down == pytest.approx(gen.summary["bytes_received"], rel=0.03), gen.mode
+        assert t.check_points == gen.summary["check_points"] and t.handoffs == gen.summary["handoffs"]
+
+
+def test_simulate_command_on_recorded_traces(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+    """`handoff generate --trace` then `handoff simulate`: exact replays, offline replays, plots, JSON."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "200"}
+    models = ["--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a)]
+
+    def handoff(*a):
+        return subprocess.run([sys.executable, "-m", "shared.cli", *a], capture_output=True, text=True,
+                              timeout=600, env=env)  # fmt: skip
+
+    traces = []
+    for flag in ("--edge-only", "--cloud-only", "--threshold=0.01"):
+        path = tmp_path / f"{flag.strip('-').split('=')[0]}.jsonl"
+        proc = handoff(
+            "generate", *models, "--max-tokens", "16", "--check-interval", "4", "--trace", str(path), flag
+        )
+        assert proc.returncode == 0, proc.stderr
+        traces.append(str(path))
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"profile": PROFILE}))
+    out = tmp_path / "sim"
+    proc = handoff("simulate", *traces, "--cloud-profile", str(profile), "--out", str(out), "--rtt-ms", "0,50",
+                   "--replay-thresholds", "0.05,5", "--replay-intervals", "4", "--edge-tok-s", "10")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "simulate.json").read_text())
+    rows = {(r["config"], r["rtt_ms"]): r for r in data["rows"]}
+    assert {c for c, _ in rows} == {
+        "edge",
+        "cloud",
+        "hybrid-tau0.01-n4",
+        "replay-tau0.05-n4",
+        "replay-tau5-n4",
+    }
+    assert rows[("edge", 0.0)]["tokens_per_s"] == pytest.approx(10.0, rel=0.2)  # 0.1 s per token, no cloud
+    assert rows[("edge", 0.0)]["gpu_s_per_1k_tokens"] == 0
+    for c in ("cloud", "hybrid-tau0.01-n4"):
+        assert rows[(c, 50.0)]["wall_s"] > rows[(c, 0.0)]["wall_s"]  # round trips cost time
+        assert rows[(c, 0.0)]["fidelity"] == "exact replay"
+    assert rows[("replay-tau5-n4", 0.0)]["cloud_fraction"] == 0.0  # never over 5 nats on these models
+    for name in ("simulate.md", "latency_vs_rtt.png", "cost_vs_quality.png"):
+        assert (out / name).stat().st_size > 0
+    bad = handoff("simulate", traces[0], "--cloud-profile", traces[0], "--out", str(out))
+    assert bad.returncode == 2 and "error" in bad.stderr

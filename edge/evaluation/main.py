@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import os
 import platform
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -122,7 +123,7 @@ async def evaluate(
         rows = await evaluation.run()
         cloud_info = assistant.cloud_info
     meta = {
-        "command": "handoff " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("handoff") else None,
+        "command": "handoff " + shlex.join(sys.argv[1:]),  # also under `python -m shared.cli`
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "edge_model": fixed["edge_model"],
         "cloud": cloud_info,

@@ -96,6 +96,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _ends_mid_line(path: Path) -> bool:
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
 def trace_oracle(result: GenerationResult) -> int | None:
     """Positions of a cloud-only greedy result where Q's greedy token differs (None: Q not scored)."""
     records = result.records
@@ -178,6 +186,8 @@ class Evaluation:
         correct: dict[str, list[bool]] = {}
         try:
             with self.results_path.open("a", encoding="utf-8") as results:
+                if _ends_mid_line(self.results_path):
+                    results.write("\n")  # a row cut short by a crash stays alone on its line
                 for key, spec, task in todo:
                     bar.set_description(f"{spec.name} {task.task_id}")
                     row = await self.one(spec, task)

@@ -219,7 +219,7 @@ class _Sim:
                     if not hybrid or not w.checked:
                         pending.append((w, t))  # committed without a check
                         continue
-                    b = window_bytes(padded(w), self.k)
+                    b = window_bytes(padded(w), self.k, greedy=self.gen.greedy)
                     work = self.cloud.check_s(w.drafted, self.s)
                     gpu = self.cloud.gpu_seconds_per_check(w.drafted, self.s)
                     pending.append((w, self.request(t, b.up, b.down, work, gpu)))

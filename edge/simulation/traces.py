@@ -51,6 +51,10 @@ class Generation:
         return str(self.meta.get("run") or self.mode)
 
     @property
+    def greedy(self) -> bool:
+        return float((self.meta.get("sampling") or {}).get("temperature") or 0.0) == 0.0
+
+    @property
     def full(self) -> bool:
         """Both models' views at every position: the policy can be replayed offline on it."""
         return bool(self.records) and all(
@@ -109,6 +113,9 @@ class Window:
     cut: bool  # the cloud took over at position first + kept (a handover)
     checked: bool = True  # False: the cloud was unreachable; committed unchecked
     records: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+    # The record at the cut position (the cloud's correction, with Q's view there): it sizes the
+    # uploaded tokens that were dropped and are not in the trace.
+    dropped: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -152,14 +159,17 @@ def events(gen: Generation) -> list[Event]:
                 drafted = n_check if budget is None else max(j - i + 1, min(n_check, budget - i))
             # Followed by cloud tokens: a handover (seed policy: the whole window is kept).
             cut = following in ("corrected", "cloud")
-            out.append(Window(r["position"], drafted, j - i, cut, bool(r.get("checked")), tuple(recs[i:j])))
+            dropped = recs[j] if following == "corrected" else None
+            out.append(
+                Window(r["position"], drafted, j - i, cut, bool(r.get("checked")), tuple(recs[i:j]), dropped)
+            )
             i = j
             continue
         corrected = r["source"] == "corrected"
         if corrected and not (out and isinstance(out[-1], Window) and out[-1].cut):
             # Cut at the window's first position: nothing of it was kept.
             drafted = n_check if budget is None else max(1, min(n_check, budget - i))
-            out.append(Window(r["position"], drafted, 0, True, True, ()))
+            out.append(Window(r["position"], drafted, 0, True, True, (), r))
         j = i + 1
         while j < len(recs) and recs[j]["source"] == "cloud":
             j += 1
@@ -175,13 +185,15 @@ def _topk(ids: Any, logprobs: Any) -> pb.TopK:
     return pb.TopK(ids=[int(x) for x in ids or []], logprobs=[float(x) for x in logprobs or []])
 
 
-def _edge_token(r: dict[str, Any]) -> pb.EdgeToken:
+def _edge_token(r: dict[str, Any], greedy: bool) -> pb.EdgeToken:
     return pb.EdgeToken(
         position=int(r["position"]),
         token_id=int(r["token_id"]),
         topk=_topk(r.get("q_topk_ids"), r.get("q_topk_logprobs")),
         has_distribution=True,
-        sampled_logprob=float(r.get("q_logprob") or 0.0),
+        # Greedy: the token has probability 1 under the distribution it was drawn from (log 0, not
+        # serialized); sampled: a nonzero float, whose size does not depend on its value.
+        sampled_logprob=0.0 if greedy else -1.0,
     )
 
 
@@ -200,19 +212,22 @@ class WindowBytes:
     down: int  # Appended + CheckPointResult
 
 
-def window_bytes(records: list[dict[str, Any]], k: int, request_id: int = 1000) -> WindowBytes:
+def window_bytes(
+    records: list[dict[str, Any]], k: int, request_id: int = 1000, *, greedy: bool = True
+) -> WindowBytes:
     """The serialized sizes of one window's messages, each way, built from its token records.
 
     Args:
         records: the window's tokens (position, token_id, Q's and P's top-k views).
         k: the top-k size (P's scores carry P's log-probabilities at Q's k ids).
         request_id: a typical request id (a varint: its size depends on the value).
+        greedy: the tokens were picked greedily (their sampled log-probability is 0: not sent).
     """
     if not records:
         return WindowBytes(0, 0)
     first, last = int(records[0]["position"]), int(records[-1]["position"])
     append = pb.EdgeMessage(
-        request_id=request_id, append=pb.AppendTokens(tokens=[_edge_token(r) for r in records])
+        request_id=request_id, append=pb.AppendTokens(tokens=[_edge_token(r, greedy) for r in records])
     )
     check = pb.EdgeMessage(
         request_id=request_id + 1, check=pb.CheckPoint(from_position=first, through_position=last)
@@ -259,7 +274,7 @@ def padded(w: Window) -> list[dict[str, Any]]:
     """A window's uploaded tokens: the kept ones, then the dropped ones (not recorded) sized like the last."""
     recs = list(w.records)
     if len(recs) < w.drafted:
-        pad = recs[-1] if recs else {"position": w.first, "token_id": 0}
+        pad = w.dropped or (recs[-1] if recs else {"position": w.first, "token_id": 0})
         recs += [pad] * (w.drafted - len(recs))
     return recs
 
@@ -281,7 +296,7 @@ def open_bytes(gen: Generation) -> tuple[int, int]:
     for ev in events(gen):
         if isinstance(ev, Window):
             if ev.checked:
-                b = window_bytes(padded(ev), k)
+                b = window_bytes(padded(ev), k, greedy=gen.greedy)
                 up, down = up + b.up, down + b.down
         else:
             c = control_bytes(ev.first)
