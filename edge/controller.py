@@ -139,6 +139,8 @@ class TokenRecord:
     t_generated: float = 0.0  # the edge drafted it, or its cloud token arrived
     t_uploaded: float | None = None  # its window was sent to the cloud
     t_answered: float | None = None  # the check point's answer arrived
+    t_received: float | None = None  # a cloud token reached the edge
+    t_committed: float | None = None  # handed to the caller (the edge's own costs: t_committed - t_*)
 
 
 @dataclass
@@ -545,8 +547,9 @@ class _Generation:
 
     async def _commit(self, record: TokenRecord) -> None:
         record.text = self.runner.detokenize([record.token_id]).decode("utf-8", errors="replace")
+        record.t_committed = self.clock()
         if self.result.first_token_s is None:
-            self.result.first_token_s = self.clock()
+            self.result.first_token_s = record.t_committed
         self.result.records.append(record)
         if self.on_token is not None:
             answer = self.on_token(record)
@@ -736,6 +739,7 @@ class _Generation:
                     tok = await _within(anext(tokens), self.g.link_config.token_timeout_s)
                 except StopAsyncIteration:
                     break
+                t_received = self.clock()
                 if stopping:
                     extra += 1  # generated before the cloud saw StopGeneration
                     continue
@@ -763,6 +767,7 @@ class _Generation:
                     p_topk_logprobs=p_lp.tolist(),
                     replaced_token_id=corrected[0] if last is None and corrected is not None else None,
                     t_generated=self.clock(),
+                    t_received=t_received,
                 )
                 last = tok.token_id
                 await self._commit(record)

@@ -26,8 +26,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_gguf, cloud_harness: the tiny test models, serve-cloud
@@ -37,6 +35,7 @@ from cloud_harness import start_server, vocabulary_of  # noqa: E402
 from edge.controller import HybridGenerator, PolicyConfig  # noqa: E402
 from edge.runner import EdgeRunner  # noqa: E402
 from edge.simulation.cloud_latency import CloudLatencyModel  # noqa: E402
+from edge.simulation.run import edge_model_from_traces  # noqa: E402
 from edge.simulation.simulate import EdgeModel, NetworkModel, simulate  # noqa: E402
 from edge.simulation.traces import Generation  # noqa: E402
 from edge.verifier_client import GrpcTransport, NetworkDelay, VerifierClient  # noqa: E402
@@ -78,7 +77,9 @@ def measure_profile(cloud: Path, out: Path, max_prompt: int) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-async def record(edge: Path, port: int, rtts_ms: list[float], max_tokens: int, policy: PolicyConfig):
+async def record(
+    edge: Path, port: int, rtts_ms: list[float], max_tokens: int, policy: PolicyConfig, repeats: int
+):
     """Real generations at each RTT: (rtt, mode, Generation, measured seconds)."""
     vocab = vocabulary_of(edge)
     runner = EdgeRunner(edge, k=policy.top_k, n_ctx=1024, n_threads=1)
@@ -87,13 +88,17 @@ async def record(edge: Path, port: int, rtts_ms: list[float], max_tokens: int, p
         prompts = [
             runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": p}])) for p in PROMPTS
         ]
+        warm = VerifierClient(GrpcTransport(f"127.0.0.1:{port}"))
+        for mode in ("edge", "cloud", "hybrid"):  # untimed: first calls pay one-off costs
+            await HybridGenerator(runner, warm, vocab, policy, mode=mode).generate(prompts[0], 8)
+        await warm.close()
         for rtt in rtts_ms:
             delay = NetworkDelay(rtt_s=rtt / 1000) if rtt else None
             client = VerifierClient(GrpcTransport(f"127.0.0.1:{port}", delay=delay))
             try:
                 for mode in ("edge", "cloud", "hybrid"):
                     gen = HybridGenerator(runner, client, vocab, policy, mode=mode)
-                    for ids in prompts:
+                    for ids in prompts * repeats:
                         result = await gen.generate(ids, max_tokens)
                         meta = {"prompt_ids": list(ids), "policy": asdict(policy), "max_tokens": max_tokens,
                                 "sampling": {"temperature": 0.0}}  # fmt: skip
@@ -109,25 +114,16 @@ async def record(edge: Path, port: int, rtts_ms: list[float], max_tokens: int, p
 
 
 def edge_model(runs) -> EdgeModel:
-    """Seconds per edge step and per prompt token of prefill, from the edge-only runs without delay."""
-    steps, prefill = [], []
-    for rtt, mode, g, _ in runs:
-        if mode != "edge" or rtt:
-            continue
-        t = np.asarray([r["t_generated"] for r in g.records])
-        steps.extend(np.diff(t).tolist())
-    token_s = float(np.median(steps))
-    for rtt, mode, g, _ in runs:
-        if mode == "edge" and not rtt:
-            prefill.append(max(0.0, g.records[0]["t_generated"] - token_s) / g.prompt_len)
-    return EdgeModel(token_s=token_s, prefill_s_per_token=float(np.median(prefill)))
+    """The edge's costs measured in the runs without injected delay (edge_model_from_traces)."""
+    return edge_model_from_traces([g for rtt, _, g, _ in runs if not rtt])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", default="tiny,default", help="tiny and/or default, comma-separated")
     ap.add_argument("--rtt-ms", default="0,20,100")
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="Generations per prompt, mode and RTT.")
     ap.add_argument("--tolerance", type=float, default=0.15)
     ap.add_argument("--out", type=Path, default=None, help="Write the comparison here (JSON; .md beside it).")
     args = ap.parse_args()
@@ -145,7 +141,7 @@ def main() -> None:
             proc, port = start_server(cloud, "--max-context", "1024")
             try:
                 t0 = time.perf_counter()
-                runs = asyncio.run(record(edge, port, rtts, args.max_tokens, policy))
+                runs = asyncio.run(record(edge, port, rtts, args.max_tokens, policy, args.repeats))
                 print(
                     f"{pair}: recorded {len(runs)} generations in {time.perf_counter() - t0:.0f} s",
                     flush=True,

@@ -186,7 +186,7 @@ def test_replayed_configs_say_which_are_exact():
 def test_edge_speed_from_recorded_drafting_times():
     recs = [rec(16 + i, "edge", 1) | {"t_generated": 0.03 * i} for i in range(4)]
     model = edge_model_from_traces([generation("hybrid", recs)])
-    assert model.token_s == pytest.approx(0.03)
+    assert model.token_s == pytest.approx(0.03) and model.append_s is None and model.upload_s == 0
     with pytest.raises(ValueError, match="edge-tok-s"):
         edge_model_from_traces([generation("cloud", [rec(16, "cloud")])])
 

@@ -141,19 +141,50 @@ def measure(config: Config, net: NetworkModel, edge: EdgeModel, cloud: CloudLate
 
 
 def edge_model_from_traces(gens: Iterable[Generation]) -> EdgeModel:
-    """The edge's seconds per drafted token, from the recorded drafting times inside windows (median)."""
-    gaps: list[float] = []
+    """The edge's costs as recorded in traces (means: a wall-time prediction needs sums).
+
+    - token_s: drafting steps inside a window (t_generated of consecutive edge tokens);
+    - append_s: a cloud token's arrival to its commit (t_received -> t_committed), when recorded;
+    - upload_s / settle_s: a checked window's last draft to its upload, its answer to its commit;
+    - prefill_s_per_token: edge-only generations' first step, less one step, per prompt token.
+
+    Raises:
+        ValueError: no drafting times in the traces (give the edge's speed instead).
+    """
+    gens = list(gens)
+    steps, scoring, upload, settle, prefill = [], [], [], [], []
     for g in gens:
         recs = g.records
         for a, b in itertools.pairwise(recs):
-            same_window = a.get("t_uploaded") == b.get("t_uploaded")
-            if a["source"] == b["source"] == "edge" and same_window and a.get("t_generated") is not None:
-                gap = b["t_generated"] - a["t_generated"]
-                if gap > 0:
-                    gaps.append(gap)
-    if not gaps:
+            if a["source"] == b["source"] == "edge" and a.get("t_uploaded") == b.get("t_uploaded"):
+                if a.get("t_generated") is not None and b["t_generated"] > a["t_generated"]:
+                    steps.append(b["t_generated"] - a["t_generated"])
+        for r in recs:
+            if r["source"] != "edge" and r.get("t_received") is not None and r.get("t_committed") is not None:
+                scoring.append(r["t_committed"] - r["t_received"])
+        windows: dict[float, list[dict[str, Any]]] = {}
+        for r in recs:
+            if r["source"] == "edge" and r.get("t_uploaded") is not None and r.get("t_committed") is not None:
+                windows.setdefault(r["t_uploaded"], []).append(r)
+        for ws in windows.values():
+            last = ws[-1]
+            upload.append(max(0.0, last["t_uploaded"] - last["t_generated"]))
+            if last.get("t_answered") is not None:
+                settle.append(max(0.0, last["t_committed"] - last["t_answered"]))
+    if not steps:
         raise ValueError("no edge drafting times in these traces: give the edge's speed (--edge-tok-s)")
-    return EdgeModel(token_s=float(np.median(gaps)))
+    token_s = float(np.mean(steps))
+    for g in gens:
+        if g.mode == "edge" and g.records and g.prompt_len and g.records[0].get("t_generated") is not None:
+            prefill.append(max(0.0, g.records[0]["t_generated"] - token_s) / g.prompt_len)
+    mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
+    return EdgeModel(
+        token_s=token_s,
+        append_s=mean(scoring) or None,
+        prefill_s_per_token=float(np.median(prefill)) if prefill else 0.0,
+        upload_s=mean(upload),
+        settle_s=mean(settle),
+    )
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:

@@ -67,8 +67,12 @@ class EdgeModel:
     token_s: float
     append_s: float | None = None  # default: token_s (one decode each)
     prefill_s_per_token: float = 0.0
+    upload_s: float = 0.0  # per checked window: building and sending its messages
+    settle_s: float = 0.0  # per checked window: from its answer to its tokens committed (KL, records)
 
     def __post_init__(self) -> None:
+        if self.upload_s < 0 or self.settle_s < 0:
+            raise ValueError("edge times must be >= 0")
         if (
             self.token_s <= 0
             or (self.append_s is not None and self.append_s <= 0)
@@ -201,6 +205,8 @@ class _Sim:
         while True:
             while pending and pending[0][1] <= t:
                 w, _ = pending.popleft()
+                if hybrid and w.checked:
+                    t += self.edge.settle_s
                 self.out.commits.extend([t] * w.kept)
                 if w.cut:
                     # Drafts uploaded past the kept tokens must be rolled back on the cloud.
@@ -219,6 +225,7 @@ class _Sim:
                     if not hybrid or not w.checked:
                         pending.append((w, t))  # committed without a check
                         continue
+                    t += self.edge.upload_s
                     b = window_bytes(padded(w), self.k, greedy=self.gen.greedy)
                     work = self.cloud.check_s(w.drafted, self.s)
                     gpu = self.cloud.gpu_seconds_per_check(w.drafted, self.s)
