@@ -91,6 +91,7 @@ class ForwardItem:
     # [n_out] lists of ids whose log-probabilities to return per output row (None = none).
     gather: list[list[int] | None] | None = None
     full_last: bool = False  # also return the last row's full log-probabilities
+    full_rows: bool = False  # also return every output row's full log-probabilities (speculative drafts)
 
     def check(self, vocab_size: int) -> None:
         if not 0 <= self.n_out <= len(self.tokens):
@@ -112,6 +113,7 @@ class ForwardOutput:
     topk_logprobs: np.ndarray  # [n_out, k] float64
     gathered: list[np.ndarray | None] = field(default_factory=list)  # [n_out] of [len(gather[j])] float64
     last_logprobs: np.ndarray | None = None  # [V] float64 when full_last
+    full_logprobs: np.ndarray | None = None  # [n_out, V] float64 when full_rows
 
 
 def views_from_logits(logits: np.ndarray, item: ForwardItem) -> ForwardOutput:
@@ -137,7 +139,9 @@ def views_from_logits(logits: np.ndarray, item: ForwardItem) -> ForwardOutput:
         else lp[j, np.asarray(item.gather[j], dtype=np.int64)]
         for j in range(item.n_out)
     ]
-    return ForwardOutput(ids, vals, gathered, lp[-1].copy() if item.full_last else None)
+    return ForwardOutput(
+        ids, vals, gathered, lp[-1].copy() if item.full_last else None, lp.copy() if item.full_rows else None
+    )
 
 
 class Backend(ABC):

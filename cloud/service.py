@@ -29,6 +29,7 @@ from cloud.scheduler import BatchScheduler, Forwarded
 from cloud.settings import CloudSettings
 from shared.errors import CapacityError, ShapeError, VerifierError, VocabularyMismatch
 from shared.sampling import SamplingSettings, sample_token
+from shared.speculative import target_distribution, verify_draft
 from shared.vocab import Vocabulary, check_compatible
 from shared.wire import PROTOCOL_VERSION, fingerprint_from_proto, fingerprint_to_proto, pb, topk_to_proto
 
@@ -391,7 +392,7 @@ class VerifierService:
             await self._rollback(s, msg.rollback.length)
             yield pb.CloudMessage(request_id=rid, rolled_back=pb.RolledBack(length=len(s.tokens)))
         elif kind == "verify":
-            raise VerifierError("UNIMPLEMENTED", "the exact (speculative sampling) policy is not served yet")
+            yield pb.CloudMessage(request_id=rid, verified=await self._verify(s, msg.verify))
         else:
             raise VerifierError("INVALID_ARGUMENT", f"unknown request `{kind}`")
 
@@ -510,6 +511,99 @@ class VerifierService:
                 break
         yield pb.CloudMessage(
             request_id=rid, handoff_done=pb.HandoffDone(reason=reason, length=len(s.tokens))
+        )
+
+    async def _verify(self, s: _Session, req: pb.VerifyDraft) -> pb.VerifyResult:
+        """Speculative sampling over the network: accept a prefix of the edge's draft, add one token.
+
+        Leviathan et al. 2023 / Chen et al. 2023 (shared/speculative.py): the tokens that stand are
+        distributed exactly as P's own sampling under the session's settings.
+        """
+        gamma = len(req.draft)
+        start = len(s.tokens)
+        if gamma == 0 or gamma > self.settings.max_tokens_per_append:
+            raise VerifierError(
+                "INVALID_ARGUMENT",
+                f"verify: a draft of {gamma} tokens (1 to max_tokens_per_append={self.settings.max_tokens_per_append})",
+            )
+        if len(req.draft_distributions) != gamma:
+            raise VerifierError(
+                "INVALID_ARGUMENT",
+                f"verify: {gamma} draft tokens but {len(req.draft_distributions)} distributions",
+            )
+        if s.next_unchecked != start:
+            raise VerifierError(
+                "FAILED_PRECONDITION",
+                f"verify with unchecked edge tokens at [{s.next_unchecked}, {start}): check or roll them back first",
+            )
+        if start + gamma + 1 > self.max_context:
+            raise VerifierError(
+                "RESOURCE_EXHAUSTED",
+                f"session would hold {start + gamma + 1} tokens; the context limit is {self.max_context}",
+            )
+        draft = []
+        for j, t in enumerate(req.draft):
+            if t.position != start + j:
+                raise VerifierError(
+                    "INVALID_ARGUMENT",
+                    f"verify: draft token {j} is at position {t.position}, expected {start + j} (contiguous from the end)",
+                )
+            draft.append(t.token_id)
+        self._check_ids(draft, "verify: draft token_id")
+        k = max(len(d.ids) for d in req.draft_distributions)
+        if (
+            k == 0
+            or k > self.settings.max_top_k
+            or any(len(d.ids) != len(d.logprobs) for d in req.draft_distributions)
+        ):
+            raise VerifierError("INVALID_ARGUMENT", "verify: malformed draft distributions")
+        q_ids = np.zeros((gamma, k), dtype=np.int64)
+        q_probs = np.zeros((gamma, k))
+        for j, d in enumerate(req.draft_distributions):
+            self._check_ids(d.ids, f"verify: distribution ids at draft position {j}")
+            q_ids[j, : len(d.ids)] = d.ids
+            q_probs[j, : len(d.ids)] = np.exp(np.asarray(d.logprobs, dtype=np.float64))
+        if s.fed > start - 1:  # the row for the first draft position needs the last token fed again
+            await self.scheduler.call(self.backend.truncate, s.seq, start - 1)
+            s.fed = start - 1
+        s.tokens.extend(draft)
+        try:
+            out = (await self._forward(s, s.tokens[s.fed :], n_out=gamma + 1, full_rows=True)).output
+            assert out.full_logprobs is not None
+            p_probs = np.stack([target_distribution(row, s.sampling) for row in out.full_logprobs])
+            rngs = [s.sampling.rng_for(start + j, s.rng, stream=1) for j in range(gamma + 1)]
+            verdict = verify_draft(np.asarray(draft), q_ids, q_probs, p_probs, rngs)
+        except ShapeError as e:
+            await self._rollback(s, start)
+            raise VerifierError("INVALID_ARGUMENT", f"verify: {e}") from None
+        except BaseException:
+            await self._rollback(s, start)
+            raise
+        accepted = verdict.accepted
+        # A stop token the edge drafted and P accepted ends the generation there.
+        stop_at = next((j for j in range(accepted) if draft[j] in s.stop_ids), None)
+        await self._rollback(s, start + (accepted if stop_at is None else stop_at + 1))
+        s.scored += gamma
+        self.metrics.tokens_scored.inc(gamma)
+        s.last_active = time.monotonic()
+        if stop_at is not None:
+            s.next_unchecked = len(s.tokens)
+            return pb.VerifyResult(accepted=stop_at + 1, bonus=False, length=len(s.tokens))
+        token = verdict.next_token
+        s.tokens.append(token)
+        s.next_unchecked = len(s.tokens)
+        s.generated += 1
+        self.metrics.tokens_generated.inc()
+        return pb.VerifyResult(
+            accepted=accepted,
+            next=pb.CloudToken(
+                position=start + accepted,
+                token_id=token,
+                topk=topk_to_proto(out.topk_ids[accepted], out.topk_logprobs[accepted]),
+                token_logprob=float(out.full_logprobs[accepted][token]),
+            ),
+            bonus=verdict.bonus,
+            length=len(s.tokens),
         )
 
     async def _rollback(self, s: _Session, length: int) -> None:

@@ -620,6 +620,24 @@ class RemoteSession:
         self.length = reply.rolled_back.length
         return self.length
 
+    async def verify(self, draft: Sequence[pb.EdgeToken], distributions: Sequence[pb.TopK]) -> pb.VerifyResult:
+        """Speculative sampling: the cloud accepts a prefix of the draft and adds one token.
+
+        Args:
+            draft: [gamma] tokens at contiguous positions from the session's end.
+            distributions: [gamma] Q's truncated, renormalised distributions each was drawn from
+                (ids and natural-log probabilities).
+
+        Returns:
+            How many draft tokens stand, and the next token (absent when an accepted draft token
+            was a stop token).
+        """
+        reply = await self._request(
+            pb.EdgeMessage(verify=pb.VerifyDraft(draft=list(draft), draft_distributions=list(distributions)))
+        )
+        self.length = reply.verified.length
+        return reply.verified
+
     async def close(self) -> pb.Closed | None:
         """Close politely; returns the cloud's counts (None if the session had already failed)."""
         closed = None

@@ -42,16 +42,21 @@ class SamplingSettings:
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
 
-    def rng_for(self, position: int, fallback: np.random.Generator | None = None) -> np.random.Generator:
+    def rng_for(
+        self, position: int, fallback: np.random.Generator | None = None, stream: int = 0
+    ) -> np.random.Generator:
         """The generator for the draw at `position`: keyed by (seed, position) when seeded.
 
         Args:
             position: index of the token being drawn in the whole context (prompt included).
             fallback: the session's own generator, used unseeded (a fresh one if None).
+            stream: another independent stream at the same position (0: the token draw itself;
+                the verifier of a speculative draft uses 1, independent of the edge's draw).
         """
         if self.seed is None:
             return fallback if fallback is not None else np.random.default_rng()
-        return np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, int(position)])
+        key = [self.seed & 0xFFFF_FFFF_FFFF_FFFF, int(position)]
+        return np.random.default_rng([*key, int(stream)] if stream else key)
 
 
 def sampling_distribution(logprobs: np.ndarray, settings: SamplingSettings) -> np.ndarray:

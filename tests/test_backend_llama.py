@@ -173,6 +173,10 @@ def test_views_match_llama_cpp_model(make_backend, reference, kv_unified: bool, 
     rows = full_rows(backend.forward([full_item(seq, toks)])[0])
     assert rows.shape == ref.shape
     assert kl_divergence(ref, rows).max() < KL_MAX
+    # ...and returned whole (full_rows)
+    backend.truncate(seq, 0)
+    whole = backend.forward([ForwardItem(seq, toks, 4, K, full_rows=True)])[0].full_logprobs
+    assert whole.shape == (4, ref.shape[1]) and kl_divergence(ref[-4:], whole).max() < KL_MAX
     assert np.allclose(np.exp(rows).sum(axis=-1), 1.0)
 
     ref_ids, ref_vals = top_k(ref, K)

@@ -110,8 +110,14 @@ def test_views_equal_a_full_forward_pass(backend, reference):
     seq2 = backend.new_sequence()
     _, rows = full_rows(backend, seq2, toks)
     assert_rows_close(rows, want)
+    # ...and returned whole (full_rows: speculative drafts need P's distribution at every position).
+    seq3 = backend.new_sequence()
+    whole = backend.forward([ForwardItem(seq3, toks, 5, 10, full_rows=True)])[0].full_logprobs
+    assert whole.shape == (5, V) and whole.dtype == np.float64
+    assert_rows_close(whole, want[-5:])
     backend.release(seq)
     backend.release(seq2)
+    backend.release(seq3)
 
 
 def test_info_and_vocabulary(backend, ref_a):

@@ -352,6 +352,9 @@ class _HostViews:
             topk_logprobs=self.topk_logprobs[rows, : item.k].copy(),
             gathered=gathered,
             last_logprobs=self.full.get(start + item.n_out - 1) if item.full_last else None,
+            full_logprobs=np.stack([self.full[start + j] for j in range(item.n_out)])
+            if item.full_rows
+            else None,
         )
 
 
@@ -612,11 +615,8 @@ class TransformersBackend(Backend):
                 first = len(item.tokens) - item.n_out  # the item's output rows are its last n_out tokens
                 for j in range(item.n_out):
                     gather = item.gather[j] if item.gather is not None else None
-                    rows.append(
-                        _Row(
-                            b * n_max + first + j, list(gather or ()), item.full_last and j == item.n_out - 1
-                        )
-                    )
+                    full = item.full_rows or (item.full_last and j == item.n_out - 1)
+                    rows.append(_Row(b * n_max + first + j, list(gather or ()), full))
         k = max((item.k for item in items if item.n_out), default=1)
         if read:
             views = self._views(hidden, rows, k)
