@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 # Largest token-hash range served by one GetInfo call.
 MAX_TOKEN_HASHES = 4096
-SUPPORTED_POLICIES = (pb.POLICY_KIND_SEED, pb.POLICY_KIND_ROLLBACK)
+SUPPORTED_POLICIES = (pb.POLICY_KIND_SEED, pb.POLICY_KIND_ROLLBACK, pb.POLICY_KIND_EXACT)
 
 
 @dataclass

@@ -34,7 +34,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any, Literal
 
 import numpy as np
@@ -61,7 +61,7 @@ TRACE_VERSION = 1
 class PolicyConfig:
     """Constants of a handoff policy. Defaults and how they were chosen: docs/policy_defaults.md."""
 
-    kind: Literal["seed", "rollback"] = "rollback"
+    kind: Literal["seed", "rollback", "exact"] = "rollback"
     seed_tokens: int = 0  # N0: tokens the cloud generates first
     check_interval: int = 8  # N: edge tokens per check point
     threshold: float = 0.2  # tau, nats, on the top-k KL (a lower bound of the full KL)
@@ -70,10 +70,14 @@ class PolicyConfig:
     agree_tokens: int = 0  # hand back early once this many cloud positions in a row have KL <= tau; 0 = off
     top_k: int = 20
     lookahead_windows: int = 1  # windows drafted beyond the oldest unanswered check point; 0 = wait
+    draft_tokens: int = 4  # exact: the first draft's length gamma (then adapted to the acceptance rate)
+    draft_tokens_max: int = 12  # exact: the longest draft
 
     def __post_init__(self) -> None:
-        if self.kind not in ("seed", "rollback"):
-            raise ShapeError(f"policy kind must be seed or rollback, got {self.kind!r}")
+        if self.kind not in ("seed", "rollback", "exact"):
+            raise ShapeError(f"policy kind must be seed, rollback or exact, got {self.kind!r}")
+        if not 1 <= self.draft_tokens <= self.draft_tokens_max:
+            raise ShapeError("draft_tokens must be >= 1 and <= draft_tokens_max")
         if self.aggregation not in AGGREGATIONS:
             raise ShapeError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.check_interval < 1 or self.handback_tokens < 1 or self.top_k < 1:
@@ -84,7 +88,11 @@ class PolicyConfig:
             raise ShapeError(f"threshold must be >= 0 nats, got {self.threshold}")
 
     def to_proto(self) -> pb.Policy:
-        kind = pb.POLICY_KIND_SEED if self.kind == "seed" else pb.POLICY_KIND_ROLLBACK
+        kind = {
+            "seed": pb.POLICY_KIND_SEED,
+            "rollback": pb.POLICY_KIND_ROLLBACK,
+            "exact": pb.POLICY_KIND_EXACT,
+        }[self.kind]
         return pb.Policy(
             kind=kind,
             check_interval=self.check_interval,
@@ -162,6 +170,18 @@ class GenerationResult:
     bytes_sent: int = 0
     bytes_received: int = 0
     open_bytes: tuple[int, int] | None = None  # the first session's OpenSession, SessionOpened sizes
+    drafts: int = 0  # exact: drafts verified
+    draft_tokens: int = 0  # exact: draft tokens sent
+    draft_accepted: int = 0  # exact: draft tokens the cloud accepted
+
+    def acceptance(self) -> dict[str, float | None]:
+        """Exact policy: the per-token acceptance rate and the mean accepted length per draft."""
+        if not self.drafts:
+            return {"acceptance_rate": None, "mean_accepted_length": None}
+        return {
+            "acceptance_rate": self.draft_accepted / self.draft_tokens,
+            "mean_accepted_length": self.draft_accepted / self.drafts,
+        }
 
     @property
     def tokens(self) -> list[int]:
@@ -199,6 +219,8 @@ class GenerationResult:
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "open_bytes": self.open_bytes,
+            "drafts": self.drafts,
+            **self.acceptance(),
             "seconds": self.seconds,
             "first_token_s": self.first_token_s,
             "stop_reason": self.stop_reason,
@@ -278,6 +300,13 @@ def sampling_to_proto(s: SamplingSettings, stop_ids: Sequence[int]) -> pb.Sampli
         has_seed=s.seed is not None,
         stop_token_ids=sorted(stop_ids),
     )
+
+
+def _draft_sampling(sampling: SamplingSettings | None, policy: PolicyConfig) -> SamplingSettings | None:
+    """The exact policy drafts from Q's top-k truncated distribution: the k values the cloud gets are all of it."""
+    if policy.kind != "exact" or sampling is None or sampling.greedy:
+        return sampling
+    return replace(sampling, top_k=min(sampling.top_k or policy.top_k, policy.top_k))
 
 
 OnToken = Callable[[TokenRecord], "Awaitable[bool | None] | bool | None"]
@@ -467,6 +496,8 @@ class _Generation:
         self.context_bound = max_tokens > room
         self.stops = self.runner.stop_token_ids
         self.link: _Link | None = None
+        self.gamma = self.policy.draft_tokens  # exact: the next draft's length
+        self._exact_acceptance: list[tuple[int, int]] = []  # exact: (accepted, drafted) per draft
         self._start = time.perf_counter()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-runner")
 
@@ -488,7 +519,9 @@ class _Generation:
     async def run(self, sampling: SamplingSettings | None) -> GenerationResult:
         result, g = self.result, self.g
         try:
-            await self._in_pool(self.runner.start, self.prompt, sampling)
+            self.runner.keep_draft_probs = g.mode == "hybrid" and self.policy.kind == "exact"
+            chosen = sampling or self.runner.sampling  # what P's output must follow, whatever Q drafts from
+            await self._in_pool(self.runner.start, self.prompt, _draft_sampling(chosen, self.policy))
             if g.mode != "edge":
                 assert g.client is not None
                 self.link = _Link(
@@ -496,7 +529,7 @@ class _Generation:
                     dict(
                         vocabulary=g.vocabulary,
                         top_k=self.policy.top_k,
-                        sampling=sampling_to_proto(self.runner.sampling, self.stops),
+                        sampling=sampling_to_proto(chosen, self.stops),
                         policy=self.policy.to_proto(),
                     ),
                     g.link_config,
@@ -539,8 +572,12 @@ class _Generation:
             done = await self._cloud_turn(
                 min(self.policy.seed_tokens, self.max_tokens), None, early_handback=False
             )
+        exact = g.mode == "hybrid" and self.policy.kind == "exact"
         while not done and self.committed < self.max_tokens:
-            done = await self._edge_phase()
+            if exact and link is not None and link.alive():
+                done = await self._exact_round()
+            else:  # no cloud: the edge goes on alone, its tokens unchecked
+                done = await self._edge_phase()
         return "stop_token" if done else ended
 
     # -- committing ----------------------------------------------------------------------------
@@ -712,6 +749,87 @@ class _Generation:
             return False
         corrected = (w.steps[keep].token_id, float(w.kls[keep])) if keep < len(w.steps) else None
         return await self._cloud_turn(min(self.policy.handback_tokens, room), corrected, early_handback=True)
+
+    # -- the exact policy --------------------------------------------------------------------
+
+    async def _exact_round(self) -> bool:
+        """Draft gamma tokens, let the cloud verify them (speculative sampling); True at a stop token.
+
+        The tokens that stand are distributed exactly as P's own sampling (shared/speculative.py);
+        gamma follows the acceptance rate: drafting past the expected run of acceptances only
+        spends edge time and uplink on tokens the cloud will throw away.
+        """
+        link = self.link
+        assert link is not None and link.session is not None
+        result = self.result
+        start = self.runner.length
+        steps: list[EdgeStep] = []
+        while len(steps) < min(self.gamma, self.max_tokens - self.committed):
+            step = await self._in_pool(self.runner.step)
+            steps.append(step)
+            if step.token_id in self.stops:
+                break
+        draft = [pb.EdgeToken(position=s.position, token_id=s.token_id) for s in steps]
+        dists = [topk_to_proto(s.topk_ids, np.log(np.maximum(s.draft_probs, 1e-300))) for s in steps]
+        t_uploaded = self.clock()
+        try:
+            verdict = await self._bounded(link.session.verify(draft, dists))
+        except (VerifierError, TimeoutError) as e:
+            link.fail(e)
+            w = _Window(steps, [t_uploaded] * len(steps))
+            return await self._commit_edge(w, len(steps))  # unchecked: the cloud is gone
+        t_answered = self.clock()
+        accepted = verdict.accepted
+        result.drafts += 1
+        result.draft_tokens += len(steps)
+        result.draft_accepted += min(accepted, len(steps))
+        self._exact_acceptance.append((min(accepted, len(steps)), len(steps)))
+        w = _Window(steps, [t_uploaded] * len(steps), t_uploaded=t_uploaded, t_answered=t_answered)
+        for j in range(min(accepted, len(steps))):
+            s = steps[j]
+            await self._commit(
+                TokenRecord(
+                    position=s.position, token_id=s.token_id, source="edge", checked=True, kl=None,
+                    q_entropy=s.entropy, q_topk_ids=s.topk_ids.tolist(), q_topk_logprobs=s.topk_logprobs.tolist(),
+                    q_logprob=s.token_logprob, t_generated=w.times[j], t_uploaded=t_uploaded, t_answered=t_answered,
+                )
+            )  # fmt: skip
+            if s.token_id in self.stops:
+                return True
+        if accepted < len(steps):
+            await self._in_pool(self.runner.truncate, start + accepted)
+        self.gamma = self._next_gamma()
+        if not verdict.HasField("next") or self.committed >= self.max_tokens:
+            return False
+        tok = verdict.next
+        p_ids, p_lp = topk_from_proto(tok.topk)
+        await self._in_pool(self.runner.append, [tok.token_id])
+        rejected = accepted < len(steps)
+        await self._commit(
+            TokenRecord(
+                position=tok.position, token_id=tok.token_id, source="corrected" if rejected else "cloud",
+                checked=True, p_logprob=float(tok.token_logprob), p_topk_ids=p_ids.tolist(),
+                p_topk_logprobs=p_lp.tolist(), replaced_token_id=steps[accepted].token_id if rejected else None,
+                t_generated=t_answered, t_received=t_answered,
+            )
+        )  # fmt: skip
+        return tok.token_id in self.stops
+
+    def _next_gamma(self) -> int:
+        """The next draft's length: the expected run of acceptances plus one, from recent drafts.
+
+        With a per-token acceptance rate a, a draft of g tokens yields (1 - a^(g+1)) / (1 - a) tokens
+        (Leviathan et al. 2023); the marginal token is worth drafting while a^g stays above ~1/4.
+        """
+        recent = self._exact_acceptance[-8:]
+        drafted = sum(n for _, n in recent)
+        rate = sum(a for a, _ in recent) / drafted if drafted else 0.5
+        if rate >= 0.999:
+            return self.policy.draft_tokens_max
+        if rate <= 0.0:
+            return 1
+        best = int(np.floor(np.log(0.25) / np.log(rate)))
+        return int(np.clip(best, 1, self.policy.draft_tokens_max))
 
     # -- the cloud's turn ----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import numpy as np
 from shared.divergence import log_softmax, logits_view
 from shared.errors import ShapeError
 from shared.llama_cpp_model import LlamaCppModel
-from shared.sampling import SamplingSettings, draw
+from shared.sampling import SamplingSettings, draw, sampling_distribution
 
 __all__ = ["EdgeRunner", "EdgeStep"]
 
@@ -44,6 +44,8 @@ class EdgeStep:
     sampled_logprob: float  # log-prob of token_id under the distribution it was drawn from; 0.0 greedy
     token_logprob: float  # Q's log-probability of token_id (temperature 1)
     seconds: float  # wall time of this step: distribution, sampling and evaluating the token
+    # float64 [k]: the sampling distribution at topk_ids (the exact policy sends it); None unless asked
+    draft_probs: np.ndarray | None = None
 
 
 class EdgeRunner:
@@ -89,6 +91,7 @@ class EdgeRunner:
             raise ShapeError(f"k: expected 1 <= k <= n_vocab = {self.n_vocab}, got {k}")
         self.k = k
         self.sampling = sampling
+        self.keep_draft_probs = False  # set by the exact policy: steps carry their sampling distribution
         self.stop_token_ids: frozenset[int] = frozenset(self.model.stop_token_ids())
         self._rng = sampling.rng()
         self._closed = False
@@ -276,13 +279,19 @@ class EdgeRunner:
         # every position we never look at again; every position's view is taken right when it is last.
         logits = self.model.next_logits()  # float32 [V]
         top_ids, top_lp, ent, _ = logits_view(logits, self.k)  # [k], [k]: float32 work, float64 sums
+        draft_probs = None
         if self.sampling.greedy:  # the argmax, ties to the lower id: the top-k's first entry
             token, sampled_lp, token_lp = int(top_ids[0]), 0.0, float(top_lp[0])
+            if self.keep_draft_probs:
+                draft_probs = np.zeros(len(top_ids))
+                draft_probs[0] = 1.0
         else:
             # The same draw as the cloud's (shared.sampling): a seed picks the same token on both sides.
             logprobs = log_softmax(logits)  # float64 [V]
             token, sampled_lp = draw(logprobs, self.sampling, self.sampling.rng_for(position, self._rng))
             token_lp = float(logprobs[token])
+            if self.keep_draft_probs:  # exactly the distribution the draw used, at the top-k ids
+                draft_probs = sampling_distribution(logprobs, self.sampling)[top_ids]
         self.model.eval([token])
         top_ids.setflags(write=False)
         top_lp.setflags(write=False)
@@ -295,6 +304,7 @@ class EdgeRunner:
             sampled_logprob=sampled_lp,
             token_logprob=token_lp,
             seconds=time.perf_counter() - t0,
+            draft_probs=draft_probs,
         )
 
     # -- lifetime ------------------------------------------------------------------------------

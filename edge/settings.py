@@ -34,7 +34,7 @@ class EdgeSettings(BaseSettings):
     n_ctx: int = Field(4096, ge=64, description="The edge model's context length.")
 
     # The policy (edge/controller.py PolicyConfig; docs/policy_defaults.md says how they were chosen)
-    policy: Literal["seed", "rollback"] = Field(_P.kind)
+    policy: Literal["seed", "rollback", "exact"] = Field(_P.kind, description="exact: speculative sampling.")
     seed_tokens: int = Field(_P.seed_tokens, ge=0, description="N0: tokens the cloud generates first.")
     check_interval: int = Field(_P.check_interval, ge=1, description="N: edge tokens per check point.")
     threshold: float = Field(_P.threshold, ge=0, description="tau, nats, top-k KL (a lower bound of KL).")
@@ -43,6 +43,8 @@ class EdgeSettings(BaseSettings):
     agree_tokens: int = Field(_P.agree_tokens, ge=0, description="Hand back after this many agreeing.")
     top_k: int = Field(_P.top_k, ge=1, le=256)
     lookahead_windows: int = Field(_P.lookahead_windows, ge=0)
+    draft_tokens: int = Field(_P.draft_tokens, ge=1, description="exact: the first draft's length.")
+    draft_tokens_max: int = Field(_P.draft_tokens_max, ge=1, description="exact: the longest draft.")
 
     # A slow or unreachable cloud
     check_timeout_s: float = Field(_L.check_timeout_s, gt=0)

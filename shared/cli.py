@@ -357,7 +357,10 @@ CloudModelOpt = Annotated[
 ]
 EdgeOnlyOpt = Annotated[bool, typer.Option("--edge-only", help="Baseline: Q alone, no cloud.")]
 CloudOnlyOpt = Annotated[bool, typer.Option("--cloud-only", help="Baseline: P generates everything.")]
-PolicyOpt = Annotated[str | None, typer.Option("--policy", help="rollback or seed.")]
+PolicyOpt = Annotated[
+    str | None,
+    typer.Option("--policy", help="rollback, seed, or exact (speculative sampling: P's distribution)."),
+]
 ThresholdOpt = Annotated[
     float | None, typer.Option("--threshold", help="tau in nats (top-k KL, a lower bound of the full KL).")
 ]
@@ -427,11 +430,18 @@ def _stats_line(result, cloud_info: dict[str, str]) -> str:
         f", {counts['unchecked']} unchecked" if counts["unchecked"] and result.mode == "hybrid" else ""
     )
     rate = len(result.records) / result.seconds if result.seconds > 0 else 0.0
+    acc = result.acceptance()
+    exact = (
+        f"; {result.drafts} drafts, acceptance {acc['acceptance_rate']:.2f}, "
+        f"{acc['mean_accepted_length']:.1f} accepted per draft"
+        if result.drafts
+        else ""
+    )
     return (
         f"{len(result.records)} tokens ({result.mode}): {counts['edge']} edge, {counts['cloud']} cloud, "
         f"{counts['corrected']} corrected{unchecked}; {result.check_points} check points, "
         f"{result.handoffs} handoffs; mean KL {mean_kl}; {_human_bytes(result.bytes_sent)} up, "
-        f"{_human_bytes(result.bytes_received)} down; {result.seconds:.1f} s, {rate:.1f} tok/s"
+        f"{_human_bytes(result.bytes_received)} down; {result.seconds:.1f} s, {rate:.1f} tok/s{exact}"
     )
 
 

@@ -271,3 +271,80 @@ def test_verify_rejects_bad_drafts(tiny_gguf_a):
         await session.close()
 
     run(_with_service(tiny_gguf_a, body))
+
+
+# -- the exact policy through the controller (HybridGenerator) ------------------------------------
+
+
+async def _generate(cloud_path, edge_path, policy, sampling, max_tokens, mode="hybrid"):
+    from cloud_harness import llama_backend_factory, running_server, vocabulary_of
+
+    from edge.controller import HybridGenerator
+    from edge.runner import EdgeRunner
+
+    runner = EdgeRunner(edge_path, k=policy.top_k, n_ctx=512, n_threads=1)
+    try:
+        prompt = runner.model.tokenize(
+            runner.model.chat_prompt([{"role": "user", "content": "Sort a list."}])
+        )
+        async with running_server(llama_backend_factory(cloud_path)) as (_, client):
+            gen = HybridGenerator(runner, client, vocabulary_of(edge_path), policy, mode=mode)
+            return await gen.generate(prompt, max_tokens, sampling=sampling)
+    finally:
+        runner.close()
+
+
+def test_exact_policy_greedy_reproduces_cloud_only_text(tiny_gguf_a, tiny_gguf_a_near, tiny_gguf_b):
+    """Over real gRPC: greedy exact mode writes P's own greedy text, token for token, for either edge."""
+    from cloud_harness import run
+
+    from edge.controller import PolicyConfig
+
+    policy = PolicyConfig(kind="exact", draft_tokens=3)
+    cloud = run(_generate(tiny_gguf_a, tiny_gguf_a_near, policy, SamplingSettings(), 40, mode="cloud"))
+    for edge in (tiny_gguf_a_near, tiny_gguf_b):
+        r = run(_generate(tiny_gguf_a, edge, policy, SamplingSettings(), 40))
+        assert r.tokens == cloud.tokens, edge.name
+        s = r.summary()
+        assert s["drafts"] >= 1 and 0.0 <= s["acceptance_rate"] <= 1.0
+        assert r.counts()["edge"] == r.draft_accepted
+    near = run(_generate(tiny_gguf_a, tiny_gguf_a_near, policy, SamplingSettings(), 40))
+    far = run(_generate(tiny_gguf_a, tiny_gguf_b, policy, SamplingSettings(), 40))
+    # A-near agrees with A far more often than B does: more accepted, longer drafts.
+    assert near.acceptance()["acceptance_rate"] > far.acceptance()["acceptance_rate"]
+    assert near.acceptance()["mean_accepted_length"] > far.acceptance()["mean_accepted_length"]
+
+
+@pytest.mark.slow
+def test_exact_policy_samples_ps_distribution_through_the_controller(tiny_gguf_a, tiny_gguf_b):
+    """Seeded sampling through HybridGenerator: first two tokens match P's own sampling (chi-square)."""
+    from cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
+
+    from edge.controller import HybridGenerator, PolicyConfig
+    from edge.runner import EdgeRunner
+
+    n = 400
+
+    async def go():
+        runner = EdgeRunner(tiny_gguf_b, k=K, n_ctx=512, n_threads=1)
+        prompt = runner.model.tokenize(
+            runner.model.chat_prompt([{"role": "user", "content": "Sort a list."}])
+        )
+        out = {"exact": [], "cloud": []}
+        try:
+            async with running_server(llama_backend_factory(tiny_gguf_a)) as (_, client):
+                for mode, base in (("exact", 0), ("cloud", 50_000)):
+                    policy = PolicyConfig(kind="exact", draft_tokens=2)
+                    gen = HybridGenerator(runner, client, vocabulary_of(tiny_gguf_b), policy,
+                                          mode="hybrid" if mode == "exact" else "cloud")  # fmt: skip
+                    for seed in range(base, base + n):
+                        r = await gen.generate(
+                            prompt, 2, sampling=SamplingSettings(temperature=0.5, seed=seed)
+                        )
+                        out[mode].append(tuple(r.tokens))
+        finally:
+            runner.close()
+        return out
+
+    out = run(go())
+    assert homogeneity_p(out["exact"], out["cloud"]) > 0.001
