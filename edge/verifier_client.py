@@ -620,7 +620,9 @@ class RemoteSession:
         self.length = reply.rolled_back.length
         return self.length
 
-    async def verify(self, draft: Sequence[pb.EdgeToken], distributions: Sequence[pb.TopK]) -> pb.VerifyResult:
+    async def verify(
+        self, draft: Sequence[pb.EdgeToken], distributions: Sequence[pb.TopK]
+    ) -> pb.VerifyResult:
         """Speculative sampling: the cloud accepts a prefix of the draft and adds one token.
 
         Args:
