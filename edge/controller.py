@@ -39,9 +39,19 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
+from edge.policies import (
+    BudgetConfig,
+    BudgetController,
+    EntropyScorer,
+    KLScorer,
+    SkipGate,
+    TokenScorer,
+    WindowView,
+    trigger_cut,
+)
 from edge.runner import EdgeRunner, EdgeStep
 from edge.verifier_client import RemoteSession, VerifierClient
-from shared.divergence import AGGREGATIONS, aggregate, first_over, topk_kl
+from shared.divergence import AGGREGATIONS, topk_kl
 from shared.errors import ShapeError, VerifierError
 from shared.sampling import SamplingSettings
 from shared.vocab import Vocabulary
@@ -72,12 +82,47 @@ class PolicyConfig:
     lookahead_windows: int = 1  # windows drafted beyond the oldest unanswered check point; 0 = wait
     draft_tokens: int = 4  # exact: the first draft's length gamma (then adapted to the acceptance rate)
     draft_tokens_max: int = 12  # exact: the longest draft
+    # What decides a handoff: "kl" (P's answer at the check point) or "entropy" (Q's own entropy, nats,
+    # against the threshold: the edge needs no cloud answer to decide); HybridGenerator also takes any
+    # edge.policies.TokenScorer.
+    trigger: str = "kl"
+    # skip: upload only the token id where Q is confident ("entropy": entropy <= skip_entropy_max;
+    # "top1": top-1 probability >= skip_top1_min); KL is computed where distributions were sent.
+    skip: str = "off"
+    skip_entropy_max: float = 0.5
+    skip_top1_min: float = 0.9
+    # budget > 0: tau is tuned online to hold this cloud-token fraction (edge.policies.BudgetController);
+    # the threshold above is where it starts.
+    budget: float = 0.0
+    budget_window: int = 256
+    budget_gain: float = 0.5
 
     def __post_init__(self) -> None:
         if self.kind not in ("seed", "rollback", "exact"):
             raise ShapeError(f"policy kind must be seed, rollback or exact, got {self.kind!r}")
         if not 1 <= self.draft_tokens <= self.draft_tokens_max:
             raise ShapeError("draft_tokens must be >= 1 and <= draft_tokens_max")
+        if self.trigger not in ("kl", "entropy"):
+            raise ShapeError(f"trigger must be kl or entropy, got {self.trigger!r}")
+        self.skip_gate()  # validates skip and its bounds
+        if not 0.0 <= self.budget < 1.0:
+            raise ShapeError(f"budget must be a cloud-token fraction in [0, 1), got {self.budget}")
+        if self.budget and self.budget_window < 1:
+            raise ShapeError("budget_window must be >= 1")
+
+    def skip_gate(self) -> SkipGate:
+        return SkipGate(kind=self.skip, entropy_max=self.skip_entropy_max, top1_min=self.skip_top1_min)  # type: ignore[arg-type]
+
+    def budget_controller(self) -> BudgetController | None:
+        if not self.budget:
+            return None
+        tau = min(max(self.threshold, 0.01), 10.0)
+        return BudgetController(
+            BudgetConfig(target=self.budget, window=self.budget_window, gain=self.budget_gain, tau_init=tau)
+        )
+
+    def scorer(self) -> TokenScorer:
+        return EntropyScorer() if self.trigger == "entropy" else KLScorer()
         if self.aggregation not in AGGREGATIONS:
             raise ShapeError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.check_interval < 1 or self.handback_tokens < 1 or self.top_k < 1:
@@ -170,6 +215,7 @@ class GenerationResult:
     bytes_sent: int = 0
     bytes_received: int = 0
     open_bytes: tuple[int, int] | None = None  # the first session's OpenSession, SessionOpened sizes
+    skipped_uploads: int = 0  # skip: positions uploaded without Q's distribution
     drafts: int = 0  # exact: drafts verified
     draft_tokens: int = 0  # exact: draft tokens sent
     draft_accepted: int = 0  # exact: draft tokens the cloud accepted
@@ -219,6 +265,7 @@ class GenerationResult:
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "open_bytes": self.open_bytes,
+            "skipped_uploads": self.skipped_uploads,
             "drafts": self.drafts,
             **self.acceptance(),
             "seconds": self.seconds,
@@ -242,7 +289,7 @@ def window_kl(steps: Sequence[EdgeStep], scores: Sequence[pb.PositionScore]) -> 
     """Top-k KL(P || Q) at each position of a window, from Q's views and the cloud's answer.
 
     Returns:
-        [n] nats, each a lower bound of the full-vocabulary KL.
+        [n] nats, each a lower bound of the full-vocabulary KL; NaN where no distribution was uploaded.
     """
     if len(steps) != len(scores) or any(
         s.position != sc.position for s, sc in zip(steps, scores, strict=True)
@@ -252,6 +299,9 @@ def window_kl(steps: Sequence[EdgeStep], scores: Sequence[pb.PositionScore]) -> 
     for j, (st, sc) in enumerate(zip(steps, scores, strict=True)):
         p_ids, p_lp = topk_from_proto(sc.topk)
         p_at_q = np.asarray(sc.logprobs_at_edge_topk, dtype=np.float64)
+        if p_at_q.size == 0:  # the edge skipped this position's upload: no divergence there
+            out[j] = np.nan
+            continue
         out[j] = topk_kl(
             p_ids[None],
             p_lp[None],
@@ -263,25 +313,26 @@ def window_kl(steps: Sequence[EdgeStep], scores: Sequence[pb.PositionScore]) -> 
     return out
 
 
-def window_cut(kls: np.ndarray, policy: PolicyConfig) -> int | None:
+def window_cut(kls: np.ndarray, policy: PolicyConfig, threshold: float | None = None) -> int | None:
     """Where a checked window hands over: None to keep going on the edge, else how many tokens to keep.
 
     Args:
-        kls: [n] per-position KL of the window.
+        kls: [n] per-position scores of the window (KL by default; NaN where not scored).
+        threshold: tau now (a budget moves it); default the policy's.
 
     Returns:
         None when the aggregated divergence is <= tau; otherwise n (seed: keep the window) or the
-        index of the first position over tau (rollback; 0 when only the mean is over).
+        index of the first position over tau (rollback).
     """
-    if aggregate(kls, policy.aggregation) <= policy.threshold:
-        return None
-    if policy.kind == "seed":
-        return len(kls)
-    cut = first_over(kls, policy.threshold)
-    return 0 if cut is None else cut
+    tau = policy.threshold if threshold is None else threshold
+    return trigger_cut(kls, tau, policy.aggregation, "seed" if policy.kind == "seed" else "rollback")
 
 
-def _edge_token(step: EdgeStep) -> pb.EdgeToken:
+def _edge_token(step: EdgeStep, skip: bool = False) -> pb.EdgeToken:
+    if skip:  # Q is confident here: the token id alone (U-HLM's uncertainty-aware skipping)
+        return pb.EdgeToken(
+            position=step.position, token_id=step.token_id, sampled_logprob=step.sampled_logprob
+        )
     return pb.EdgeToken(
         position=step.position,
         token_id=step.token_id,
@@ -441,6 +492,7 @@ class HybridGenerator:
         *,
         mode: Mode = "hybrid",
         link: LinkConfig = LinkConfig(),
+        scorer: TokenScorer | None = None,
     ) -> None:
         if mode not in MODES:
             raise ShapeError(f"mode must be one of {MODES}, got {mode!r}")
@@ -452,6 +504,15 @@ class HybridGenerator:
         self.policy = policy
         self.mode = mode
         self.link_config = link
+        self.scorer = scorer or policy.scorer()
+        self.skip_gate = policy.skip_gate()
+        # Across generate() calls: a budget is a share of all the tokens this generator produces.
+        self.budget = policy.budget_controller()
+
+    @property
+    def threshold(self) -> float:
+        """tau now: the policy's, or where the budget controller has moved it."""
+        return self.budget.tau if self.budget is not None else self.policy.threshold
 
     async def generate(
         self,
@@ -609,7 +670,7 @@ class _Generation:
                     token_id=s.token_id,
                     source="edge",
                     checked=scores is not None,
-                    kl=None if w.kls is None else float(w.kls[j]),
+                    kl=None if w.kls is None or np.isnan(w.kls[j]) else float(w.kls[j]),
                     q_entropy=s.entropy,
                     q_topk_ids=s.topk_ids.tolist(),
                     q_topk_logprobs=s.topk_logprobs.tolist(),
@@ -639,7 +700,16 @@ class _Generation:
             return
         assert link.session is not None
         try:
-            await self._bounded(link.session.append_nowait([_edge_token(s) for s in w.steps]))
+            gate = self.g.skip_gate
+            skip = gate.confident(
+                np.asarray([s.entropy for s in w.steps]), np.asarray([s.topk_logprobs[0] for s in w.steps])
+            )
+            self.result.skipped_uploads += int(skip.sum())
+            await self._bounded(
+                link.session.append_nowait(
+                    [_edge_token(s, bool(k)) for s, k in zip(w.steps, skip, strict=True)]
+                )
+            )
             w.answer = await self._bounded(link.session.send_check(w.steps[0].position, w.steps[-1].position))
         except (VerifierError, TimeoutError) as e:
             link.fail(e)
@@ -719,8 +789,17 @@ class _Generation:
         # A done-callback runs one loop turn after the answer is set; settling may come first.
         self._answered(w)
         w.kls = window_kl(w.steps, answer.result().scores)
-        cut = window_cut(w.kls, self.policy)
+        view = WindowView(
+            token_ids=np.asarray([s.token_id for s in w.steps]),
+            q_topk_ids=np.stack([s.topk_ids for s in w.steps]),
+            q_topk_logprobs=np.stack([s.topk_logprobs for s in w.steps]),
+            q_entropy=np.asarray([s.entropy for s in w.steps]),
+            p_kls=w.kls,
+        )
+        cut = window_cut(self.g.scorer.scores(view), self.policy, self.g.threshold)
         w.keep = len(w.steps) if cut is None else cut
+        if self.g.budget is not None:
+            self.g.budget.update(w.keep, 0)
         if await self._commit_edge(w, w.keep) and w.keep == len(w.steps):
             return "stop"
         return "continue" if cut is None else "handover"
@@ -848,6 +927,7 @@ class _Generation:
         assert link is not None and link.session is not None
         session = link.session
         self.result.handoffs += 1
+        before = self.committed
         streak, stopping, extra, last = 0, False, 0, None
         agree = self.policy.agree_tokens if early_handback else 0
         tokens = session.handoff(n)
@@ -890,7 +970,7 @@ class _Generation:
                 last = tok.token_id
                 await self._commit(record)
                 if agree and tok.token_id not in self.stops:
-                    streak = streak + 1 if kl <= self.policy.threshold else 0
+                    streak = streak + 1 if kl <= self.g.threshold else 0
                     if streak >= agree and self.committed < self.max_tokens:
                         stopping = True
                         await self._bounded(session.stop_generation())
@@ -902,4 +982,6 @@ class _Generation:
             link.fail(e)
         finally:
             await tokens.aclose()
+            if self.g.budget is not None and self.g.mode == "hybrid":
+                self.g.budget.update(self.committed - before, self.committed - before)
         return last is not None and last in self.stops

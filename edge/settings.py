@@ -45,6 +45,13 @@ class EdgeSettings(BaseSettings):
     lookahead_windows: int = Field(_P.lookahead_windows, ge=0)
     draft_tokens: int = Field(_P.draft_tokens, ge=1, description="exact: the first draft's length.")
     draft_tokens_max: int = Field(_P.draft_tokens_max, ge=1, description="exact: the longest draft.")
+    trigger: Literal["kl", "entropy"] = Field(_P.trigger, description="What decides a handoff.")
+    skip: Literal["off", "entropy", "top1"] = Field(_P.skip, description="Upload only ids where Q is sure.")
+    skip_entropy_max: float = Field(_P.skip_entropy_max, ge=0)
+    skip_top1_min: float = Field(_P.skip_top1_min, gt=0, le=1)
+    budget: float = Field(_P.budget, ge=0, lt=1, description="Hold this cloud-token fraction (0: off).")
+    budget_window: int = Field(_P.budget_window, ge=1)
+    budget_gain: float = Field(_P.budget_gain, gt=0)
 
     # A slow or unreachable cloud
     check_timeout_s: float = Field(_L.check_timeout_s, gt=0)

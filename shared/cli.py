@@ -384,6 +384,19 @@ TopKOpt = Annotated[int | None, typer.Option("--top-k", min=1, max=256, help="k 
 LookaheadOpt = Annotated[
     int | None, typer.Option("--lookahead", min=0, help="Windows drafted while a check point is in flight.")
 ]
+TriggerOpt = Annotated[
+    str | None, typer.Option("--trigger", help="kl (P's answer decides) or entropy (Q's own entropy vs tau).")
+]
+SkipOpt = Annotated[
+    str | None, typer.Option("--skip", help="off, entropy or top1: upload only ids where Q is confident.")
+]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option("--budget", min=0.0, max=0.99, help="Tune tau online to hold this cloud share."),
+]
+DraftOpt = Annotated[
+    int | None, typer.Option("--draft-tokens", min=1, help="exact: the first draft's length.")
+]
 CheckTimeoutOpt = Annotated[
     float | None, typer.Option("--check-timeout", help="Seconds before a silent cloud counts as gone.")
 ]
@@ -431,7 +444,8 @@ def _stats_line(result, cloud_info: dict[str, str]) -> str:
     )
     rate = len(result.records) / result.seconds if result.seconds > 0 else 0.0
     acc = result.acceptance()
-    exact = (
+    skipped = f"; {result.skipped_uploads} uploads without Q's view" if result.skipped_uploads else ""
+    exact = skipped + (
         f"; {result.drafts} drafts, acceptance {acc['acceptance_rate']:.2f}, "
         f"{acc['mean_accepted_length']:.1f} accepted per draft"
         if result.drafts
@@ -472,6 +486,10 @@ def generate(
     aggregation: AggregationOpt = None,
     top_k: TopKOpt = None,
     lookahead: LookaheadOpt = None,
+    trigger: TriggerOpt = None,
+    skip: SkipOpt = None,
+    budget: BudgetOpt = None,
+    draft_tokens: DraftOpt = None,
     check_timeout: CheckTimeoutOpt = None,
     inject_rtt_ms: InjectRttOpt = None,
     temperature: TemperatureOpt = 0.0,
@@ -495,7 +513,7 @@ def generate(
         edge_only=edge_only, cloud_only=cloud_only, cloud=cloud, policy=policy, threshold=threshold,
         check_interval=check_interval, handback_tokens=handback_tokens, agree_tokens=agree_tokens,
         seed_tokens=seed_tokens, aggregation=aggregation, top_k=top_k, lookahead_windows=lookahead,
-        check_timeout_s=check_timeout, inject_rtt_ms=inject_rtt_ms,
+        check_timeout_s=check_timeout, inject_rtt_ms=inject_rtt_ms, trigger=trigger, skip=skip, budget=budget, draft_tokens=draft_tokens,
     )  # fmt: skip
     sampling = _sampling(temperature, top_p, seed)
 
@@ -541,6 +559,10 @@ def chat(
     handback_tokens: HandbackOpt = None,
     agree_tokens: AgreeOpt = None,
     top_k: TopKOpt = None,
+    trigger: TriggerOpt = None,
+    skip: SkipOpt = None,
+    budget: BudgetOpt = None,
+    draft_tokens: DraftOpt = None,
     inject_rtt_ms: InjectRttOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -560,7 +582,7 @@ def chat(
     edge_settings = _edge_settings(
         edge_only=edge_only, cloud_only=cloud_only, cloud=cloud, policy=policy, threshold=threshold,
         check_interval=check_interval, handback_tokens=handback_tokens, agree_tokens=agree_tokens, top_k=top_k,
-        inject_rtt_ms=inject_rtt_ms,
+        inject_rtt_ms=inject_rtt_ms, trigger=trigger, skip=skip, budget=budget, draft_tokens=draft_tokens,
     )  # fmt: skip
     sampling = _sampling(temperature, top_p, seed)
     start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -654,6 +676,10 @@ def serve_edge(
     aggregation: AggregationOpt = None,
     top_k: TopKOpt = None,
     lookahead: LookaheadOpt = None,
+    trigger: TriggerOpt = None,
+    skip: SkipOpt = None,
+    budget: BudgetOpt = None,
+    draft_tokens: DraftOpt = None,
     check_timeout: CheckTimeoutOpt = None,
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions) over hybrid generation.
@@ -672,7 +698,7 @@ def serve_edge(
         edge_only=edge_only, cloud_only=cloud_only, cloud=cloud, policy=policy, threshold=threshold,
         check_interval=check_interval, handback_tokens=handback_tokens, agree_tokens=agree_tokens,
         seed_tokens=seed_tokens, aggregation=aggregation, top_k=top_k, lookahead_windows=lookahead,
-        check_timeout_s=check_timeout, n_ctx=n_ctx,
+        check_timeout_s=check_timeout, n_ctx=n_ctx, trigger=trigger, skip=skip, budget=budget, draft_tokens=draft_tokens,
     )  # fmt: skip
     given = {
         "host": host, "port": port, "api_key": api_key, "max_queue": max_queue, "model_alias": model_alias,
