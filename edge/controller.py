@@ -94,8 +94,8 @@ class PolicyConfig:
     # budget > 0: tau is tuned online to hold this cloud-token fraction (edge.policies.BudgetController);
     # the threshold above is where it starts.
     budget: float = 0.0
-    budget_window: int = 256
-    budget_gain: float = 0.5
+    budget_window: int = 128
+    budget_gain: float = 2.0  # stable for |d cloud-share / d log tau| < ~0.3 (edge/policies.py)
 
     def __post_init__(self) -> None:
         if self.kind not in ("seed", "rollback", "exact"):

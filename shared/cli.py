@@ -765,6 +765,12 @@ def eval_command(
         "0.1,0.3,1.0"
     ),
     intervals: Annotated[str, typer.Option(help="Hybrid runs' check intervals N, comma-separated.")] = "8",
+    policies: Annotated[
+        str,
+        typer.Option(
+            help="Other policies' runs, comma-separated: exact, skip:TAU, budget:FRACTION, entropy:TAU."
+        ),
+    ] = "",
     max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Tokens per answer at most.")] = 160,
     baselines: Annotated[
         bool, typer.Option(help="Also run small-only and large-only (RPI needs them).")
@@ -831,7 +837,16 @@ def eval_command(
         suites=chosen, tasks_per_suite=tasks, difficulty=per_suite, default_difficulty=default_level or 2,
         seed=task_seed, jsonl=tuple(jsonl or ()), thresholds=_csv(thresholds, float, "--thresholds"),
         intervals=_csv(intervals, int, "--intervals"), max_tokens=max_tokens, baselines=baselines,
+        policies=tuple(v.strip() for v in policies.split(",") if v.strip()),
     )  # fmt: skip
+    from edge.controller import PolicyConfig
+    from edge.evaluation.runner import variant_spec
+
+    try:  # before any model loads
+        for v in plan.policies:
+            variant_spec(v, PolicyConfig())
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     if any(t < 0 for t in plan.thresholds) or any(n < 1 for n in plan.intervals):
         raise typer.BadParameter("thresholds must be >= 0 and check intervals >= 1")
     edge_settings = _edge_settings(

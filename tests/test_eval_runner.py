@@ -207,3 +207,40 @@ def test_eval_on_the_default_pair(tmp_path):
         and sorting["runs"]["small"]["cloud_fraction"] == 0.0
     )
     assert sorting["large_accuracy"] == 1.0
+
+
+def test_eval_runs_every_policy(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+    """`--policies`: exact, skip, budget and entropy runs beside the KL sweep, in the rows and the report."""
+    env = {**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "200"}
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "eval", "--edge", str(tiny_gguf_a_near), "--cloud-model",
+         str(tiny_gguf_a), "--out", str(out), "--suites", "arithmetic", "--tasks", "3", "--thresholds", "0.05",
+         "--intervals", "4", "--max-tokens", "12", "--no-progress",
+         "--policies", "exact,skip:0.05,budget:0.3,entropy:3"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = by_run(read_rows(out / "results.jsonl"))
+    assert set(rows) == {
+        "small",
+        "large",
+        "hybrid-tau0.05-n4",
+        "exact",
+        "skip-tau0.05",
+        "budget0.3",
+        "entropy-tau3",
+    }
+    assert {r["policy"] for v in rows.values() for r in v.values() if r["mode"] == "hybrid"} == {
+        "kl", "exact", "skip", "budget", "entropy"
+    }  # fmt: skip
+    assert all(r["drafts"] >= 1 for r in rows["exact"].values())
+    # Greedy exact mode writes P's text: the same answers as the large run.
+    assert all(rows["exact"][t]["output"] == rows["large"][t]["output"] for t in rows["large"])
+    assert sum(r["skipped_uploads"] for r in rows["skip-tau0.05"].values()) >= 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["run"]: r.get("policy") for r in summary["runs"]}["budget0.3"] == "budget"
+    assert (out / "frontier.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "shared.cli", "eval", "--policies", "magic", "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "magic" in bad.stderr

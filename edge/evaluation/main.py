@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.evaluation.report import write_report
-from edge.evaluation.runner import Evaluation, RunSpec, run_specs
+from edge.evaluation.runner import Evaluation, RunSpec, run_specs, variant_spec
 from edge.evaluation.sandbox import SandboxLimits
 from edge.evaluation.tasks import SUITES, Task, generate_suite, load_jsonl
 from edge.settings import EdgeSettings
@@ -38,6 +38,7 @@ class EvalPlan:
     intervals: tuple[int, ...] = (8,)
     max_tokens: int = 128
     baselines: bool = True
+    policies: tuple[str, ...] = ()  # other policies' runs: exact, skip:TAU, budget:FRACTION, entropy:TAU
 
 
 def parse_difficulty(spec: str | None) -> tuple[int | None, dict[str, int]]:
@@ -101,6 +102,7 @@ async def evaluate(
     tasks = build_tasks(plan)
     base = edge.policy_config()
     specs: list[RunSpec] = run_specs(plan.thresholds, plan.intervals, base, baselines=plan.baselines)
+    specs += [variant_spec(v, base) for v in plan.policies]
     # Every run needs the cloud except small-only; the assistant starts in hybrid mode for them all.
     edge = edge.model_copy(update={"mode": "hybrid"})
     async with Assistant(settings, edge, edge_model=edge_model, cloud_model=cloud_model) as assistant:

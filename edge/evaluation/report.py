@@ -72,6 +72,7 @@ class _Run:
     mode: str
     threshold: float | None
     check_interval: int | None
+    policy: str = "kl"  # hybrid runs: the policy family (kl, exact, skip, budget, entropy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +96,8 @@ def _check_rows(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, An
         for k in ("tokens", "cloud_tokens", "corrected_tokens", "handoffs", "check_points"):
             if row[k] < 0:
                 raise HandoffError(f"result row {i}: {k} must be >= 0, got {row[k]}")
-        info = _Run(str(row["run"]), row["mode"], row.get("threshold"), row.get("check_interval"))
+        policy = str(row.get("policy") or "kl") if row["mode"] == "hybrid" else row["mode"]
+        info = _Run(str(row["run"]), row["mode"], row.get("threshold"), row.get("check_interval"), policy)
         known = runs.setdefault(info.run, info)
         if known != info:
             raise HandoffError(
@@ -122,6 +124,8 @@ def _run_order(runs: Iterable[_Run]) -> list[_Run]:
         rank = {"small": 0, "hybrid": 1, "large": 2}[r.mode]
         return (
             rank,
+            r.policy != "kl",  # the KL threshold sweep first, then the other policies
+            r.policy,
             r.threshold is None,
             r.threshold if r.threshold is not None else 0.0,
             r.check_interval is None,
@@ -505,9 +509,17 @@ def _hybrid_by_interval(summary: Mapping[str, Any]) -> dict[int | None, list[Map
     """Hybrid runs grouped by check interval (display order inside each group)."""
     groups: dict[int | None, list[Mapping[str, Any]]] = {}
     for info in summary["runs"]:
-        if info["mode"] == "hybrid":
+        if info["mode"] == "hybrid" and info.get("policy", "kl") == "kl":
             groups.setdefault(info["check_interval"], []).append(info)
     return groups
+
+
+POLICY_MARKERS = {"exact": "D", "skip": "s", "budget": "^", "entropy": "v"}
+
+
+def _other_policies(summary: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Hybrid runs of the policies other than the KL threshold sweep (points, not lines)."""
+    return [i for i in summary["runs"] if i["mode"] == "hybrid" and i.get("policy", "kl") != "kl"]
 
 
 def _yerr(points: Sequence[tuple[float, float, float | None, float | None]]) -> np.ndarray:
@@ -631,6 +643,22 @@ def plot_frontier(summary: Mapping[str, Any], path: Path | str) -> None:
                 marker="o",
                 capsize=3,
                 label=_line_label(suite, interval, len(groups)),
+            )
+            plotted = True
+        for info in _other_policies(summary):
+            m = runs.get(info["run"])
+            if m is None or m["cloud_fraction"] is None or m["rpi"]["estimate"] is None:
+                continue
+            family = info.get("policy", "kl")
+            ax.plot(
+                [m["cloud_fraction"]],
+                [m["rpi"]["estimate"]],
+                linestyle="none",
+                marker=POLICY_MARKERS.get(family, "X"),
+                markersize=9,
+                color=color,
+                markeredgecolor="black",
+                label=f"{info['run']} ({_plot_title(suite)})",
             )
             plotted = True
         for key, face, label in (("oracle", color, "oracle"), ("oracle_exact", "none", "oracle, exact")):

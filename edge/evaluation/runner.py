@@ -43,6 +43,7 @@ class RunSpec:
     name: str
     mode: RunMode
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    family: str = "kl"  # hybrid: kl (the threshold sweep), exact, skip, budget or entropy
 
     def describe(self) -> dict[str, Any]:
         if self.mode != "hybrid":
@@ -50,9 +51,37 @@ class RunSpec:
         return {
             "run": self.name,
             "mode": self.mode,
-            "threshold": self.policy.threshold,
+            "policy": self.family,
+            "threshold": None if self.family in ("exact", "budget") else self.policy.threshold,
             "check_interval": self.policy.check_interval,
         }
+
+
+VARIANTS = ("exact", "skip", "budget", "entropy")
+
+
+def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
+    """A run of another policy: "exact", "skip:TAU", "budget:FRACTION" or "entropy:TAU" (nats of Q's entropy).
+
+    Raises:
+        ValueError: an unknown policy or a missing/bad parameter.
+    """
+    name, _, arg = text.partition(":")
+    if name not in VARIANTS:
+        raise ValueError(f"policy {text!r}: expected one of exact, skip:TAU, budget:FRACTION, entropy:TAU")
+    if name == "exact":
+        return RunSpec("exact", "hybrid", replace(base, kind="exact"), "exact")
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"policy {text!r}: {name} needs a number, e.g. {name}:0.3") from None
+    if name == "skip":
+        return RunSpec(f"skip-tau{value:g}", "hybrid", replace(base, threshold=value, skip="top1"), "skip")
+    if name == "budget":
+        return RunSpec(f"budget{value:g}", "hybrid", replace(base, budget=value), "budget")
+    return RunSpec(
+        f"entropy-tau{value:g}", "hybrid", replace(base, threshold=value, trigger="entropy"), "entropy"
+    )
 
 
 def run_specs(
@@ -71,10 +100,21 @@ def run_specs(
     return specs
 
 
+# PolicyConfig fields added after results were first keyed: left out of a key while at their
+# defaults, so results recorded before they existed still match (and are not redone).
+_LATER_FIELDS = ("draft_tokens", "draft_tokens_max", "trigger", "skip", "skip_entropy_max", "skip_top1_min",
+                 "budget", "budget_window", "budget_gain")  # fmt: skip
+_DEFAULTS = asdict(PolicyConfig())
+
+
+def _policy_key(policy: PolicyConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(policy).items() if k not in _LATER_FIELDS or v != _DEFAULTS[k]}
+
+
 def row_key(spec: RunSpec, task: Task, fixed: dict[str, Any]) -> str:
     """A hash of everything a result row depends on."""
     blob = json.dumps(
-        {"spec": [spec.mode, asdict(spec.policy) if spec.mode != "small" else None],
+        {"spec": [spec.mode, _policy_key(spec.policy) if spec.mode != "small" else None],
          "task": task.digest, **fixed},
         sort_keys=True,
     )  # fmt: skip
@@ -165,6 +205,7 @@ class Evaluation:
         self.traces = traces
         self.progress = progress
         self.results_path = out_dir / "results.jsonl"
+        self._generators: dict[str, HybridGenerator] = {}
 
     def keys(self) -> dict[str, tuple[RunSpec, Task]]:
         return {row_key(s, t, self.fixed): (s, t) for t in self.tasks for s in self.specs}
@@ -206,14 +247,16 @@ class Evaluation:
     async def one(self, spec: RunSpec, task: Task) -> dict[str, Any]:
         """Generate and check one task under one run; the result row."""
         base = self.generator
-        gen = HybridGenerator(
-            base.runner,
-            base.client,
-            base.vocabulary,
-            spec.policy,
-            mode=_GENERATION_MODE[spec.mode],  # type: ignore[arg-type]
-            link=base.link_config,
-        )
+        gen = self._generators.get(spec.name)
+        if gen is None:  # one per run: a budget holds its share across the run's tasks
+            gen = self._generators[spec.name] = HybridGenerator(
+                base.runner,
+                base.client,
+                base.vocabulary,
+                spec.policy,
+                mode=_GENERATION_MODE[spec.mode],  # type: ignore[arg-type]
+                link=base.link_config,
+            )
         ids = self.prompt_ids(task.prompt)
         result = await gen.generate(ids, self.max_tokens, sampling=self.sampling)
         # The answer's text without the end-of-turn token ("<|im_end|>" is not part of an answer).
@@ -242,6 +285,11 @@ class Evaluation:
             "seconds": result.seconds,
             "first_token_s": result.first_token_s,
             "stop_reason": result.stop_reason,
+            "drafts": result.drafts,
+            "draft_tokens": result.draft_tokens,
+            "draft_accepted": result.draft_accepted,
+            "skipped_uploads": result.skipped_uploads,
+            "tau": gen.threshold,
             "oracle_positions": trace_oracle(result)
             if spec.mode == "large" and self.sampling.greedy
             else None,
