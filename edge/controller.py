@@ -194,6 +194,7 @@ class TokenRecord:
     t_answered: float | None = None  # the check point's answer arrived
     t_received: float | None = None  # a cloud token reached the edge
     t_committed: float | None = None  # handed to the caller (the edge's own costs: t_committed - t_*)
+    draft_len: int | None = None  # exact: on the token after a verified draft, how long the draft was
 
 
 @dataclass
@@ -889,7 +890,7 @@ class _Generation:
                 position=tok.position, token_id=tok.token_id, source="corrected" if rejected else "cloud",
                 checked=True, p_logprob=float(tok.token_logprob), p_topk_ids=p_ids.tolist(),
                 p_topk_logprobs=p_lp.tolist(), replaced_token_id=steps[accepted].token_id if rejected else None,
-                t_generated=t_answered, t_received=t_answered,
+                t_generated=t_answered, t_received=t_answered, draft_len=len(steps),
             )
         )  # fmt: skip
         return tok.token_id in self.stops

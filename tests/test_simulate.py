@@ -300,3 +300,27 @@ def test_simulate_command_on_recorded_traces(tiny_gguf_a, tiny_gguf_a_near, tmp_
         assert (out / name).stat().st_size > 0
     bad = handoff("simulate", traces[0], "--cloud-profile", traces[0], "--out", str(out))
     assert bad.returncode == 2 and "error" in bad.stderr
+
+
+def test_exact_policy_rounds_by_hand():
+    """Exact mode: each draft is one VerifyDraft round trip; the cloud's work is a forward over gamma + 1."""
+    recs = [
+        rec(16, "edge", 1), rec(17, "edge", 1), rec(18, "corrected") | {"draft_len": 3},  # 2 of 3 accepted
+        rec(19, "edge", 2), rec(20, "edge", 2), rec(21, "cloud") | {"draft_len": 2},  # all accepted: bonus
+    ]  # fmt: skip
+    gen = generation("hybrid", recs)
+    gen.meta["policy"]["kind"] = "exact"
+    t = simulate(gen, net(0.2), EDGE, CLOUD, FREE)
+    # open -> 0.7; draft 3 -> 1.0; verify 1.1 -> 1.4 -> 1.5: commit 2, then the correction at 1.6 (appended).
+    # Draft 2 -> 1.8; verify 1.9 -> 2.2 -> 2.3: commit 2, the bonus at 2.4. Close -> 2.6.
+    assert t.commits == pytest.approx([1.5, 1.5, 1.6, 2.3, 2.3, 2.4])
+    assert t.seconds == pytest.approx(2.6) and t.check_points == 2 and t.handoffs == 0
+    assert t.gpu_seconds == pytest.approx(0.5 + 2 * 0.3)
+
+
+def test_skipped_uploads_are_sized_without_the_view():
+    full = generation("hybrid", [rec(16 + i, "edge", 1) for i in range(4)])
+    skipped = generation("hybrid", [rec(16 + i, "edge", 1) | {"kl": None} for i in range(4)])
+    a = simulate(full, net(0.0), EDGE, CLOUD, FREE)
+    b = simulate(skipped, net(0.0), EDGE, CLOUD, FREE)
+    assert b.bytes_up < a.bytes_up - 4 * 10 and b.bytes_down < a.bytes_down  # ids only; no P-at-Q values

@@ -185,7 +185,14 @@ def _topk(ids: Any, logprobs: Any) -> pb.TopK:
     return pb.TopK(ids=[int(x) for x in ids or []], logprobs=[float(x) for x in logprobs or []])
 
 
+def _skipped(r: dict[str, Any]) -> bool:
+    """P scored the position but no KL exists: the edge uploaded the id without its view (skip policy)."""
+    return r.get("source") == "edge" and r.get("p_topk_ids") is not None and r.get("kl") is None
+
+
 def _edge_token(r: dict[str, Any], greedy: bool) -> pb.EdgeToken:
+    if _skipped(r):
+        return pb.EdgeToken(position=int(r["position"]), token_id=int(r["token_id"]))
     return pb.EdgeToken(
         position=int(r["position"]),
         token_id=int(r["token_id"]),
@@ -201,7 +208,9 @@ def _score(r: dict[str, Any], k: int) -> pb.PositionScore:
     return pb.PositionScore(
         position=int(r["position"]),
         topk=_topk(r.get("p_topk_ids"), r.get("p_topk_logprobs")),
-        logprobs_at_edge_topk=[-1.0] * k,  # fixed32 each: the values do not change the size
+        logprobs_at_edge_topk=[]
+        if _skipped(r)
+        else [-1.0] * k,  # fixed32 each: values do not change the size
         token_logprob=float(r.get("p_logprob") or -1.0),
     )
 
@@ -304,6 +313,31 @@ def open_bytes(gen: Generation) -> tuple[int, int]:
             down += sum(cloud_token_bytes(r) for r in ev.records) + c["handoff_down"]
     c = control_bytes(0)
     return max(0, sent - up - c["close_up"]), max(0, received - down - c["close_down"])
+
+
+def verify_bytes(
+    records: list[dict[str, Any]], drafted: int, k: int, next_rec: dict[str, Any] | None
+) -> tuple[int, int]:
+    """The exact policy's VerifyDraft (drafted tokens and their distributions) and VerifyResult sizes."""
+    pad = records[-1] if records else (next_rec or {"position": 0, "token_id": 0})
+    recs = (records + [pad] * drafted)[:drafted]
+    draft = [pb.EdgeToken(position=int(r["position"]), token_id=int(r["token_id"])) for r in recs]
+    dists = [
+        _topk(r.get("q_topk_ids") or [0] * k, [-1.0] * len(r.get("q_topk_ids") or [0] * k)) for r in recs
+    ]
+    up = pb.EdgeMessage(
+        request_id=1000, verify=pb.VerifyDraft(draft=draft, draft_distributions=dists)
+    ).ByteSize()
+    result = pb.VerifyResult(accepted=len(records), length=int(pad["position"]) + 1, bonus=True)
+    if next_rec is not None:
+        result.next.CopyFrom(
+            pb.CloudToken(
+                position=int(next_rec["position"]), token_id=int(next_rec["token_id"]),
+                topk=_topk(next_rec.get("p_topk_ids"), next_rec.get("p_topk_logprobs")),
+                token_logprob=float(next_rec.get("p_logprob") or -1.0),
+            )
+        )  # fmt: skip
+    return up, pb.CloudMessage(request_id=1000, verified=result).ByteSize()
 
 
 def iter_generations(paths: list[Path]) -> Iterator[Generation]:
