@@ -348,3 +348,29 @@ def test_exact_policy_samples_ps_distribution_through_the_controller(tiny_gguf_a
 
     out = run(go())
     assert homogeneity_p(out["exact"], out["cloud"]) > 0.001
+
+
+@pytest.mark.real_models
+@pytest.mark.slow
+def test_exact_policy_on_the_default_pair():
+    """The default pair, greedy: `generate --policy exact` writes exactly `generate --cloud-only`'s text."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from shared.models import ensure_model
+    from shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+
+    ensure_model(DEFAULT_EDGE_MODEL), ensure_model(DEFAULT_CLOUD_MODEL)
+    out = {}
+    for flag in ("--cloud-only", "--policy=exact"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "shared.cli", "generate", "--max-tokens", "32", "--json", flag],
+            capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "300"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        out[flag] = json.loads(proc.stdout)
+    exact, cloud = out["--policy=exact"], out["--cloud-only"]
+    assert exact["text"] == cloud["text"] and exact["tokens"] == cloud["tokens"] == 32
+    assert exact["drafts"] >= 1 and exact["acceptance_rate"] > 0.5  # the 0.5B mostly agrees with the 1.5B
