@@ -72,3 +72,34 @@ def test_budget_moves_tau_toward_the_target(tiny_gguf_a, tiny_gguf_a_near):
     results, taus = run(generate_many(tiny_gguf_a, tiny_gguf_a_near, high, n_prompts=3))
     assert taus[-1] > 0.01
     assert sum(r.counts()["cloud"] + r.counts()["corrected"] for r in results) > 0
+
+
+def test_an_external_score_function_decides_the_handoff(tiny_gguf_a, tiny_gguf_a_near):
+    """HybridGenerator(scorer=CallableScorer(fn)): fn's per-token scores, not KL, pick where the cloud takes over."""
+    from edge.policies import CallableScorer
+
+    seen = []
+
+    def third_token_is_risky(view):  # e.g. a reward model's score: high = hand over
+        seen.append(view.p_kls is not None)
+        scores = np.zeros(view.n)
+        scores[min(2, view.n - 1)] = 10.0
+        return scores
+
+    async def go():
+        runner = EdgeRunner(tiny_gguf_a_near, k=20, n_ctx=512, n_threads=1)
+        try:
+            async with running_server(llama_backend_factory(tiny_gguf_a)) as (_, client):
+                policy = replace(BASE, threshold=1.0)
+                gen = HybridGenerator(runner, client, vocabulary_of(tiny_gguf_a_near), policy,
+                                      scorer=CallableScorer(third_token_is_risky))  # fmt: skip
+                prompt = runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": "Hi"}]))
+                return await gen.generate(prompt, 20)
+        finally:
+            runner.close()
+
+    r = run(go())
+    sources = [rec.source for rec in r.records]
+    # Each window keeps 2 edge tokens, the cloud corrects the third and writes M - 1 = 2 more: e e c c c ...
+    assert sources[:5] == ["edge", "edge", "corrected", "cloud", "cloud"]
+    assert seen and all(seen)  # the score function saw P's KLs too (it may use them or not)
