@@ -93,10 +93,13 @@ def check_number(text: str, expected: str) -> CheckResult:
     return CheckResult(value == want, str(value), "" if value == want else f"expected {expected}")
 
 
-def check_exact(text: str, expected: str) -> CheckResult:
+def _answer_or_last_line(text: str) -> str | None:
     extracted = extract_answer(text)
-    if extracted is None:
-        extracted = _last_line(text)
+    return _last_line(text) if extracted is None else extracted
+
+
+def check_exact(text: str, expected: str) -> CheckResult:
+    extracted = _answer_or_last_line(text)
     if extracted is None:
         return CheckResult(False, None, "empty output")
     ok = " ".join(extracted.split()) == " ".join(_clean(expected).split())
@@ -104,9 +107,7 @@ def check_exact(text: str, expected: str) -> CheckResult:
 
 
 def check_list(text: str, expected: str) -> CheckResult:
-    extracted = extract_answer(text)
-    if extracted is None:
-        extracted = _last_line(text)
+    extracted = _answer_or_last_line(text)
     if extracted is None:
         return CheckResult(False, None, "empty output")
     got, want = _items(extracted), _items(expected)
