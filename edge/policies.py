@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from shared.divergence import AGGREGATIONS, aggregate, first_over
+from shared.divergence import AGGREGATIONS, aggregate, first_over, real_1d
 from shared.errors import ShapeError
 
 __all__ = [
@@ -49,19 +49,6 @@ CUT_KINDS: tuple[str, ...] = ("seed", "rollback")
 # --------------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------------
-
-
-def _real_1d(name: str, x: Any, *, allow_nan: bool = False) -> np.ndarray:
-    """Return x as a float64 [n] array; NaN only when allow_nan."""
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "biuf":
-        raise ShapeError(f"{name}: expected a real-valued array of shape [n], got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise ShapeError(f"{name}: expected shape [n], got {arr.shape}")
-    arr = arr.astype(np.float64, copy=False)
-    if not allow_nan and np.isnan(arr).any():
-        raise ShapeError(f"{name}: expected values without NaN, got {int(np.isnan(arr).sum())} NaN")
-    return arr
 
 
 def _int_array(name: str, x: Any, ndim: int, expected: str) -> np.ndarray:
@@ -145,8 +132,8 @@ class SkipGate:
         Returns:
             [n] bool, True where the distribution is not uploaded; all False when kind is "off".
         """
-        ent = _real_1d("entropy", entropy)  # [n]
-        top1 = _real_1d("top1_logprob", top1_logprob)  # [n]
+        ent = real_1d("entropy", entropy)  # [n]
+        top1 = real_1d("top1_logprob", top1_logprob)  # [n]
         _same_length("top1_logprob", top1, "entropy", ent.shape[0])
         if not np.isfinite(ent).all() or (ent < 0.0).any():
             raise ShapeError("entropy: expected finite values >= 0 nats")
@@ -173,7 +160,7 @@ def skipped_kl(kls: Any) -> np.ndarray:
     Returns:
         [n] float64, NaN replaced by 0.0.
     """
-    arr = _real_1d("kls", kls, allow_nan=True)  # [n]
+    arr = real_1d("kls", kls, allow_nan=True)  # [n]
     _check_kls("kls", arr)
     return np.where(np.isnan(arr), 0.0, arr)
 
@@ -194,7 +181,7 @@ def window_divergence(kls: Any, aggregation: str) -> float:
     Returns:
         The aggregated divergence in nats, 0.0 when no position has a KL.
     """
-    arr = _real_1d("kls", kls, allow_nan=True)  # [n]
+    arr = real_1d("kls", kls, allow_nan=True)  # [n]
     _check_kls("kls", arr)
     if aggregation not in AGGREGATIONS:
         raise ShapeError(f"aggregation: expected one of {AGGREGATIONS}, got {aggregation!r}")
@@ -392,13 +379,13 @@ class WindowView:
         topk_lp = topk_lp.astype(np.float64, copy=False)  # [n, k]
         if np.isnan(topk_lp).any() or (topk_lp > 0.0).any():
             raise ShapeError("q_topk_logprobs: expected log-probabilities <= 0 without NaN")
-        ent = _real_1d("q_entropy", self.q_entropy)  # [n]
+        ent = real_1d("q_entropy", self.q_entropy)  # [n]
         _same_length("q_entropy", ent, "token_ids", n)
         if not np.isfinite(ent).all() or (ent < 0.0).any():
             raise ShapeError("q_entropy: expected finite values >= 0 nats")
         kls = None
         if self.p_kls is not None:
-            kls = _real_1d("p_kls", self.p_kls, allow_nan=True)  # [n]
+            kls = real_1d("p_kls", self.p_kls, allow_nan=True)  # [n]
             _same_length("p_kls", kls, "token_ids", n)
             _check_kls("p_kls", kls)
         # Frozen: store the checked arrays (read-only, so a scorer cannot change what the next sees).
@@ -519,7 +506,7 @@ def trigger_cut(scores: Any, threshold: float, aggregation: str, kind: CutKind) 
         None when the window is kept on the edge; else how many of its tokens to keep: n for seed,
         the index of the first score over threshold for rollback.
     """
-    arr = _real_1d("scores", scores, allow_nan=True)  # [n]
+    arr = real_1d("scores", scores, allow_nan=True)  # [n]
     t = _finite_float("threshold", threshold)
     if aggregation not in AGGREGATIONS:
         raise ShapeError(f"aggregation: expected one of {AGGREGATIONS}, got {aggregation!r}")

@@ -96,14 +96,15 @@ def _unit_float(name: str, x: Any) -> float:
     return value
 
 
-def _as_values_1d(name: str, x: Any) -> np.ndarray:
+def real_1d(name: str, x: Any, *, allow_nan: bool = False) -> np.ndarray:
+    """x as a float64 [n] array, checked: real-valued, one-dimensional, NaN only when allow_nan."""
     arr = np.asarray(x)
     if arr.dtype.kind not in "biuf":
         raise ShapeError(f"{name}: expected a real-valued array of shape [n], got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ShapeError(f"{name}: expected shape [n], got {arr.shape}")
     arr = arr.astype(np.float64, copy=False)
-    if np.isnan(arr).any():
+    if not allow_nan and np.isnan(arr).any():
         raise ShapeError(f"{name}: expected values without NaN, got {int(np.isnan(arr).sum())} NaN")
     return arr
 
@@ -499,7 +500,7 @@ def aggregate(values: Any, how: str) -> float:
     Returns:
         The max or the mean of values, as a float.
     """
-    arr = _as_values_1d("values", values)
+    arr = real_1d("values", values)
     if how not in AGGREGATIONS:
         raise ShapeError(f"how: expected one of {AGGREGATIONS}, got {how!r}")
     if arr.size == 0:
@@ -517,7 +518,7 @@ def first_over(values: Any, threshold: float) -> int | None:
     Returns:
         The smallest i with values[i] > threshold, or None if there is none.
     """
-    arr = _as_values_1d("values", values)
+    arr = real_1d("values", values)
     try:
         t = float(threshold)
     except (TypeError, ValueError) as exc:
