@@ -8,7 +8,6 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +137,3 @@ async def evaluate(
         "wall_seconds_generating": round(sum(r["seconds"] for r in rows), 1),
     }
     return write_report(rows, out_dir, meta)
-
-
-def run_names(specs: Sequence[RunSpec]) -> list[str]:
-    return [s.name for s in specs]

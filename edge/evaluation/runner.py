@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm import tqdm
 
 from edge.controller import GenerationResult, HybridGenerator, PolicyConfig
@@ -149,8 +150,6 @@ def trace_oracle(result: GenerationResult) -> int | None:
     records = result.records
     if not records or any(not r.q_topk_ids for r in records):
         return None
-    import numpy as np
-
     p = np.asarray([r.token_id for r in records], dtype=np.int64)
     q = np.asarray([r.q_topk_ids[0] for r in records], dtype=np.int64)
     return int(oracle_positions(p, q).size)

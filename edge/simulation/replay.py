@@ -14,7 +14,7 @@ real text departs from P's at the first such position and everything after it is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -50,7 +50,6 @@ def replay_policy(gen: Generation, policy: PolicyConfig) -> tuple[Generation, Re
         raise ValueError(f"{gen.source}: not a full trace (a position lacks P's or Q's view, or its KL)")
     recs = gen.records
     kls = np.asarray([float(r["kl"]) for r in recs])  # [n]
-    greedy = float((gen.meta.get("sampling") or {}).get("temperature", 0.0) or 0.0) == 0.0
     out: list[dict] = []
     departures, first_departure = 0, None
     window_id = 0
@@ -96,20 +95,10 @@ def replay_policy(gen: Generation, policy: PolicyConfig) -> tuple[Generation, Re
         i += keep
         if cut is not None and i < len(recs):
             i = cloud_turn(i, policy.handback_tokens, corrected=keep < len(window))
-    meta = gen.meta | {"policy": _policy_dict(policy), "replayed_from": gen.source,
+    meta = gen.meta | {"policy": asdict(policy), "replayed_from": gen.source,
                        "open_bytes": list(open_bytes(gen))}  # fmt: skip
     counts = {s: sum(r["source"] == s for r in out) for s in ("edge", "cloud", "corrected")}
     summary = gen.summary | {"mode": "hybrid", "by_source": counts | {"unchecked": 0}, "bytes_sent": 0,
                              "bytes_received": 0}  # fmt: skip
-    info = ReplayInfo(greedy and departures == 0, departures, first_departure)
+    info = ReplayInfo(gen.greedy and departures == 0, departures, first_departure)
     return Generation(meta, out, summary, gen.source), info
-
-
-def _policy_dict(policy: PolicyConfig) -> dict:
-    from dataclasses import asdict
-
-    return asdict(policy)
-
-
-def with_policy(policy: PolicyConfig, **changes) -> PolicyConfig:
-    return replace(policy, **changes)
