@@ -702,8 +702,13 @@ class _Generation:
         assert link.session is not None
         try:
             gate = self.g.skip_gate
-            skip = gate.confident(
-                np.asarray([s.entropy for s in w.steps]), np.asarray([s.topk_logprobs[0] for s in w.steps])
+            skip = (
+                np.zeros(len(w.steps), dtype=bool)
+                if gate.kind == "off"  # the default: no per-window arrays to build
+                else gate.confident(
+                    np.asarray([s.entropy for s in w.steps]),
+                    np.asarray([s.topk_logprobs[0] for s in w.steps]),
+                )
             )
             self.result.skipped_uploads += int(skip.sum())
             await self._bounded(
@@ -844,9 +849,11 @@ class _Generation:
         result = self.result
         start = self.runner.length
         steps: list[EdgeStep] = []
+        times: list[float] = []  # when each draft token was generated
         while len(steps) < min(self.gamma, self.max_tokens - self.committed):
             step = await self._in_pool(self.runner.step)
             steps.append(step)
+            times.append(self.clock())
             if step.token_id in self.stops:
                 break
         draft = [pb.EdgeToken(position=s.position, token_id=s.token_id) for s in steps]
@@ -856,22 +863,20 @@ class _Generation:
             verdict = await self._bounded(link.session.verify(draft, dists))
         except (VerifierError, TimeoutError) as e:
             link.fail(e)
-            w = _Window(steps, [t_uploaded] * len(steps))
-            return await self._commit_edge(w, len(steps))  # unchecked: the cloud is gone
+            return await self._commit_edge(_Window(steps, times), len(steps))  # unchecked: the cloud is gone
         t_answered = self.clock()
-        accepted = verdict.accepted
+        accepted = min(verdict.accepted, len(steps))
         result.drafts += 1
         result.draft_tokens += len(steps)
-        result.draft_accepted += min(accepted, len(steps))
-        self._exact_acceptance.append((min(accepted, len(steps)), len(steps)))
-        w = _Window(steps, [t_uploaded] * len(steps), t_uploaded=t_uploaded, t_answered=t_answered)
-        for j in range(min(accepted, len(steps))):
+        result.draft_accepted += accepted
+        self._exact_acceptance.append((accepted, len(steps)))
+        for j in range(accepted):
             s = steps[j]
             await self._commit(
                 TokenRecord(
                     position=s.position, token_id=s.token_id, source="edge", checked=True, kl=None,
                     q_entropy=s.entropy, q_topk_ids=s.topk_ids.tolist(), q_topk_logprobs=s.topk_logprobs.tolist(),
-                    q_logprob=s.token_logprob, t_generated=w.times[j], t_uploaded=t_uploaded, t_answered=t_answered,
+                    q_logprob=s.token_logprob, t_generated=times[j], t_uploaded=t_uploaded, t_answered=t_answered,
                 )
             )  # fmt: skip
             if s.token_id in self.stops:
