@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.divergence import log_softmax, top_k
-from shared.errors import HandoffError, ShapeError
-from shared.model_info import ModelInfo
-from shared.models import ModelRef
-from shared.vocab import Vocabulary
+from handoff.shared.divergence import log_softmax, top_k
+from handoff.shared.errors import HandoffError, ShapeError
+from handoff.shared.model_info import ModelInfo
+from handoff.shared.models import ModelRef
+from handoff.shared.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 

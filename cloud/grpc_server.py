@@ -17,12 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from cloud.backend import Backend
-from cloud.metrics import CloudMetrics
-from cloud.service import VerifierService
-from cloud.settings import CloudSettings
-from shared.errors import HandoffError, VerifierError
-from shared.wire import pb, pb_grpc
+from handoff.cloud.backend import Backend
+from handoff.cloud.metrics import CloudMetrics
+from handoff.cloud.service import VerifierService
+from handoff.cloud.settings import CloudSettings
+from handoff.shared.errors import HandoffError, VerifierError
+from handoff.shared.wire import pb, pb_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from cloud.backend import Backend
-from cloud.settings import CloudSettings
-from shared.errors import HandoffError
-from shared.models import resolve
-from shared.settings import HandoffSettings, get_settings
+from handoff.cloud.backend import Backend
+from handoff.cloud.settings import CloudSettings
+from handoff.shared.errors import HandoffError
+from handoff.shared.models import resolve
+from handoff.shared.settings import HandoffSettings, get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def load_backend(settings: CloudSettings, handoff: HandoffSettings | None = None
     kind = pick_backend(settings)
     logger.info("loading %s with the %s backend", ref.name, kind)
     if kind == "transformers":
-        from cloud.backends.transformers_backend import TransformersBackend
+        from handoff.cloud.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(
             ref,
@@ -46,7 +46,7 @@ def load_backend(settings: CloudSettings, handoff: HandoffSettings | None = None
         )
     if ref.kind != "gguf":
         raise HandoffError(f"the llama.cpp backend needs a GGUF file; {ref.path} is a Hugging Face directory")
-    from cloud.backends.llama_backend import LlamaCppBackend
+    from handoff.cloud.backends.llama_backend import LlamaCppBackend
 
     return LlamaCppBackend(
         ref,

@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cloud.backend import Backend, ForwardItem, ForwardOutput
-from cloud.metrics import CloudMetrics
-from shared.errors import CapacityError
+from handoff.cloud.backend import Backend, ForwardItem, ForwardOutput
+from handoff.cloud.metrics import CloudMetrics
+from handoff.shared.errors import CapacityError
 
 logger = logging.getLogger(__name__)
 

@@ -23,15 +23,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cloud.backend import Backend, ForwardItem
-from cloud.metrics import CloudMetrics
-from cloud.scheduler import BatchScheduler, Forwarded
-from cloud.settings import CloudSettings
-from shared.errors import CapacityError, ShapeError, VerifierError, VocabularyMismatch
-from shared.sampling import SamplingSettings, sample_token
-from shared.speculative import target_distribution, verify_draft
-from shared.vocab import Vocabulary, check_compatible
-from shared.wire import PROTOCOL_VERSION, fingerprint_from_proto, fingerprint_to_proto, pb, topk_to_proto
+from handoff.cloud.backend import Backend, ForwardItem
+from handoff.cloud.metrics import CloudMetrics
+from handoff.cloud.scheduler import BatchScheduler, Forwarded
+from handoff.cloud.settings import CloudSettings
+from handoff.shared.errors import CapacityError, ShapeError, VerifierError, VocabularyMismatch
+from handoff.shared.sampling import SamplingSettings, sample_token
+from handoff.shared.speculative import target_distribution, verify_draft
+from handoff.shared.vocab import Vocabulary, check_compatible
+from handoff.shared.wire import (
+    PROTOCOL_VERSION,
+    fingerprint_from_proto,
+    fingerprint_to_proto,
+    pb,
+    topk_to_proto,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings import DEFAULT_CLOUD_MODEL
+from handoff.shared.settings import DEFAULT_CLOUD_MODEL
 
 
 class CloudSettings(BaseSettings):

@@ -11,15 +11,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from edge.controller import GenerationResult, HybridGenerator, OnToken
-from edge.runner import EdgeRunner
-from edge.settings import EdgeSettings
-from edge.verifier_client import GrpcTransport, VerifierClient
-from shared.errors import VerifierError
-from shared.model_info import load_model_info
-from shared.models import resolve
-from shared.sampling import SamplingSettings
-from shared.settings import HandoffSettings
+from handoff.edge.controller import GenerationResult, HybridGenerator, OnToken
+from handoff.edge.runner import EdgeRunner
+from handoff.edge.settings import EdgeSettings
+from handoff.edge.verifier_client import GrpcTransport, VerifierClient
+from handoff.shared.errors import VerifierError
+from handoff.shared.model_info import load_model_info
+from handoff.shared.models import resolve
+from handoff.shared.sampling import SamplingSettings
+from handoff.shared.settings import HandoffSettings
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,9 @@ class Assistant:
         )
 
     async def _start_embedded(self) -> str:
-        from cloud.grpc_server import CloudServer
-        from cloud.loader import load_backend
-        from cloud.settings import CloudSettings
+        from handoff.cloud.grpc_server import CloudServer
+        from handoff.cloud.loader import load_backend
+        from handoff.cloud.settings import CloudSettings
 
         cloud_settings = CloudSettings(
             model=self.cloud_model,

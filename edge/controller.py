@@ -30,7 +30,6 @@ import contextlib
 import inspect
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,23 +38,20 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
-from edge.policies import (
-    BudgetConfig,
-    BudgetController,
-    EntropyScorer,
-    KLScorer,
-    SkipGate,
+from handoff.edge.link import LinkConfig
+from handoff.edge.policies import (
     TokenScorer,
     WindowView,
     trigger_cut,
 )
-from edge.runner import EdgeRunner, EdgeStep
-from edge.verifier_client import RemoteSession, VerifierClient
-from shared.divergence import AGGREGATIONS, topk_kl
-from shared.errors import ShapeError, VerifierError
-from shared.sampling import SamplingSettings
-from shared.vocab import Vocabulary
-from shared.wire import pb, topk_from_proto, topk_to_proto
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.runner import EdgeRunner, EdgeStep
+from handoff.edge.verifier_client import RemoteSession, VerifierClient
+from handoff.shared.divergence import topk_kl
+from handoff.shared.errors import ShapeError, VerifierError
+from handoff.shared.sampling import SamplingSettings
+from handoff.shared.vocab import Vocabulary
+from handoff.shared.wire import pb, topk_from_proto, topk_to_proto
 
 logger = logging.getLogger(__name__)
 
@@ -65,110 +61,6 @@ MODES: tuple[str, ...] = ("hybrid", "edge", "cloud")
 # Float32 views on the wire are exact to ~1e-7: see topk_kl's rest_margin.
 WIRE_REST_MARGIN = 1e-5
 TRACE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """Constants of a handoff policy. Defaults and how they were chosen: docs/policy_defaults.md."""
-
-    kind: Literal["seed", "rollback", "exact"] = "rollback"
-    seed_tokens: int = 0  # N0: tokens the cloud generates first
-    check_interval: int = 8  # N: edge tokens per check point
-    threshold: float = 0.2  # tau, nats, on the top-k KL (a lower bound of the full KL)
-    aggregation: str = "max"  # over a window: "max" or "mean"
-    handback_tokens: int = 4  # M: cloud tokens per handoff at most
-    agree_tokens: int = 0  # hand back early once this many cloud positions in a row have KL <= tau; 0 = off
-    top_k: int = 20
-    lookahead_windows: int = 1  # windows drafted beyond the oldest unanswered check point; 0 = wait
-    draft_tokens: int = 4  # exact: the first draft's length gamma (then adapted to the acceptance rate)
-    draft_tokens_max: int = 12  # exact: the longest draft
-    # What decides a handoff: "kl" (P's answer at the check point) or "entropy" (Q's own entropy, nats,
-    # against the threshold: the edge needs no cloud answer to decide); HybridGenerator also takes any
-    # edge.policies.TokenScorer.
-    trigger: str = "kl"
-    # skip: upload only the token id where Q is confident ("entropy": entropy <= skip_entropy_max;
-    # "top1": top-1 probability >= skip_top1_min); KL is computed where distributions were sent.
-    skip: str = "off"
-    skip_entropy_max: float = 0.5
-    skip_top1_min: float = 0.9
-    # budget > 0: tau is tuned online to hold this cloud-token fraction (edge.policies.BudgetController);
-    # the threshold above is where it starts.
-    budget: float = 0.0
-    budget_window: int = 128
-    budget_gain: float = 2.0  # stable for |d cloud-share / d log tau| < ~0.3 (edge/policies.py)
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("seed", "rollback", "exact"):
-            raise ShapeError(f"policy kind must be seed, rollback or exact, got {self.kind!r}")
-        if not 1 <= self.draft_tokens <= self.draft_tokens_max:
-            raise ShapeError("draft_tokens must be >= 1 and <= draft_tokens_max")
-        if self.trigger not in ("kl", "entropy"):
-            raise ShapeError(f"trigger must be kl or entropy, got {self.trigger!r}")
-        self.skip_gate()  # validates skip and its bounds
-        if not 0.0 <= self.budget < 1.0:
-            raise ShapeError(f"budget must be a cloud-token fraction in [0, 1), got {self.budget}")
-        if self.budget and self.budget_window < 1:
-            raise ShapeError("budget_window must be >= 1")
-
-    def skip_gate(self) -> SkipGate:
-        return SkipGate(kind=self.skip, entropy_max=self.skip_entropy_max, top1_min=self.skip_top1_min)  # type: ignore[arg-type]
-
-    def budget_controller(self) -> BudgetController | None:
-        if not self.budget:
-            return None
-        tau = min(max(self.threshold, 0.01), 10.0)
-        return BudgetController(
-            BudgetConfig(target=self.budget, window=self.budget_window, gain=self.budget_gain, tau_init=tau)
-        )
-
-    def scorer(self) -> TokenScorer:
-        return EntropyScorer() if self.trigger == "entropy" else KLScorer()
-        if self.aggregation not in AGGREGATIONS:
-            raise ShapeError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.check_interval < 1 or self.handback_tokens < 1 or self.top_k < 1:
-            raise ShapeError("check_interval, handback_tokens and top_k must be >= 1")
-        if self.seed_tokens < 0 or self.agree_tokens < 0 or self.lookahead_windows < 0:
-            raise ShapeError("seed_tokens, agree_tokens and lookahead_windows must be >= 0")
-        if not self.threshold >= 0.0:
-            raise ShapeError(f"threshold must be >= 0 nats, got {self.threshold}")
-
-    def to_proto(self) -> pb.Policy:
-        kind = {
-            "seed": pb.POLICY_KIND_SEED,
-            "rollback": pb.POLICY_KIND_ROLLBACK,
-            "exact": pb.POLICY_KIND_EXACT,
-        }[self.kind]
-        return pb.Policy(
-            kind=kind,
-            check_interval=self.check_interval,
-            threshold=self.threshold,
-            aggregation=self.aggregation,
-            handback_tokens=self.handback_tokens,
-            seed_tokens=self.seed_tokens,
-        )
-
-
-@dataclass(frozen=True)
-class LinkConfig:
-    """How the edge treats a slow or unreachable cloud."""
-
-    check_timeout_s: float = 10.0  # a check point unanswered this long: the cloud counts as gone
-    token_timeout_s: float = 10.0  # the same between two cloud tokens of a handoff
-    open_timeout_s: float = 10.0  # opening (or resynchronising) a session
-    retry_initial_s: float = 0.25  # first wait before probing an unreachable cloud again
-    retry_max_s: float = 8.0
-    retry_multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        if min(self.check_timeout_s, self.token_timeout_s, self.open_timeout_s, self.retry_initial_s) <= 0:
-            raise ShapeError("timeouts and retry_initial_s must be > 0")
-        if self.retry_max_s < self.retry_initial_s or self.retry_multiplier < 1.0:
-            raise ShapeError("retry_max_s must be >= retry_initial_s and retry_multiplier >= 1")
-
-    def backoff(self, attempt: int) -> float:
-        """Seconds to wait before probe number `attempt` (0-based): exponential, capped, +-20% jitter."""
-        base = min(self.retry_max_s, self.retry_initial_s * self.retry_multiplier**attempt)
-        return base * random.uniform(0.8, 1.2)
 
 
 @dataclass
@@ -492,7 +384,7 @@ class HybridGenerator:
         policy: PolicyConfig,
         *,
         mode: Mode = "hybrid",
-        link: LinkConfig = LinkConfig(),
+        link: LinkConfig | None = None,
         scorer: TokenScorer | None = None,
     ) -> None:
         if mode not in MODES:
@@ -504,7 +396,7 @@ class HybridGenerator:
         self.vocabulary = vocabulary
         self.policy = policy
         self.mode = mode
-        self.link_config = link
+        self.link_config = link or LinkConfig()
         self.scorer = scorer or policy.scorer()
         self.skip_gate = policy.skip_gate()
         # Across generate() calls: a budget is a share of all the tokens this generator produces.

@@ -40,8 +40,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge.controller import GenerationResult, TokenRecord
-from edge.openai_protocol import (
+from handoff.edge.controller import GenerationResult, TokenRecord
+from handoff.edge.openai_protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -61,11 +61,11 @@ from edge.openai_protocol import (
     usage,
     validation_error,
 )
-from edge.serving import GenerationQueue, Job, QueueFull, ServeMetrics, ServerStopping
-from edge.settings import EdgeSettings
-from shared.errors import HandoffError, VerifierError
-from shared.sampling import SamplingSettings
-from shared.settings import HandoffSettings
+from handoff.edge.serving import GenerationQueue, Job, QueueFull, ServeMetrics, ServerStopping
+from handoff.edge.settings import EdgeSettings
+from handoff.shared.errors import HandoffError, VerifierError
+from handoff.shared.sampling import SamplingSettings
+from handoff.shared.settings import HandoffSettings
 
 logger = logging.getLogger(__name__)
 
@@ -770,7 +770,7 @@ async def serve(
         cloud_model: P for an embedded verifier; default settings.cloud_model.
         on_ready: called once the server accepts connections (with it: its port, stop()).
     """
-    from edge.assistant import Assistant
+    from handoff.edge.assistant import Assistant
 
     sock = bind(serve_settings.host, serve_settings.port)
     try:

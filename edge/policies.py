@@ -23,8 +23,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from shared.divergence import AGGREGATIONS, aggregate, first_over, real_1d
-from shared.errors import ShapeError
+from handoff.shared.divergence import AGGREGATIONS, aggregate, first_over, real_1d
+from handoff.shared.errors import ShapeError
 
 __all__ = [
     "BudgetConfig",

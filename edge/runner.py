@@ -22,10 +22,10 @@ from types import TracebackType
 
 import numpy as np
 
-from shared.divergence import log_softmax, logits_view
-from shared.errors import ShapeError
-from shared.llama_cpp_model import LlamaCppModel
-from shared.sampling import SamplingSettings, draw, sampling_distribution
+from handoff.shared.divergence import log_softmax, logits_view
+from handoff.shared.errors import ShapeError
+from handoff.shared.llama_cpp_model import LlamaCppModel
+from handoff.shared.sampling import SamplingSettings, draw, sampling_distribution
 
 __all__ = ["EdgeRunner", "EdgeStep"]
 

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edge.controller import GenerationResult, OnToken, TokenRecord
-from shared.sampling import SamplingSettings
+from handoff.edge.controller import GenerationResult, OnToken, TokenRecord
+from handoff.shared.sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)
 

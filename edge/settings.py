@@ -9,8 +9,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge.controller import LinkConfig, PolicyConfig
-from edge.verifier_client import NetworkDelay
+from handoff.edge.link import LinkConfig
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.verifier_client import NetworkDelay
 
 _P = PolicyConfig()
 _L = LinkConfig()

@@ -26,9 +26,9 @@ from typing import Protocol
 
 import grpc
 
-from shared.errors import VerifierError, VocabularyMismatch
-from shared.vocab import Vocabulary, check_compatible, local_block_digest
-from shared.wire import PROTOCOL_VERSION, fingerprint_from_proto, fingerprint_to_proto, pb, pb_grpc
+from handoff.shared.errors import VerifierError, VocabularyMismatch
+from handoff.shared.vocab import Vocabulary, check_compatible, local_block_digest
+from handoff.shared.wire import PROTOCOL_VERSION, fingerprint_from_proto, fingerprint_to_proto, pb, pb_grpc
 
 logger = logging.getLogger(__name__)
 

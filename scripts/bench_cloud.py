@@ -23,30 +23,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tiny_gguf: the tiny test models
-
-from cloud.backend import Backend, ForwardItem  # noqa: E402
-from cloud.grpc_server import CloudServer  # noqa: E402
-from cloud.loader import load_backend  # noqa: E402
-from cloud.settings import CloudSettings  # noqa: E402
-from edge.verifier_client import GrpcTransport, RemoteSession, VerifierClient  # noqa: E402
-from shared.wire import pb  # noqa: E402
+from handoff.cloud.backend import Backend, ForwardItem
+from handoff.cloud.grpc_server import CloudServer
+from handoff.cloud.loader import load_backend
+from handoff.cloud.settings import CloudSettings
+from handoff.edge.verifier_client import GrpcTransport, RemoteSession, VerifierClient
+from handoff.shared.wire import pb
 
 CHUNK = 16
 
 
 def tiny_model(workdir: Path) -> Path:
-    from shared.models import ensure_model
-    from tiny_gguf import SEED_A, extract_tokenizer, write_tiny_qwen2_gguf
+    from handoff.shared.models import ensure_model
+    from handoff.shared.tiny_gguf import SEED_A, extract_tokenizer, write_tiny_qwen2_gguf
 
     tokenizer = extract_tokenizer(ensure_model("qwen2.5-coder-0.5b-instruct-q4_k_m"))
     return write_tiny_qwen2_gguf(workdir / "tiny-a.gguf", tokenizer, SEED_A)

@@ -24,21 +24,16 @@ import asyncio
 import json
 import multiprocessing
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tiny_gguf: the tiny test models
-
 # Only light imports at the top: the verifier process re-imports this file (multiprocessing spawn).
-import grpc  # noqa: E402
+import grpc
 
-from shared.errors import VerifierError  # noqa: E402
-from shared.wire import PROTOCOL_VERSION, pb, pb_grpc  # noqa: E402
+from handoff.shared.errors import VerifierError
+from handoff.shared.wire import PROTOCOL_VERSION, pb, pb_grpc
 
 # ---------------------------------------------------------------------------------------------
 # The always-agreeing verifier (runs in its own process)
@@ -188,8 +183,8 @@ def serve_agreeing_verifier(info_bytes: bytes, conn) -> None:
         conn: the child's end of a multiprocessing Pipe; anything received (or the parent closing it)
             stops the server.
     """
-    from cloud.grpc_server import server_options
-    from cloud.settings import CloudSettings
+    from handoff.cloud.grpc_server import server_options
+    from handoff.cloud.settings import CloudSettings
 
     async def main() -> None:
         info = pb.ServiceInfo.FromString(info_bytes)
@@ -256,9 +251,9 @@ def service_info(model_info, vocabulary) -> pb.ServiceInfo:
     Returns:
         The ServiceInfo, built as cloud/service.py builds it.
     """
-    from cloud.service import limits_proto
-    from cloud.settings import CloudSettings
-    from shared.wire import fingerprint_to_proto
+    from handoff.cloud.service import limits_proto
+    from handoff.cloud.settings import CloudSettings
+    from handoff.shared.wire import fingerprint_to_proto
 
     s = CloudSettings()
     limits = limits_proto(s, min(s.max_context, model_info.context_length or s.max_context))
@@ -450,7 +445,7 @@ def topk_overhead(model, prompt_ids: list[int], n_tokens: int, k: int) -> dict:
     """
     import numpy as np
 
-    from shared.divergence import log_softmax_and_entropy, logits_view, top_k
+    from handoff.shared.divergence import log_softmax_and_entropy, logits_view, top_k
 
     model.reset()
     model.eval(prompt_ids)
@@ -501,13 +496,13 @@ def resolve_model(name: str, workdir: Path):
     Returns:
         (ModelRef, HandoffSettings).
     """
-    from shared.models import ModelRef, ensure_model, resolve
-    from shared.settings import DEFAULT_EDGE_MODEL, HandoffSettings, get_settings
+    from handoff.shared.models import ModelRef, ensure_model, resolve
+    from handoff.shared.settings import DEFAULT_EDGE_MODEL, HandoffSettings, get_settings
 
     if name != "tiny":
         settings = get_settings()
         return resolve(name, "edge", settings), settings
-    from tiny_gguf import SEED_A, extract_tokenizer, write_tiny_qwen2_gguf
+    from handoff.shared.tiny_gguf import SEED_A, extract_tokenizer, write_tiny_qwen2_gguf
 
     print("building the tiny model (reads the edge GGUF's tokenizer, ~10 s)", flush=True)
     tokenizer = extract_tokenizer(ensure_model(DEFAULT_EDGE_MODEL))
@@ -532,10 +527,11 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict:
     """
     import llama_cpp
 
-    from edge.controller import HybridGenerator, PolicyConfig
-    from edge.runner import EdgeRunner
-    from edge.verifier_client import GrpcTransport, VerifierClient
-    from shared.model_info import load_model_info
+    from handoff.edge.controller import HybridGenerator
+    from handoff.edge.policy import PolicyConfig
+    from handoff.edge.runner import EdgeRunner
+    from handoff.edge.verifier_client import GrpcTransport, VerifierClient
+    from handoff.shared.model_info import load_model_info
 
     ref, settings = resolve_model(args.model, workdir)
     model_info, vocabulary = load_model_info(ref, settings)
@@ -693,7 +689,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def main() -> None:
-    from shared.cli import DEFAULT_PROMPT
+    from handoff.cli import DEFAULT_PROMPT
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -717,7 +713,7 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.model is None:
-        from shared.settings import get_settings
+        from handoff.shared.settings import get_settings
 
         args.model = get_settings().edge_model
     if args.max_tokens < 1 or args.repeats < 1 or args.check_interval < 1 or args.top_k < 1:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.assistant import Assistant
-from edge.controller import HybridGenerator, PolicyConfig
-from edge.settings import EdgeSettings
-from shared.settings import get_settings
+from handoff.edge.assistant import Assistant
+from handoff.edge.controller import HybridGenerator
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.settings import EdgeSettings
+from handoff.shared.settings import get_settings
 
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",

@@ -26,19 +26,17 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from handoff.edge.cloud_harness import start_server, vocabulary_of
+from handoff.edge.controller import HybridGenerator
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.runner import EdgeRunner
+from handoff.edge.simulation.cloud_latency import CloudLatencyModel
+from handoff.edge.simulation.run import edge_model_from_traces
+from handoff.edge.simulation.simulate import EdgeModel, NetworkModel, simulate
+from handoff.edge.simulation.traces import Generation
+from handoff.edge.verifier_client import GrpcTransport, NetworkDelay, VerifierClient
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tiny_gguf, cloud_harness: the tiny test models, serve-cloud
-
-from cloud_harness import start_server, vocabulary_of  # noqa: E402
-
-from edge.controller import HybridGenerator, PolicyConfig  # noqa: E402
-from edge.runner import EdgeRunner  # noqa: E402
-from edge.simulation.cloud_latency import CloudLatencyModel  # noqa: E402
-from edge.simulation.run import edge_model_from_traces  # noqa: E402
-from edge.simulation.simulate import EdgeModel, NetworkModel, simulate  # noqa: E402
-from edge.simulation.traces import Generation  # noqa: E402
-from edge.verifier_client import GrpcTransport, NetworkDelay, VerifierClient  # noqa: E402
 
 PROMPTS = [
     "Write a Python function that checks whether a number is prime.",
@@ -48,9 +46,15 @@ PROMPTS = [
 
 
 def tiny_pair(workdir: Path) -> tuple[Path, Path]:
-    from shared.models import ensure_model
-    from shared.settings import DEFAULT_EDGE_MODEL
-    from tiny_gguf import NEAR_SCALE, SEED_A, SEED_NEAR, extract_tokenizer, write_tiny_qwen2_gguf
+    from handoff.shared.models import ensure_model
+    from handoff.shared.settings import DEFAULT_EDGE_MODEL
+    from handoff.shared.tiny_gguf import (
+        NEAR_SCALE,
+        SEED_A,
+        SEED_NEAR,
+        extract_tokenizer,
+        write_tiny_qwen2_gguf,
+    )
 
     tok = extract_tokenizer(ensure_model(DEFAULT_EDGE_MODEL), keep=1000)
     cloud = write_tiny_qwen2_gguf(workdir / "tiny-a.gguf", tok, SEED_A)
@@ -61,8 +65,8 @@ def tiny_pair(workdir: Path) -> tuple[Path, Path]:
 
 
 def default_pair() -> tuple[Path, Path]:
-    from shared.models import ensure_model
-    from shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+    from handoff.shared.models import ensure_model
+    from handoff.shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
 
     return ensure_model(DEFAULT_EDGE_MODEL), ensure_model(DEFAULT_CLOUD_MODEL)
 

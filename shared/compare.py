@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from shared.divergence import entropy, kl_divergence, log_softmax, top_k, topk_kl
-from shared.llama_cpp_model import LlamaCppModel
+from handoff.shared.divergence import entropy, kl_divergence, log_softmax, top_k, topk_kl
+from handoff.shared.llama_cpp_model import LlamaCppModel
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import ShapeError
+from handoff.shared.errors import ShapeError
 
 __all__ = [
     "AGGREGATIONS",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.divergence import log_softmax
-from shared.errors import ModelError, ShapeError
+from handoff.shared.divergence import log_softmax
+from handoff.shared.errors import ModelError, ShapeError
 
 logger = logging.getLogger(__name__)
 

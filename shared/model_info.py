@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import ModelError
-from shared.models import ModelRef, check_gguf
-from shared.settings import HandoffSettings, get_settings
-from shared.vocab import Vocabulary
+from handoff.shared.errors import ModelError
+from handoff.shared.models import ModelRef, check_gguf
+from handoff.shared.settings import HandoffSettings, get_settings
+from handoff.shared.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from shared.errors import FetchError, ModelError
-from shared.settings import HandoffSettings, get_settings
+from handoff.shared.errors import FetchError, ModelError
+from handoff.shared.settings import HandoffSettings, get_settings
 
 logger = logging.getLogger(__name__)
 

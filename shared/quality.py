@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import ShapeError
+from handoff.shared.errors import ShapeError
 
 __all__ = ["BootstrapCI", "accuracy_ci", "bootstrap_rpi", "oracle_positions", "rpi"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import ShapeError
+from handoff.shared.errors import ShapeError
 
 
 @dataclass(frozen=True)

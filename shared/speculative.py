@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import ShapeError
-from shared.sampling import SamplingSettings, sampling_distribution
+from handoff.shared.errors import ShapeError
+from handoff.shared.sampling import SamplingSettings, sampling_distribution
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from functools import cached_property
 
 import numpy as np
 
-from shared.errors import VocabularyMismatch
+from handoff.shared.errors import VocabularyMismatch
 
 ALGORITHM = "handoff-vocab-v1"
 BLOCK_SIZE = 1024

@@ -11,16 +11,11 @@ need them: collecting the suite must stay fast.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `import shared` also under plain `pytest`, not only `python -m pytest`
-    sys.path.insert(0, str(ROOT))
-
-from tiny_gguf import (  # noqa: E402
+from handoff.shared.tiny_gguf import (
     NEAR_SCALE,
     SEED_A,
     SEED_B,
@@ -36,7 +31,7 @@ EDGE_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 @pytest.fixture(scope="session")
 def edge_gguf_path() -> Path:
     """The verified edge GGUF (fetched into the model cache on first use; `make test` fetches it first)."""
-    from shared.models import ensure_model
+    from handoff.shared.models import ensure_model
 
     return ensure_model(EDGE_MODEL)
 

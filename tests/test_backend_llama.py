@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.backend import ForwardItem, ForwardOutput
-from cloud.backends.llama_backend import LlamaCppBackend
-from shared.divergence import kl_divergence, top_k
-from shared.errors import CapacityError, HandoffError, ModelError, ShapeError
-from shared.llama_cpp_model import LlamaCppModel
-from shared.models import ModelRef
-from shared.settings import HandoffSettings
+from handoff.cloud.backend import ForwardItem, ForwardOutput
+from handoff.cloud.backends.llama_backend import LlamaCppBackend
+from handoff.shared.divergence import kl_divergence, top_k
+from handoff.shared.errors import CapacityError, HandoffError, ModelError, ShapeError
+from handoff.shared.llama_cpp_model import LlamaCppModel
+from handoff.shared.models import ModelRef
+from handoff.shared.settings import HandoffSettings
 
 # One thread: on a 2-core machine shared with other test runs, two llama.cpp threads wait on each other.
 THREADS = 1

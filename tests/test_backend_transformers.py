@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.backend import ForwardItem, views_from_logits
-from shared.divergence import kl_divergence
-from shared.errors import CapacityError, HandoffError, ShapeError
-from shared.models import ModelRef, resolve
-from shared.settings import HandoffSettings
+from handoff.cloud.backend import ForwardItem, views_from_logits
+from handoff.shared.divergence import kl_divergence
+from handoff.shared.errors import CapacityError, HandoffError, ShapeError
+from handoff.shared.models import ModelRef, resolve
+from handoff.shared.settings import HandoffSettings
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from cloud.backends import transformers_backend as tb  # noqa: E402
-from cloud.backends.transformers_backend import TransformersBackend  # noqa: E402
+from handoff.cloud.backends import transformers_backend as tb  # noqa: E402
+from handoff.cloud.backends.transformers_backend import TransformersBackend  # noqa: E402
 
 V = 1022  # the tiny models' vocabulary and output rows
 ALL_IDS = list(range(V))

@@ -14,7 +14,7 @@ def handoff(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "handoff", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cloud_harness import run, running_server, score_all
 
-from shared.divergence import topk_kl
-from shared.model_info import load_model_info
-from shared.models import ensure_model, resolve
-from shared.settings import DEFAULT_CLOUD_MODEL
-from shared.wire import topk_from_proto
+from handoff.edge.cloud_harness import run, running_server, score_all
+from handoff.shared.divergence import topk_kl
+from handoff.shared.model_info import load_model_info
+from handoff.shared.models import ensure_model, resolve
+from handoff.shared.settings import DEFAULT_CLOUD_MODEL
+from handoff.shared.wire import topk_from_proto
 
 pytestmark = [pytest.mark.real_models, pytest.mark.slow]
 
@@ -35,7 +35,7 @@ def vocab(cloud_ref):
 @pytest.fixture(scope="module")
 def text(cloud_ref):
     """A chat prompt and a continuation, as token ids of the real tokenizer."""
-    from shared.llama_cpp_model import LlamaCppModel
+    from handoff.shared.llama_cpp_model import LlamaCppModel
 
     with LlamaCppModel(cloud_ref.path, n_ctx=256, n_threads=2) as m:
         prompt = m.tokenize(
@@ -48,10 +48,10 @@ def text(cloud_ref):
 def _factory(cloud_ref, backend: str):
     def load():
         if backend == "transformers":
-            from cloud.backends.transformers_backend import TransformersBackend
+            from handoff.cloud.backends.transformers_backend import TransformersBackend
 
             return TransformersBackend(cloud_ref, device="cpu", dtype="bfloat16", max_context=512, threads=2)
-        from cloud.backends.llama_backend import LlamaCppBackend
+        from handoff.cloud.backends.llama_backend import LlamaCppBackend
 
         return LlamaCppBackend(cloud_ref, max_sequences=2, max_context=512, threads=2)
 
@@ -113,7 +113,7 @@ def test_both_backends_serve_the_default_model_and_agree(cloud_ref, vocab, text)
 
 def test_transformers_second_start_uses_the_converted_weights(cloud_ref, monkeypatch):
     """The dequantized weights are cached: a second backend start does not convert the GGUF again."""
-    from cloud.backends import transformers_backend
+    from handoff.cloud.backends import transformers_backend
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("the GGUF was converted again")

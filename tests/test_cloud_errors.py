@@ -9,12 +9,19 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
-from cloud_harness import edge_tokens, llama_backend_factory, run, running_server, score_all, vocabulary_of
 
-from edge.verifier_client import GrpcTransport, VerifierClient
-from shared.errors import VerifierError, VocabularyMismatch
-from shared.vocab import Vocabulary
-from shared.wire import fingerprint_to_proto, pb
+from handoff.edge.cloud_harness import (
+    edge_tokens,
+    llama_backend_factory,
+    run,
+    running_server,
+    score_all,
+    vocabulary_of,
+)
+from handoff.edge.verifier_client import GrpcTransport, VerifierClient
+from handoff.shared.errors import VerifierError, VocabularyMismatch
+from handoff.shared.vocab import Vocabulary
+from handoff.shared.wire import fingerprint_to_proto, pb
 
 PROMPT = [1001, 872, 198, 9, 10, 11, 1002, 198, 1001, 77, 198]  # a chat-shaped prompt in the tiny vocab
 CONT = list(range(300, 330))
@@ -107,7 +114,7 @@ def test_first_message_must_open_the_session(tiny_gguf_a):
     async def scenario():
         async with running_server(llama_backend_factory(tiny_gguf_a)) as (server, _):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                from shared.wire import pb_grpc
+                from handoff.shared.wire import pb_grpc
 
                 call = pb_grpc.VerifierStub(ch).Session()
                 await call.write(pb.EdgeMessage(request_id=1, check=pb.CheckPoint()))
@@ -203,7 +210,7 @@ def test_client_deadline_is_honoured(tiny_gguf_a, vocab_a):
     async def scenario():
         async with running_server(llama_backend_factory(tiny_gguf_a)) as (server, _):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                from shared.wire import pb_grpc
+                from handoff.shared.wire import pb_grpc
 
                 call = pb_grpc.VerifierStub(ch).Session(timeout=0.5)
                 await call.write(
@@ -319,7 +326,7 @@ def test_a_full_kv_pool_is_resource_exhausted(tiny_gguf_a, vocab_a):
 
 
 def test_raw_forward_advances_the_cache_like_forward(tiny_gguf_a):
-    from cloud.backend import ForwardItem
+    from handoff.cloud.backend import ForwardItem
 
     backend = llama_backend_factory(tiny_gguf_a)()
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from edge.simulation.cloud_latency import CloudLatencyModel
+from handoff.edge.simulation.cloud_latency import CloudLatencyModel
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,12 +6,19 @@ import asyncio
 
 import numpy as np
 import pytest
-from cloud_harness import edge_tokens, llama_backend_factory, run, running_server, score_all, vocabulary_of
 
-from shared.divergence import kl_divergence, top_k
-from shared.errors import VerifierError
-from shared.llama_cpp_model import LlamaCppModel
-from shared.wire import pb, topk_from_proto
+from handoff.edge.cloud_harness import (
+    edge_tokens,
+    llama_backend_factory,
+    run,
+    running_server,
+    score_all,
+    vocabulary_of,
+)
+from handoff.shared.divergence import kl_divergence, top_k
+from handoff.shared.errors import VerifierError
+from handoff.shared.llama_cpp_model import LlamaCppModel
+from handoff.shared.wire import pb, topk_from_proto
 
 V = 1022  # the tiny models' vocabulary
 
@@ -232,9 +239,9 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_gguf_a):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from cloud.grpc_server import CloudServer
-    from cloud.settings import CloudSettings
-    from edge.verifier_client import GrpcTransport, VerifierClient
+    from handoff.cloud.grpc_server import CloudServer
+    from handoff.cloud.settings import CloudSettings
+    from handoff.edge.verifier_client import GrpcTransport, VerifierClient
 
     release = threading.Event()  # the model "loads" only once the test has looked
     factory = llama_backend_factory(tiny_gguf_a)
@@ -319,9 +326,9 @@ def test_edge_tokens_helper_positions():
 
 def test_in_process_and_grpc_transports_give_the_same_answers(tiny_gguf_a, vocab_a, prompt_and_continuation):
     """The edge-cloud boundary: one client API, two transports, identical results."""
-    from cloud.service import VerifierService
-    from cloud.settings import CloudSettings
-    from edge.verifier_client import InProcessTransport, VerifierClient
+    from handoff.cloud.service import VerifierService
+    from handoff.cloud.settings import CloudSettings
+    from handoff.edge.verifier_client import InProcessTransport, VerifierClient
 
     prompt, cont = prompt_and_continuation
 
@@ -360,8 +367,8 @@ def test_transformers_backend_through_the_service_equals_a_direct_forward(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cloud.backends.transformers_backend import TransformersBackend
-    from shared.models import ModelRef
+    from handoff.cloud.backends.transformers_backend import TransformersBackend
+    from handoff.shared.models import ModelRef
 
     prompt, cont = prompt_and_continuation
     model = AutoModelForCausalLM.from_pretrained(

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from shared.compare import compare
-from shared.errors import VocabularyMismatch
-from shared.llama_cpp_model import LlamaCppModel
-from shared.model_info import load_model_info
-from shared.models import ModelRef
-from shared.settings import HandoffSettings
-from shared.vocab import check_vocabularies
+from handoff.shared.compare import compare
+from handoff.shared.errors import VocabularyMismatch
+from handoff.shared.llama_cpp_model import LlamaCppModel
+from handoff.shared.model_info import load_model_info
+from handoff.shared.models import ModelRef
+from handoff.shared.settings import HandoffSettings
+from handoff.shared.vocab import check_vocabularies
 
 
 def open_model(path):
@@ -82,7 +82,7 @@ def test_tiny_vocabulary_differs_from_the_real_one(tiny_gguf_a, edge_gguf_path, 
 
 def test_divergence_cli_refuses_mismatched_vocabularies(tiny_gguf_a):
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "divergence", "--edge", str(tiny_gguf_a)],
+        [sys.executable, "-m", "handoff", "divergence", "--edge", str(tiny_gguf_a)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -97,7 +97,7 @@ def test_divergence_cli_json_on_tiny_models(tiny_gguf_a, tiny_gguf_b):
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "handoff",
             "divergence",
             "--cloud",
             str(tiny_gguf_a),

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
 
-from cloud.service import VerifierService
-from cloud.settings import CloudSettings
-from edge.controller import WIRE_REST_MARGIN, HybridGenerator, PolicyConfig
-from edge.runner import EdgeRunner
-from edge.verifier_client import InProcessTransport, VerifierClient
-from shared.divergence import top_k, topk_kl
-from shared.llama_cpp_model import LlamaCppModel
-from shared.sampling import SamplingSettings, sample_token
+from handoff.cloud.service import VerifierService
+from handoff.cloud.settings import CloudSettings
+from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
+from handoff.edge.controller import WIRE_REST_MARGIN, HybridGenerator
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.runner import EdgeRunner
+from handoff.edge.verifier_client import InProcessTransport, VerifierClient
+from handoff.shared.divergence import top_k, topk_kl
+from handoff.shared.llama_cpp_model import LlamaCppModel
+from handoff.shared.sampling import SamplingSettings, sample_token
 
 MAX_TOKENS = 40
 
@@ -207,7 +208,7 @@ def test_generate_command_on_tiny_models(tiny_gguf_a, tiny_gguf_a_near, tmp_path
 
     trace = tmp_path / "trace.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "generate", "--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a),
+        [sys.executable, "-m", "handoff", "generate", "--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a),
          "--max-tokens", "24", "--threshold", "0.02", "--check-interval", "6", "--handback-tokens", "3",
          "--trace", str(trace), "--json"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "300"},
@@ -240,7 +241,7 @@ SAMPLED = SamplingSettings(temperature=0.9, top_p=0.95, seed=7)
 
 def test_cloud_only_equals_the_cloud_models_own_generation(tiny_gguf_a, tiny_gguf_a_near, prompt):
     """--cloud-only with a seed is P's own sampled generation: P's backend run alone gives the same tokens."""
-    from cloud.backend import ForwardItem
+    from handoff.cloud.backend import ForwardItem
 
     policy = PolicyConfig()
     cloud = run(_generate(tiny_gguf_a, tiny_gguf_a_near, prompt, policy, mode="cloud", sampling=SAMPLED))
@@ -322,7 +323,7 @@ def test_generate_baselines_and_chat_commands(tiny_gguf_a, tiny_gguf_a_near, tmp
     models = ["--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a)]
 
     def handoff(*args, stdin=None):
-        return subprocess.run([sys.executable, "-m", "shared.cli", *args], input=stdin, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "handoff", *args], input=stdin, capture_output=True,
                               text=True, timeout=600, env=env)  # fmt: skip
 
     summaries = {}

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from shared.model_info import load_model_info
-from shared.models import REGISTRY, ModelRef, ensure_model, sha256_file
-from shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
-from shared.vocab import check_vocabularies
+from handoff.shared.model_info import load_model_info
+from handoff.shared.models import REGISTRY, ModelRef, ensure_model, sha256_file
+from handoff.shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+from handoff.shared.vocab import check_vocabularies
 
 pytestmark = pytest.mark.real_models
 
@@ -26,7 +26,7 @@ def pair():
 
 def handoff(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "handoff", *args],
         capture_output=True,
         text=True,
         timeout=600,

@@ -9,18 +9,25 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cloud_harness import edge_tokens, llama_backend_factory, running_server, vocabulary_of
 from pydantic import ValidationError
 
-from cloud.grpc_server import CloudServer
-from cloud.settings import CloudSettings
-from edge.controller import HybridGenerator, PolicyConfig
-from edge.runner import EdgeRunner
-from edge.settings import EdgeSettings
-from edge.verifier_client import GrpcTransport, NetworkDelay, RemoteSession, VerifierClient, _GrpcStream
-from shared.errors import VerifierError
-from shared.llama_cpp_model import LlamaCppModel
-from shared.vocab import Vocabulary
+from handoff.cloud.grpc_server import CloudServer
+from handoff.cloud.settings import CloudSettings
+from handoff.edge.cloud_harness import edge_tokens, llama_backend_factory, running_server, vocabulary_of
+from handoff.edge.controller import HybridGenerator
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.runner import EdgeRunner
+from handoff.edge.settings import EdgeSettings
+from handoff.edge.verifier_client import (
+    GrpcTransport,
+    NetworkDelay,
+    RemoteSession,
+    VerifierClient,
+    _GrpcStream,
+)
+from handoff.shared.errors import VerifierError
+from handoff.shared.llama_cpp_model import LlamaCppModel
+from handoff.shared.vocab import Vocabulary
 
 EPS = 2e-3  # timer granularity: a sleep may end this much before its deadline on the clock we read
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from shared.divergence import (
+from handoff.shared.divergence import (
     AGGREGATIONS,
     aggregate,
     entropy,
@@ -21,7 +21,7 @@ from shared.divergence import (
     top_k,
     topk_kl,
 )
-from shared.errors import HandoffError, ShapeError
+from handoff.shared.errors import HandoffError, ShapeError
 
 LN2 = math.log(2.0)
 PROPS = settings(max_examples=200, deadline=None)
@@ -648,7 +648,7 @@ def test_log_softmax_and_entropy_in_one_pass():
 
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
 def test_logits_view_matches_the_float64_path(scale):
-    from shared.divergence import log_softmax_and_entropy, logits_view
+    from handoff.shared.divergence import log_softmax_and_entropy, logits_view
 
     rng = np.random.default_rng(int(scale * 10))
     logits = (rng.standard_normal(151_936) * scale).astype(np.float32)
@@ -665,7 +665,7 @@ def test_logits_view_matches_the_float64_path(scale):
 
 
 def test_logits_view_falls_back_when_few_entries_are_near_the_peak():
-    from shared.divergence import logits_view
+    from handoff.shared.divergence import logits_view
 
     logits = np.full(1000, -50.0, dtype=np.float32)
     logits[[3, 700]] = [0.0, -1.0]  # only two within 12 nats of the peak, k = 5
@@ -675,7 +675,7 @@ def test_logits_view_falls_back_when_few_entries_are_near_the_peak():
 
 
 def test_logits_view_rejects_bad_input():
-    from shared.divergence import logits_view
+    from handoff.shared.divergence import logits_view
 
     with pytest.raises(ShapeError, match="shape"):
         logits_view(np.zeros((2, 3), dtype=np.float32), 1)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.runner import EdgeRunner, EdgeStep
-from shared.divergence import entropy, log_softmax, top_k
-from shared.errors import ShapeError
-from shared.llama_cpp_model import LlamaCppModel
-from shared.sampling import SamplingSettings, sample_token, sampling_distribution
+from handoff.edge.runner import EdgeRunner, EdgeStep
+from handoff.shared.divergence import entropy, log_softmax, top_k
+from handoff.shared.errors import ShapeError
+from handoff.shared.llama_cpp_model import LlamaCppModel
+from handoff.shared.sampling import SamplingSettings, sample_token, sampling_distribution
 
 # One thread: on a 2-core machine shared with other test runs, two llama.cpp threads wait on each other.
 THREADS = 1
@@ -105,7 +105,7 @@ def test_greedy_steps_match_reference(make_runner, make_ref, prompt) -> None:
 
 def test_logprobs_are_bit_identical_to_log_softmax(make_runner, prompt) -> None:
     """The fused log-softmax + entropy is the shared log_softmax exactly, not just close to it."""
-    from shared.divergence import log_softmax_and_entropy
+    from handoff.shared.divergence import log_softmax_and_entropy
 
     runner = make_runner()
     runner.start(prompt)

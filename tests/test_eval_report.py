@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from edge.evaluation.report import (
+from handoff.edge.evaluation.report import (
     ALL_SUITES,
     markdown,
     plot_frontier,
@@ -17,7 +17,7 @@ from edge.evaluation.report import (
     summarize,
     write_report,
 )
-from shared.errors import HandoffError
+from handoff.shared.errors import HandoffError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -232,7 +232,7 @@ def test_tie_suite(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     text = markdown(s)
     assert "| easy | 2 | 1.00 | 1.00 | 0.00 | tie: RPI undefined |" in text
     assert "**Tie** on `easy`" in text
-    with caplog.at_level(logging.WARNING, logger="edge.evaluation.report"):
+    with caplog.at_level(logging.WARNING, logger="handoff.edge.evaluation.report"):
         plot_rpi_vs_threshold(s, tmp_path / "rpi.png")
         plot_frontier(s, tmp_path / "frontier.png")
     assert (tmp_path / "rpi.png").read_bytes().startswith(PNG_MAGIC)

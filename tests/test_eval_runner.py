@@ -9,13 +9,14 @@ import sys
 from dataclasses import replace
 
 import pytest
-from cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
 
-from edge.controller import HybridGenerator, PolicyConfig
-from edge.evaluation.runner import Evaluation, RunSpec, read_rows, run_specs
-from edge.evaluation.sandbox import SandboxLimits
-from edge.evaluation.tasks import Task, generate_suite
-from edge.runner import EdgeRunner
+from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
+from handoff.edge.controller import HybridGenerator
+from handoff.edge.evaluation.runner import Evaluation, RunSpec, read_rows, run_specs
+from handoff.edge.evaluation.sandbox import SandboxLimits
+from handoff.edge.evaluation.tasks import Task, generate_suite
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.runner import EdgeRunner
 
 FAST = SandboxLimits(timeout_s=3.0, cpu_s=3, memory_mb=256)
 MAX_TOKENS = 14
@@ -150,7 +151,7 @@ def test_eval_command_end_to_end(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
             "--max-tokens", "10", "--no-progress"]  # fmt: skip
 
     def handoff(*a):
-        return subprocess.run([sys.executable, "-m", "shared.cli", *a], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "handoff", *a], capture_output=True, text=True,
                               timeout=600, env=env)  # fmt: skip
 
     proc = handoff(*args)
@@ -182,13 +183,13 @@ def test_eval_command_end_to_end(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
 @pytest.mark.slow
 def test_eval_on_the_default_pair(tmp_path):
     """The default pair on two easy sorting tasks: P sorts them, the report pairs the three runs."""
-    from shared.models import ensure_model
-    from shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+    from handoff.shared.models import ensure_model
+    from handoff.shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
 
     ensure_model(DEFAULT_EDGE_MODEL), ensure_model(DEFAULT_CLOUD_MODEL)
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "eval", "--out", str(out), "--suites", "sorting", "--tasks", "2",
+        [sys.executable, "-m", "handoff", "eval", "--out", str(out), "--suites", "sorting", "--tasks", "2",
          "--difficulty", "1", "--thresholds", "0.3", "--max-tokens", "40", "--no-progress"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
@@ -214,7 +215,7 @@ def test_eval_runs_every_policy(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
     env = {**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "200"}
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "eval", "--edge", str(tiny_gguf_a_near), "--cloud-model",
+        [sys.executable, "-m", "handoff", "eval", "--edge", str(tiny_gguf_a_near), "--cloud-model",
          str(tiny_gguf_a), "--out", str(out), "--suites", "arithmetic", "--tasks", "3", "--thresholds", "0.05",
          "--intervals", "4", "--max-tokens", "12", "--no-progress",
          "--policies", "exact,skip:0.05,budget:0.3,entropy:3"],
@@ -241,6 +242,6 @@ def test_eval_runs_every_policy(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {r["run"]: r.get("policy") for r in summary["runs"]}["budget0.3"] == "budget"
     assert (out / "frontier.png").stat().st_size > 0
-    bad = subprocess.run([sys.executable, "-m", "shared.cli", "eval", "--policies", "magic", "--out", str(tmp_path / "b")],
+    bad = subprocess.run([sys.executable, "-m", "handoff", "eval", "--policies", "magic", "--out", str(tmp_path / "b")],
                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     assert bad.returncode == 2 and "magic" in bad.stderr

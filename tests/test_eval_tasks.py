@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from edge.evaluation.checkers import check, extract_answer, extract_code, parse_number
-from edge.evaluation.sandbox import SandboxLimits
-from edge.evaluation.tasks import SUITES, Task, generate_suite, load_jsonl
+from handoff.edge.evaluation.checkers import check, extract_answer, extract_code, parse_number
+from handoff.edge.evaluation.sandbox import SandboxLimits
+from handoff.edge.evaluation.tasks import SUITES, Task, generate_suite, load_jsonl
 
 FAST = SandboxLimits(timeout_s=3.0, cpu_s=3, memory_mb=256)
 

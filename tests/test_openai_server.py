@@ -28,10 +28,10 @@ import numpy as np
 import openai
 import pytest
 
-from edge.controller import GenerationResult, TokenRecord
-from edge.openai_protocol import LogprobFormatter, TextAssembler
-from edge.serving import GenerationQueue, Job, QueueFull, ServerStopping
-from shared.sampling import SamplingSettings
+from handoff.edge.controller import GenerationResult, TokenRecord
+from handoff.edge.openai_protocol import LogprobFormatter, TextAssembler
+from handoff.edge.serving import GenerationQueue, Job, QueueFull, ServerStopping
+from handoff.shared.sampling import SamplingSettings
 
 KEY = "test-key"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
@@ -48,9 +48,9 @@ class ServerThread:
     """`edge.openai_server.serve` on a free port, in a thread with its own event loop."""
 
     def __init__(self, edge_model: Path, cloud_model: Path, **serve_kwargs) -> None:
-        from edge.openai_server import ServeSettings
-        from edge.settings import EdgeSettings
-        from shared.settings import HandoffSettings
+        from handoff.edge.openai_server import ServeSettings
+        from handoff.edge.settings import EdgeSettings
+        from handoff.shared.settings import HandoffSettings
 
         self.settings = HandoffSettings(threads=1)
         # tau = 0.02 nats on a pair whose mean KL is ~0.02: both models produce tokens.
@@ -63,7 +63,7 @@ class ServerThread:
         self._thread = threading.Thread(target=self._run, name="serve-edge", daemon=True)
 
     def _run(self) -> None:
-        from edge.openai_server import serve
+        from handoff.edge.openai_server import serve
 
         def ready(server) -> None:
             self.server = server
@@ -197,7 +197,7 @@ def model_id(server) -> str:
 @pytest.fixture(scope="module")
 def tiny_models(tiny_gguf_a, tiny_gguf_a_near):
     """Q and P loaded on their own, to check the server's numbers against the models themselves."""
-    from shared.llama_cpp_model import LlamaCppModel
+    from handoff.shared.llama_cpp_model import LlamaCppModel
 
     q = LlamaCppModel(tiny_gguf_a_near, n_ctx=512, n_threads=1)
     p = LlamaCppModel(tiny_gguf_a, n_ctx=512, n_threads=1)
@@ -805,7 +805,7 @@ def test_errors_use_the_openai_shape_and_status(server, client, model_id):
 def _start_command(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start `handoff serve-edge`; return the process and the base URL it prints once ready."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve-edge", *args],
+        [sys.executable, "-m", "handoff", "serve-edge", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -879,7 +879,7 @@ def test_serve_edge_command(tiny_gguf_a, tiny_gguf_a_near):
 
     def handoff(*args):
         return subprocess.run(
-            [sys.executable, "-m", "shared.cli", "serve-edge", *args],
+            [sys.executable, "-m", "handoff", "serve-edge", *args],
             capture_output=True,
             text=True,
             timeout=120,
@@ -901,8 +901,8 @@ def test_serve_edge_command(tiny_gguf_a, tiny_gguf_a_near):
 
 @pytest.fixture(scope="module")
 def pair():
-    from shared.models import ensure_model
-    from shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+    from handoff.shared.models import ensure_model
+    from handoff.shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
 
     return ensure_model(DEFAULT_EDGE_MODEL), ensure_model(DEFAULT_CLOUD_MODEL)
 
@@ -910,7 +910,7 @@ def pair():
 @pytest.mark.real_models
 def test_serve_edge_on_the_default_pair(pair):
     """The default pair behind the API: an OpenAI client gets code, made mostly on the edge and checked."""
-    from shared.settings import DEFAULT_EDGE_MODEL
+    from handoff.shared.settings import DEFAULT_EDGE_MODEL
 
     proc, base_url = _start_command(["--port", "0"])
     try:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.policies import (
+from handoff.edge.policies import (
     BudgetConfig,
     BudgetController,
     CallableScorer,
@@ -23,7 +23,7 @@ from edge.policies import (
     trigger_cut,
     window_divergence,
 )
-from shared.errors import ShapeError
+from handoff.shared.errors import ShapeError
 
 PROPS = settings(max_examples=150, deadline=None)
 NAN = math.nan

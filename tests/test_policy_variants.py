@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
 
-from edge.controller import HybridGenerator, PolicyConfig
-from edge.runner import EdgeRunner
+from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
+from handoff.edge.controller import HybridGenerator
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.runner import EdgeRunner
 
 BASE = PolicyConfig(check_interval=4, handback_tokens=3, lookahead_windows=0)
 
@@ -76,7 +77,7 @@ def test_budget_moves_tau_toward_the_target(tiny_gguf_a, tiny_gguf_a_near):
 
 def test_an_external_score_function_decides_the_handoff(tiny_gguf_a, tiny_gguf_a_near):
     """HybridGenerator(scorer=CallableScorer(fn)): fn's per-token scores, not KL, pick where the cloud takes over."""
-    from edge.policies import CallableScorer
+    from handoff.edge.policies import CallableScorer
 
     seen = []
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.errors import ShapeError
-from shared.wire import PROTOCOL_VERSION, pb, pb_grpc, topk_from_proto, topk_to_proto
+from handoff.shared.errors import ShapeError
+from handoff.shared.wire import PROTOCOL_VERSION, pb, pb_grpc, topk_from_proto, topk_to_proto
 
 ROOT = Path(__file__).resolve().parent.parent
 

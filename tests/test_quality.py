@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.errors import HandoffError, ShapeError
-from shared.quality import BootstrapCI, accuracy_ci, bootstrap_rpi, oracle_positions, rpi
+from handoff.shared.errors import HandoffError, ShapeError
+from handoff.shared.quality import BootstrapCI, accuracy_ci, bootstrap_rpi, oracle_positions, rpi
 
 PROPS = settings(max_examples=100, deadline=None)
 

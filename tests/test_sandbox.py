@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.evaluation.sandbox import STATUSES, SandboxLimits, SandboxResult, run_python_tests
+from handoff.edge.evaluation.sandbox import STATUSES, SandboxLimits, SandboxResult, run_python_tests
 
 ADD = "def add(a, b):\n    return a + b\n"
 TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"

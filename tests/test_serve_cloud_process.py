@@ -7,9 +7,8 @@ import signal
 import subprocess
 import sys
 
-from cloud_harness import run, score_all, start_server, vocabulary_of
-
-from edge.verifier_client import GrpcTransport, VerifierClient
+from handoff.edge.cloud_harness import run, score_all, start_server, vocabulary_of
+from handoff.edge.verifier_client import GrpcTransport, VerifierClient
 
 PROMPT = [1001, 872, 198, 9, 10, 11, 1002, 198, 1001, 77, 198]
 
@@ -47,7 +46,7 @@ def test_serve_cloud_bad_model_is_one_clear_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "handoff",
             "serve-cloud",
             "--model",
             str(tmp_path / "nope.gguf"),

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from edge.controller import PolicyConfig
-from edge.simulation.cloud_latency import CloudLatencyModel
-from edge.simulation.replay import replay_policy
-from edge.simulation.run import edge_model_from_traces, measure, recorded_configs, replayed_configs
-from edge.simulation.simulate import CostModel, EdgeModel, NetworkModel, simulate
-from edge.simulation.traces import CloudTurn, Generation, Window, events, read_traces, window_bytes
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.simulation.cloud_latency import CloudLatencyModel
+from handoff.edge.simulation.replay import replay_policy
+from handoff.edge.simulation.run import edge_model_from_traces, measure, recorded_configs, replayed_configs
+from handoff.edge.simulation.simulate import CostModel, EdgeModel, NetworkModel, simulate
+from handoff.edge.simulation.traces import CloudTurn, Generation, Window, events, read_traces, window_bytes
 
 # Flat cloud latencies: open 0.5 s, any check 0.3 s, handoff first token 0.2 s, then 0.1 s per token.
 PROFILE = {
@@ -223,10 +223,9 @@ def test_models_reject_nonsense():
 
 def test_rebuilt_messages_match_the_bytes_a_real_run_sent(tiny_gguf_a, tiny_gguf_b):
     """The simulator sizes every message from the trace: the totals match what the real session sent."""
-    from cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
-
-    from edge.controller import HybridGenerator
-    from edge.runner import EdgeRunner
+    from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
+    from handoff.edge.controller import HybridGenerator
+    from handoff.edge.runner import EdgeRunner
 
     async def go():
         runner = EdgeRunner(tiny_gguf_b, k=20, n_ctx=512, n_threads=1)
@@ -264,7 +263,7 @@ def test_simulate_command_on_recorded_traces(tiny_gguf_a, tiny_gguf_a_near, tmp_
     models = ["--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a)]
 
     def handoff(*a):
-        return subprocess.run([sys.executable, "-m", "shared.cli", *a], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "handoff", *a], capture_output=True, text=True,
                               timeout=600, env=env)  # fmt: skip
 
     traces = []

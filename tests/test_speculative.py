@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import chi2_contingency, chisquare
 
-from shared.errors import ShapeError
-from shared.sampling import SamplingSettings
-from shared.speculative import draft_distribution, target_distribution, verify_draft
+from handoff.shared.errors import ShapeError
+from handoff.shared.sampling import SamplingSettings
+from handoff.shared.speculative import draft_distribution, target_distribution, verify_draft
 
 
 def rngs(seed: int, n: int) -> list[np.random.Generator]:
@@ -95,11 +95,10 @@ K = 20
 
 
 async def _with_service(cloud_path, body):
-    from cloud_harness import llama_backend_factory, vocabulary_of
-
-    from cloud.service import VerifierService
-    from cloud.settings import CloudSettings
-    from edge.verifier_client import InProcessTransport, VerifierClient
+    from handoff.cloud.service import VerifierService
+    from handoff.cloud.settings import CloudSettings
+    from handoff.edge.cloud_harness import llama_backend_factory, vocabulary_of
+    from handoff.edge.verifier_client import InProcessTransport, VerifierClient
 
     backend = llama_backend_factory(cloud_path)()
     service = VerifierService(backend, CloudSettings(batch_wait_s=0.0, max_sessions=4))
@@ -112,15 +111,15 @@ async def _with_service(cloud_path, body):
 
 
 def _proto_sampling(s: SamplingSettings, stops):
-    from edge.controller import sampling_to_proto
+    from handoff.edge.controller import sampling_to_proto
 
     return sampling_to_proto(s, stops)
 
 
 async def exact_continuations(cloud_path, edge_path, seeds, length, sampling, gamma=3):
     """Speculative sampling by hand: Q drafts from its top-k truncated distribution, P verifies."""
-    from edge.runner import EdgeRunner
-    from shared.wire import pb, topk_to_proto
+    from handoff.edge.runner import EdgeRunner
+    from handoff.shared.wire import pb, topk_to_proto
 
     runner = EdgeRunner(edge_path, k=K, n_ctx=512, n_threads=1)
     prompt = runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": "Sort a list."}]))
@@ -171,7 +170,7 @@ async def exact_continuations(cloud_path, edge_path, seeds, length, sampling, ga
 
 async def cloud_continuations(cloud_path, edge_path, seeds, length, sampling):
     """P's own sampling: a handoff of `length` tokens per seed."""
-    from edge.runner import EdgeRunner
+    from handoff.edge.runner import EdgeRunner
 
     runner = EdgeRunner(edge_path, k=K, n_ctx=512, n_threads=1)
     prompt = runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": "Sort a list."}]))
@@ -198,7 +197,7 @@ async def cloud_continuations(cloud_path, edge_path, seeds, length, sampling):
 
 
 def edge_continuations(edge_path, seeds, length, sampling):
-    from edge.runner import EdgeRunner
+    from handoff.edge.runner import EdgeRunner
 
     runner = EdgeRunner(edge_path, k=K, n_ctx=512, n_threads=1)
     prompt = runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": "Sort a list."}]))
@@ -223,7 +222,7 @@ def homogeneity_p(a: list[tuple], b: list[tuple]) -> float:
 @pytest.mark.slow
 def test_exact_mode_samples_ps_distribution(tiny_gguf_a, tiny_gguf_b):
     """Q (tiny B) drafts, P (tiny A) verifies: two-token continuations match P's own, not Q's."""
-    from cloud_harness import run
+    from handoff.edge.cloud_harness import run
 
     sampling = SamplingSettings(temperature=0.5)
     n, length = 700, 2
@@ -236,7 +235,7 @@ def test_exact_mode_samples_ps_distribution(tiny_gguf_a, tiny_gguf_b):
 
 
 def test_exact_mode_greedy_is_ps_greedy_text(tiny_gguf_a, tiny_gguf_a_near):
-    from cloud_harness import run
+    from handoff.edge.cloud_harness import run
 
     greedy = SamplingSettings()
     exact, acceptance = run(exact_continuations(tiny_gguf_a, tiny_gguf_a_near, [0], 24, greedy, gamma=4))
@@ -246,10 +245,9 @@ def test_exact_mode_greedy_is_ps_greedy_text(tiny_gguf_a, tiny_gguf_a_near):
 
 
 def test_verify_rejects_bad_drafts(tiny_gguf_a):
-    from cloud_harness import run
-
-    from shared.errors import VerifierError
-    from shared.wire import pb, topk_to_proto
+    from handoff.edge.cloud_harness import run
+    from handoff.shared.errors import VerifierError
+    from handoff.shared.wire import pb, topk_to_proto
 
     async def body(client, vocab):
         one = topk_to_proto(np.array([5]), np.array([0.0]))
@@ -277,10 +275,9 @@ def test_verify_rejects_bad_drafts(tiny_gguf_a):
 
 
 async def _generate(cloud_path, edge_path, policy, sampling, max_tokens, mode="hybrid"):
-    from cloud_harness import llama_backend_factory, running_server, vocabulary_of
-
-    from edge.controller import HybridGenerator
-    from edge.runner import EdgeRunner
+    from handoff.edge.cloud_harness import llama_backend_factory, running_server, vocabulary_of
+    from handoff.edge.controller import HybridGenerator
+    from handoff.edge.runner import EdgeRunner
 
     runner = EdgeRunner(edge_path, k=policy.top_k, n_ctx=512, n_threads=1)
     try:
@@ -296,9 +293,8 @@ async def _generate(cloud_path, edge_path, policy, sampling, max_tokens, mode="h
 
 def test_exact_policy_greedy_reproduces_cloud_only_text(tiny_gguf_a, tiny_gguf_a_near, tiny_gguf_b):
     """Over real gRPC: greedy exact mode writes P's own greedy text, token for token, for either edge."""
-    from cloud_harness import run
-
-    from edge.controller import PolicyConfig
+    from handoff.edge.cloud_harness import run
+    from handoff.edge.policy import PolicyConfig
 
     policy = PolicyConfig(kind="exact", draft_tokens=3)
     cloud = run(_generate(tiny_gguf_a, tiny_gguf_a_near, policy, SamplingSettings(), 40, mode="cloud"))
@@ -318,10 +314,10 @@ def test_exact_policy_greedy_reproduces_cloud_only_text(tiny_gguf_a, tiny_gguf_a
 @pytest.mark.slow
 def test_exact_policy_samples_ps_distribution_through_the_controller(tiny_gguf_a, tiny_gguf_b):
     """Seeded sampling through HybridGenerator: first two tokens match P's own sampling (chi-square)."""
-    from cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
-
-    from edge.controller import HybridGenerator, PolicyConfig
-    from edge.runner import EdgeRunner
+    from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
+    from handoff.edge.controller import HybridGenerator
+    from handoff.edge.policy import PolicyConfig
+    from handoff.edge.runner import EdgeRunner
 
     n = 400
 
@@ -359,14 +355,14 @@ def test_exact_policy_on_the_default_pair():
     import subprocess
     import sys
 
-    from shared.models import ensure_model
-    from shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+    from handoff.shared.models import ensure_model
+    from handoff.shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
 
     ensure_model(DEFAULT_EDGE_MODEL), ensure_model(DEFAULT_CLOUD_MODEL)
     out = {}
     for flag in ("--cloud-only", "--policy=exact"):
         proc = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "generate", "--max-tokens", "32", "--json", flag],
+            [sys.executable, "-m", "handoff", "generate", "--max-tokens", "32", "--json", flag],
             capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "300"},
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr

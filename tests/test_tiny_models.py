@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.divergence import kl_divergence, log_softmax
-from shared.llama_cpp_model import LlamaCppModel
-from tiny_gguf import (
+from handoff.shared.divergence import kl_divergence, log_softmax
+from handoff.shared.llama_cpp_model import LlamaCppModel
+from handoff.shared.tiny_gguf import (
     NEAR_SCALE,
     SEED_A,
     SEED_NEAR,

@@ -6,9 +6,15 @@ import dataclasses
 
 import pytest
 
-from shared.errors import VocabularyMismatch
-from shared.vocab import BLOCK_SIZE, VocabFingerprint, Vocabulary, check_compatible, check_vocabularies
-from shared.wire import fingerprint_from_proto, fingerprint_to_proto, pb
+from handoff.shared.errors import VocabularyMismatch
+from handoff.shared.vocab import (
+    BLOCK_SIZE,
+    VocabFingerprint,
+    Vocabulary,
+    check_compatible,
+    check_vocabularies,
+)
+from handoff.shared.wire import fingerprint_from_proto, fingerprint_to_proto, pb
 
 
 def vocab(n: int, changes: dict[int, bytes] | None = None, name: str = "") -> Vocabulary:

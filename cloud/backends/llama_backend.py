@@ -27,11 +27,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info, views_from_logits
-from shared.errors import CapacityError, HandoffError, ModelError, ShapeError
-from shared.model_info import load_model_info
-from shared.models import ModelRef
-from shared.settings import HandoffSettings
+from handoff.cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info, views_from_logits
+from handoff.shared.errors import CapacityError, HandoffError, ModelError, ShapeError
+from handoff.shared.model_info import load_model_info
+from handoff.shared.models import ModelRef
+from handoff.shared.settings import HandoffSettings
 
 logger = logging.getLogger(__name__)
 

@@ -51,11 +51,11 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info
-from shared.errors import CapacityError, HandoffError, ModelError, ShapeError
-from shared.model_info import load_model_info
-from shared.models import ModelRef
-from shared.settings import HandoffSettings, get_settings
+from handoff.cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info
+from handoff.shared.errors import CapacityError, HandoffError, ModelError, ShapeError
+from handoff.shared.model_info import load_model_info
+from handoff.shared.models import ModelRef
+from handoff.shared.settings import HandoffSettings, get_settings
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from edge.evaluation.sandbox import SandboxLimits, run_python_tests
-from edge.evaluation.tasks import Task
+from handoff.edge.evaluation.sandbox import SandboxLimits, run_python_tests
+from handoff.edge.evaluation.tasks import Task
 
 _MARKER = re.compile(r"answer\s*(?:is)?\s*[:=]\s*(.*)", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"answer is\s*(.*)", re.IGNORECASE)

@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.evaluation.report import write_report
-from edge.evaluation.runner import Evaluation, RunSpec, run_specs, variant_spec
-from edge.evaluation.sandbox import SandboxLimits
-from edge.evaluation.tasks import SUITES, Task, generate_suite, load_jsonl
-from edge.settings import EdgeSettings
-from shared.sampling import SamplingSettings
-from shared.settings import HandoffSettings
+from handoff.edge.evaluation.report import write_report
+from handoff.edge.evaluation.runner import Evaluation, RunSpec, run_specs, variant_spec
+from handoff.edge.evaluation.sandbox import SandboxLimits
+from handoff.edge.evaluation.tasks import SUITES, Task, generate_suite, load_jsonl
+from handoff.edge.settings import EdgeSettings
+from handoff.shared.sampling import SamplingSettings
+from handoff.shared.settings import HandoffSettings
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ async def evaluate(
         edge: the cloud's address and the base policy every hybrid run starts from.
         out_dir: results.jsonl, traces/, summary.json, report.md and the plots go here.
     """
-    from edge.assistant import Assistant
+    from handoff.edge.assistant import Assistant
 
     sampling = sampling or SamplingSettings()
     tasks = build_tasks(plan)
@@ -124,7 +124,7 @@ async def evaluate(
         rows = await evaluation.run()
         cloud_info = assistant.cloud_info
     meta = {
-        "command": "handoff " + shlex.join(sys.argv[1:]),  # also under `python -m shared.cli`
+        "command": "handoff " + shlex.join(sys.argv[1:]),  # also under `python -m handoff`
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "edge_model": fixed["edge_model"],
         "cloud": cloud_info,

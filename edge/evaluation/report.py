@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import HandoffError
-from shared.quality import accuracy_ci, bootstrap_rpi
+from handoff.shared.errors import HandoffError
+from handoff.shared.quality import accuracy_ci, bootstrap_rpi
 
 __all__ = [
     "ALL_SUITES",

@@ -24,12 +24,13 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from edge.controller import GenerationResult, HybridGenerator, PolicyConfig
-from edge.evaluation.checkers import check
-from edge.evaluation.sandbox import SandboxLimits
-from edge.evaluation.tasks import Task
-from shared.quality import oracle_positions
-from shared.sampling import SamplingSettings
+from handoff.edge.controller import GenerationResult, HybridGenerator
+from handoff.edge.evaluation.checkers import check
+from handoff.edge.evaluation.sandbox import SandboxLimits
+from handoff.edge.evaluation.tasks import Task
+from handoff.edge.policy import PolicyConfig
+from handoff.shared.quality import oracle_positions
+from handoff.shared.sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)
 

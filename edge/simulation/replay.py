@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edge.controller import PolicyConfig, window_cut
-from edge.simulation.traces import Generation, open_bytes
+from handoff.edge.controller import window_cut
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.simulation.traces import Generation, open_bytes
 
 
 @dataclass(frozen=True)

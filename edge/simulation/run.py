@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from edge.controller import PolicyConfig
-from edge.simulation.cloud_latency import CloudLatencyModel
-from edge.simulation.replay import replay_policy
-from edge.simulation.simulate import CostModel, EdgeModel, NetworkModel, Timeline, simulate
-from edge.simulation.traces import Generation
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.simulation.cloud_latency import CloudLatencyModel
+from handoff.edge.simulation.replay import replay_policy
+from handoff.edge.simulation.simulate import CostModel, EdgeModel, NetworkModel, Timeline, simulate
+from handoff.edge.simulation.traces import Generation
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def run_simulation(
     """
     import json
 
-    from edge.simulation.traces import iter_generations
+    from handoff.edge.simulation.traces import iter_generations
 
     gens = list(iter_generations(list(traces)))
     if not gens:

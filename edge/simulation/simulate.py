@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.simulation.cloud_latency import CloudLatencyModel
-from edge.simulation.traces import (
+from handoff.edge.simulation.cloud_latency import CloudLatencyModel
+from handoff.edge.simulation.traces import (
     CloudTurn,
     Generation,
     Window,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.wire import pb
+from handoff.shared.wire import pb
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.errors import ShapeError
-from shared.vocab import VocabFingerprint
-from shared.wire import handoff_pb2 as pb
-from shared.wire import handoff_pb2_grpc as pb_grpc
+from handoff.shared.errors import ShapeError
+from handoff.shared.vocab import VocabFingerprint
+from handoff.shared.wire import handoff_pb2 as pb
+from handoff.shared.wire import handoff_pb2_grpc as pb_grpc
 
 PROTOCOL_VERSION = "handoff.v1"
 

