@@ -11,7 +11,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from handoff.edge.controller import GenerationResult, HybridGenerator, OnToken
+from handoff.edge.controller import HybridGenerator
+from handoff.edge.records import GenerationResult, OnToken
 from handoff.edge.runner import EdgeRunner
 from handoff.edge.settings import EdgeSettings
 from handoff.edge.verifier_client import GrpcTransport, VerifierClient

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from handoff.edge.controller import GenerationResult, TokenRecord
+from handoff.edge.records import GenerationResult, TokenRecord
 
 # The OpenAI API's limits for these fields.
 MAX_STOP_SEQUENCES = 4

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from handoff.edge.controller import GenerationResult, OnToken, TokenRecord
+from handoff.edge.records import GenerationResult, OnToken, TokenRecord
 from handoff.shared.sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Tests of edge.policies on hand-made arrays: the skip gate, the budget controller, scorers and cuts."""
+"""Tests of the policy core's parts on hand-made arrays: the skip gate, the budget controller, scorers and cuts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handoff.edge.policies import (
+from handoff.edge.policy import (
     BudgetConfig,
     BudgetController,
     CallableScorer,

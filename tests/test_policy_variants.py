@@ -77,7 +77,7 @@ def test_budget_moves_tau_toward_the_target(tiny_gguf_a, tiny_gguf_a_near):
 
 def test_an_external_score_function_decides_the_handoff(tiny_gguf_a, tiny_gguf_a_near):
     """HybridGenerator(scorer=CallableScorer(fn)): fn's per-token scores, not KL, pick where the cloud takes over."""
-    from handoff.edge.policies import CallableScorer
+    from handoff.edge.policy import CallableScorer
 
     seen = []
 

@@ -24,11 +24,12 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from handoff.edge.controller import GenerationResult, HybridGenerator
+from handoff.edge.controller import HybridGenerator
 from handoff.edge.evaluation.checkers import check
 from handoff.edge.evaluation.sandbox import SandboxLimits
 from handoff.edge.evaluation.tasks import Task
 from handoff.edge.policy import PolicyConfig
+from handoff.edge.records import GenerationResult
 from handoff.shared.quality import oracle_positions
 from handoff.shared.sampling import SamplingSettings
 

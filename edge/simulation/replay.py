@@ -3,7 +3,9 @@
 A full trace has both models' views at every position (a cloud-only generation: the edge scores
 every cloud token with Q, so each record carries P's and Q's top-k and their KL). The replay walks
 P's text with the policy: windows of N positions, the window's KL against τ, a cut, M cloud tokens,
-and so on — the same decisions as edge/controller.py (window_cut) on the same per-position KLs.
+and so on. The decisions are made by the same policy core the live controller calls
+(edge.policy.HandoffPolicy: decide_scores on each window's KLs, hand_back on each cloud token's), on
+the same per-position KLs. tau stays at the configured threshold (a budget is not replayed).
 
 What is exact and what is not: the replay keeps P's text. Where the policy keeps an edge token,
 the real edge would have written Q's own token there; when Q's greedy token is P's token at every
@@ -14,12 +16,11 @@ real text departs from P's at the first such position and everything after it is
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from handoff.edge.controller import window_cut
-from handoff.edge.policy import PolicyConfig
+from handoff.edge.policy import PolicyConfig, make_policy
 from handoff.edge.simulation.traces import Generation, open_bytes
 
 
@@ -51,6 +52,9 @@ def replay_policy(gen: Generation, policy: PolicyConfig) -> tuple[Generation, Re
         raise ValueError(f"{gen.source}: not a full trace (a position lacks P's or Q's view, or its KL)")
     recs = gen.records
     kls = np.asarray([float(r["kl"]) for r in recs])  # [n]
+    # The live controller's policy object; without a budget, so tau is the threshold throughout.
+    core = make_policy(replace(policy, budget=0.0))
+    core.begin()
     out: list[dict] = []
     departures, first_departure = 0, None
     window_id = 0
@@ -64,25 +68,24 @@ def replay_policy(gen: Generation, policy: PolicyConfig) -> tuple[Generation, Re
             "t_uploaded": None,
         }
 
-    def cloud_turn(i: int, n: int, corrected: bool) -> int:
-        """Up to n cloud tokens from i (hand-back early after agree_tokens agreeing ones); the next i."""
-        streak, start = 0, i
+    def cloud_turn(i: int, n: int, corrected: bool, early: bool = True) -> int:
+        """Up to n cloud tokens from i (the policy may hand back early); the next i."""
+        hand_back, start = core.hand_back(early), i
         while i < len(recs) and i - start < n:
             out.append(cloud(i, corrected and i == start))
             i += 1
-            if policy.agree_tokens:
-                streak = streak + 1 if kls[i - 1] <= policy.threshold else 0
-                if streak >= policy.agree_tokens:
-                    break
+            if hand_back.agreed(float(kls[i - 1])):
+                break
         return i
 
     i = 0
     if policy.seed_tokens:
-        i = cloud_turn(0, policy.seed_tokens, corrected=False)
+        # As in the live controller, the seed tokens run their course (no early hand-back).
+        i = cloud_turn(0, policy.seed_tokens, corrected=False, early=False)
     while i < len(recs):
-        window = kls[i : i + policy.check_interval]
-        cut = window_cut(window, policy)
-        keep = len(window) if cut is None else cut
+        window = kls[i : i + policy.check_interval]  # [<= N]
+        decision = core.decide_scores(window).checked(len(window))
+        keep = decision.keep
         window_id += 1
         for j in range(i, i + keep):
             r = recs[j]
@@ -94,7 +97,7 @@ def replay_policy(gen: Generation, policy: PolicyConfig) -> tuple[Generation, Re
                 r | {"source": "edge", "checked": True, "replaced_token_id": None, "t_uploaded": window_id}
             )
         i += keep
-        if cut is not None and i < len(recs):
+        if decision.hand_over and i < len(recs):
             i = cloud_turn(i, policy.handback_tokens, corrected=keep < len(window))
     meta = gen.meta | {"policy": asdict(policy), "replayed_from": gen.source,
                        "open_bytes": list(open_bytes(gen))}  # fmt: skip

@@ -1,0 +1,138 @@
+"""What a generation leaves behind: one TokenRecord per committed token, the GenerationResult, the trace.
+
+A trace file is JSONL (write_trace): a "generation" record (settings, TRACE_VERSION), one "token"
+record per TokenRecord, a "summary" record. edge/simulation/traces.py reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any, Literal
+
+import numpy as np
+
+__all__ = ["TRACE_VERSION", "GenerationResult", "OnToken", "Source", "TokenRecord"]
+
+Source = Literal["edge", "cloud", "corrected"]
+TRACE_VERSION = 1
+
+
+@dataclass
+class TokenRecord:
+    """One committed token, as the trace records it. Times are seconds since the generation started."""
+
+    position: int
+    token_id: int
+    source: Source
+    text: str = ""  # the token's text (a token cut inside a UTF-8 character shows U+FFFD)
+    checked: bool = False  # P scored this position before it was committed (always true for P's own)
+    kl: float | None = None  # top-k KL(P || Q) at this position (a lower bound of the full KL)
+    q_entropy: float | None = None  # nats, Q's full distribution at this position
+    q_topk_ids: list[int] | None = None
+    q_topk_logprobs: list[float] | None = None
+    q_logprob: float | None = None  # Q's log-probability of the token (temperature 1)
+    p_logprob: float | None = None  # P's log-probability of the token (temperature 1), when P saw it
+    p_topk_ids: list[int] | None = None  # P's top-k at this position, when P saw it
+    p_topk_logprobs: list[float] | None = None
+    replaced_token_id: int | None = None  # corrected: the edge's token P replaced here
+    t_generated: float = 0.0  # the edge drafted it, or its cloud token arrived
+    t_uploaded: float | None = None  # its window was sent to the cloud
+    t_answered: float | None = None  # the check point's answer arrived
+    t_received: float | None = None  # a cloud token reached the edge
+    t_committed: float | None = None  # handed to the caller (the edge's own costs: t_committed - t_*)
+    draft_len: int | None = None  # exact: on the token after a verified draft, how long the draft was
+
+
+@dataclass
+class GenerationResult:
+    """What generate() produced."""
+
+    prompt_ids: list[int]
+    mode: str = "hybrid"
+    records: list[TokenRecord] = field(default_factory=list)
+    check_points: int = 0
+    handoffs: int = 0
+    handbacks_early: int = 0  # handoffs that ended because the models agreed again
+    discarded_drafts: int = 0  # edge tokens drafted behind a check point that handed over
+    cloud_failures: int = 0  # times the cloud was found unreachable or too slow
+    resyncs: int = 0  # sessions reopened with the committed text
+    stop_reason: str = ""
+    seconds: float = 0.0
+    first_token_s: float | None = None  # time to the first committed token
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    open_bytes: tuple[int, int] | None = None  # the first session's OpenSession, SessionOpened sizes
+    skipped_uploads: int = 0  # skip: positions uploaded without Q's distribution
+    drafts: int = 0  # exact: drafts verified
+    draft_tokens: int = 0  # exact: draft tokens sent
+    draft_accepted: int = 0  # exact: draft tokens the cloud accepted
+
+    def acceptance(self) -> dict[str, float | None]:
+        """Exact policy: the per-token acceptance rate and the mean accepted length per draft."""
+        if not self.drafts:
+            return {"acceptance_rate": None, "mean_accepted_length": None}
+        return {
+            "acceptance_rate": self.draft_accepted / self.draft_tokens,
+            "mean_accepted_length": self.draft_accepted / self.drafts,
+        }
+
+    @property
+    def tokens(self) -> list[int]:
+        return [r.token_id for r in self.records]
+
+    @property
+    def text(self) -> str:
+        return "".join(r.text for r in self.records)
+
+    def counts(self) -> dict[str, int]:
+        """Committed tokens by source, plus how many edge tokens P never checked."""
+        out = {"edge": 0, "cloud": 0, "corrected": 0, "unchecked": 0}
+        for r in self.records:
+            out[r.source] += 1
+            out["unchecked"] += r.source == "edge" and not r.checked
+        return out
+
+    def mean_kl(self) -> float | None:
+        """Mean top-k KL over the positions where both views were known."""
+        kls = [r.kl for r in self.records if r.kl is not None]
+        return float(np.mean(kls)) if kls else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "tokens": len(self.records),
+            "by_source": self.counts(),
+            "check_points": self.check_points,
+            "handoffs": self.handoffs,
+            "handbacks_early": self.handbacks_early,
+            "discarded_drafts": self.discarded_drafts,
+            "cloud_failures": self.cloud_failures,
+            "resyncs": self.resyncs,
+            "mean_kl": self.mean_kl(),
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "open_bytes": self.open_bytes,
+            "skipped_uploads": self.skipped_uploads,
+            "drafts": self.drafts,
+            **self.acceptance(),
+            "seconds": self.seconds,
+            "first_token_s": self.first_token_s,
+            "stop_reason": self.stop_reason,
+        }
+
+    def trace(self) -> list[dict]:
+        return [asdict(r) for r in self.records]
+
+    def write_trace(self, f: IO[str], meta: dict[str, Any] | None = None) -> None:
+        """JSONL: a "generation" record (settings), one "token" record per token, a "summary" record."""
+        header = {"record": "generation", "version": TRACE_VERSION, "prompt_ids": self.prompt_ids}
+        f.write(json.dumps(header | (meta or {})) + "\n")
+        for r in self.trace():
+            f.write(json.dumps({"record": "token"} | r) + "\n")
+        f.write(json.dumps({"record": "summary"} | self.summary()) + "\n")
+
+
+# Called with each token as it is committed, in order (may be async); returning True stops the generation.
+OnToken = Callable[[TokenRecord], "Awaitable[bool | None] | bool | None"]
