@@ -12,7 +12,7 @@ from handoff.shared.settings import DEFAULT_CLOUD_MODEL
 
 
 class CloudSettings(BaseSettings):
-    """Everything `handoff serve-cloud` can be told."""
+    """Everything `handoff serve-cloud` can be told: each field is a flag and a HANDOFF_CLOUD_* variable."""
 
     model_config = SettingsConfigDict(env_prefix="HANDOFF_CLOUD_", extra="ignore")
 
@@ -32,7 +32,10 @@ class CloudSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="Port; 0 picks a free one.")
     tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key enables TLS.")
     tls_key: Path | None = Field(None, description="PEM private key.")
-    auth_token: str | None = Field(None, description="Require `authorization: Bearer <token>` on every call.")
+    auth_token: str | None = Field(
+        None,
+        description="Require `authorization: Bearer <token>` on every call (prefer the environment: flags show in ps).",
+    )
     max_message_bytes: int = Field(4 << 20, ge=1024, description="Largest message received or sent.")
     keepalive_time_s: float = Field(30.0, gt=0, description="Interval of keepalive pings to idle clients.")
     keepalive_timeout_s: float = Field(10.0, gt=0, description="Wait for a ping's answer before closing.")
@@ -45,8 +48,8 @@ class CloudSettings(BaseSettings):
     max_sessions: int = Field(64, ge=1, description="Concurrent sessions; more get RESOURCE_EXHAUSTED.")
     max_context: int = Field(4096, ge=16, description="Tokens per session, prompt included.")
     max_top_k: int = Field(64, ge=1, description="Largest k of the top-k views.")
-    max_tokens_per_append: int = Field(1024, ge=1)
-    max_handoff_tokens: int = Field(1024, ge=1)
+    max_tokens_per_append: int = Field(1024, ge=1, description="Tokens one Append may carry.")
+    max_handoff_tokens: int = Field(1024, ge=1, description="Tokens one handoff may ask the cloud for.")
     max_queue: int = Field(1024, ge=1, description="Forward requests waiting for the model.")
     max_batch_items: int = Field(64, ge=1, description="Sessions per forward pass.")
     max_batch_tokens: int = Field(8192, ge=1, description="New tokens per forward pass.")

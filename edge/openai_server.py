@@ -34,13 +34,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from handoff.edge.controller import GenerationResult, TokenRecord
 from handoff.edge.openai_protocol import (
     APIError,
     ChatCompletionRequest,
@@ -61,8 +58,9 @@ from handoff.edge.openai_protocol import (
     usage,
     validation_error,
 )
+from handoff.edge.records import GenerationResult, TokenRecord
 from handoff.edge.serving import GenerationQueue, Job, QueueFull, ServeMetrics, ServerStopping
-from handoff.edge.settings import EdgeSettings
+from handoff.edge.settings import EdgeSettings, ServeSettings
 from handoff.shared.errors import HandoffError, VerifierError
 from handoff.shared.sampling import SamplingSettings
 from handoff.shared.settings import HandoffSettings
@@ -75,25 +73,6 @@ _ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
 # OpenAI's default for /v1/completions when max_tokens is not given.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
-
-
-class ServeSettings(BaseSettings):
-    """Settings of `handoff serve-edge` (env HANDOFF_SERVE_*, or flags); the model side is EdgeSettings."""
-
-    model_config = SettingsConfigDict(env_prefix="HANDOFF_SERVE_", extra="ignore")
-
-    host: str = Field("127.0.0.1", description="Address to listen on.")
-    port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one.")
-    api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` on /v1.")
-    max_queue: int = Field(8, ge=0, description="Requests that may wait while one generates; more get 429.")
-    model_alias: str | None = Field(None, description="Model id to serve under (default: the edge model's).")
-    default_max_tokens: int | None = Field(
-        None,
-        ge=1,
-        description="Chat answers' length when max_tokens is not given (default: the context's rest).",
-    )
-    cors_origins: list[str] = Field(default_factory=list, description="Origins browsers may call from.")
-    shutdown_timeout_s: float = Field(10.0, gt=0, description="Grace for open requests on shutdown.")
 
 
 def _default_alias(name: str) -> str:

@@ -7,7 +7,9 @@ not filled without it (you would read a uniform distribution).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +17,63 @@ import numpy as np
 
 from handoff.shared.divergence import log_softmax
 from handoff.shared.errors import ModelError, ShapeError
+from handoff.shared.logs import NATIVE_LOGGER, native_logs_shown
 
 logger = logging.getLogger(__name__)
+
+# ggml_log_level of the llama.cpp that llama-cpp-python 0.3.36 bundles (include/ggml.h): NONE=0,
+# DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (the rest of the previous message).
+_NATIVE_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_GGML_LOG_LEVEL_CONT = 5
+_native = logging.getLogger(NATIVE_LOGGER)
+_native_lock = threading.Lock()
+_native_callback = None  # the ctypes callback: llama.cpp calls it for as long as the process lives
+_native_line: list[str] = []  # the unfinished line (llama.cpp writes some lines in pieces)
+_native_level = logging.INFO
+
+
+def _on_native_log(level: int, text: bytes | None) -> None:
+    """One piece of llama.cpp's log: complete lines become records of the llama.cpp logger."""
+    global _native_level
+    with _native_lock:
+        if level != _GGML_LOG_LEVEL_CONT:
+            if _native_line:  # a message that did not end its line
+                _native.log(_native_level, "".join(_native_line))
+                _native_line.clear()
+            _native_level = _NATIVE_LEVELS.get(level, logging.DEBUG)
+        if not _native.isEnabledFor(_native_level):
+            return
+        _native_line.append((text or b"").decode("utf-8", errors="replace"))
+        if "\n" in _native_line[-1]:
+            *lines, rest = "".join(_native_line).split("\n")
+            _native_line[:] = [rest] if rest else []
+            for line in lines:
+                if line.strip():
+                    _native.log(_native_level, line)
+
+
+def route_native_logs() -> None:
+    """Send llama.cpp's own log to the "llama.cpp" Python logger, one record per line, at its level.
+
+    llama-cpp-python 0.3.36 installs a callback that reads ggml's log levels by an older numbering
+    (its WARN=2 is now INFO, its ERROR=3 now WARN), so llama.cpp's warnings count as errors and
+    reach stderr even with verbose=False ("control-looking token ... probably a bug in the model").
+    Routed here, they follow the logging setup: the command line hides them unless --verbose
+    (shared/logs.py). Idempotent; call it after importing llama_cpp (which installs its own).
+    """
+    global _native_callback
+    import llama_cpp
+
+    with _native_lock:
+        if _native_callback is not None:
+            return
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            _on_native_log(int(level), text)
+
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        _native_callback = callback
 
 
 class LlamaCppModel:
@@ -27,6 +84,7 @@ class LlamaCppModel:
     ) -> None:
         import llama_cpp
 
+        route_native_logs()
         self._llama_cpp = llama_cpp
         path = Path(path)
         if not path.is_file():
@@ -40,7 +98,9 @@ class LlamaCppModel:
                 n_batch=n_batch,
                 logits_all=False,
                 seed=seed,
-                verbose=False,
+                # False also sends stdout and stderr to /dev/null while the model loads; True prints
+                # llama-cpp-python's own notes (metadata, chat template) as --verbose asks.
+                verbose=native_logs_shown(),
             )
         except ValueError as e:  # llama-cpp-python's way of saying the file did not load
             raise ModelError(f"llama.cpp could not load {path}: {e}") from None

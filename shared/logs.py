@@ -28,8 +28,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "WARNING", fmt: str = "text") -> None:
-    """Configure the root logger once, on stderr."""
+# llama.cpp's own log lines (shared/llama_cpp_model.py routes them here, one record per line).
+NATIVE_LOGGER = "llama.cpp"
+
+
+def setup_logging(level: str = "WARNING", fmt: str = "text", native: bool = False) -> None:
+    """Configure the root logger once, on stderr.
+
+    Args:
+        level: the Python logging level.
+        fmt: "text", or "json" for one object per line.
+        native: show llama.cpp's own log (model loading, its warnings about model files); hidden
+            otherwise, whatever `level` is, because it is noise to a user of a working model.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -38,3 +49,14 @@ def setup_logging(level: str = "WARNING", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    show_native_logs(native)
+
+
+def show_native_logs(show: bool) -> None:
+    """Let llama.cpp's log through (every level) or drop it (the default of the command line)."""
+    logging.getLogger(NATIVE_LOGGER).setLevel(logging.DEBUG if show else logging.CRITICAL + 1)
+
+
+def native_logs_shown() -> bool:
+    """Whether llama.cpp's log reaches a handler (decides llama-cpp-python's `verbose` too)."""
+    return logging.getLogger(NATIVE_LOGGER).isEnabledFor(logging.INFO)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_EDGE_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 DEFAULT_CLOUD_MODEL = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class HandoffSettings(BaseSettings):
@@ -26,7 +28,19 @@ class HandoffSettings(BaseSettings):
         DEFAULT_CLOUD_MODEL, description="Registry name, GGUF path or Hugging Face directory of P."
     )
     threads: int = Field(2, ge=1, description="CPU threads for llama.cpp.")
-    log_level: str = Field("WARNING", description="Python logging level.")
+    log_level: str = Field(
+        "WARNING", description="DEBUG, INFO, WARNING or ERROR (DEBUG also shows llama.cpp's own log)."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="text, or json for one object per line.")
+    verbose: bool = Field(False, description="Show llama.cpp's own log (model loading and its warnings).")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_level(cls, value: object) -> object:
+        level = str(value).upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}; choose from {', '.join(LOG_LEVELS)}")
+        return level
 
     @property
     def models_dir(self) -> Path:

@@ -29,6 +29,8 @@ import numpy as np
 
 from handoff.cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info, views_from_logits
 from handoff.shared.errors import CapacityError, HandoffError, ModelError, ShapeError
+from handoff.shared.llama_cpp_model import route_native_logs
+from handoff.shared.logs import show_native_logs
 from handoff.shared.model_info import load_model_info
 from handoff.shared.models import ModelRef
 from handoff.shared.settings import HandoffSettings
@@ -51,6 +53,7 @@ def _llama_lib():
     global _backend_initialized
     import llama_cpp.llama_cpp as lib
 
+    route_native_logs()
     with _init_lock:
         if not _backend_initialized:
             lib.llama_backend_init()
@@ -87,7 +90,7 @@ class LlamaCppBackend(Backend):
         kv_unified: one KV pool shared by all sequences (default; see the module docstring) or
             llama.cpp's per-sequence streams.
         flash_attn: use flash attention (lets attention skip the cells of other sequences).
-        verbose: let llama.cpp log to stderr (it sets llama-cpp-python's global log level).
+        verbose: show llama.cpp's own log (process-wide; the command line's --verbose does the same).
         kv_cache_tokens: size of the unified KV pool when smaller than max_sequences x max_context
             (memory is allocated up front: 28 KiB per token for the 1.5B model).
     """
@@ -126,9 +129,8 @@ class LlamaCppBackend(Backend):
         model_info, self.vocabulary = load_model_info(ref, settings)  # raises ModelError for bad files
 
         lib = _llama_lib()
-        from llama_cpp._logger import set_verbose
-
-        set_verbose(verbose)
+        if verbose:
+            show_native_logs(True)
         self._lib = lib
         limit = int(lib.llama_max_parallel_sequences())
         if max_sequences > limit:
@@ -140,7 +142,9 @@ class LlamaCppBackend(Backend):
         mparams.n_gpu_layers = 0
         model = lib.llama_model_load_from_file(str(ref.path).encode("utf-8"), mparams)
         if not model:
-            raise ModelError(f"llama.cpp could not load {ref.path} (run with verbose=True to see why)")
+            raise ModelError(
+                f"llama.cpp could not load {ref.path} (run with --verbose to see llama.cpp's log)"
+            )
         self._model = model
 
         cparams = lib.llama_context_default_params()

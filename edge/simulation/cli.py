@@ -1,0 +1,113 @@
+"""`handoff simulate`: latency and cost of recorded generations under a network, device and price model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from handoff.shared.cli import out
+from handoff.shared.cli_options import csv_values
+from handoff.shared.errors import HandoffError
+
+
+def register(app: typer.Typer) -> None:
+    """Add `simulate` to the root command."""
+    app.command("simulate")(simulate_command)
+
+
+def simulate_command(
+    traces: Annotated[
+        list[Path], typer.Argument(exists=True, dir_okay=False, help="Trace files (generate --trace, eval).")
+    ],
+    cloud_profile: Annotated[
+        Path,
+        typer.Option(
+            exists=True, dir_okay=False, help="The cloud's latency profile (bench_cloud.py --profile)."
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="simulate.json, simulate.md and plots go here.")
+    ] = Path("simulate-out"),
+    rtt_ms: Annotated[
+        str, typer.Option(help="Round-trip times to simulate (ms), comma-separated.")
+    ] = "0,20,100",
+    rtt_sigma: Annotated[float, typer.Option(min=0, help="Log-normal jitter of each message's delay.")] = 0.0,
+    uplink_kbps: Annotated[float | None, typer.Option(min=0.001, help="Uplink bandwidth (kbit/s).")] = None,
+    downlink_kbps: Annotated[
+        float | None, typer.Option(min=0.001, help="Downlink bandwidth (kbit/s).")
+    ] = None,
+    edge_tok_s: Annotated[
+        float | None, typer.Option(min=0.001, help="Edge decode speed; default: measured in the traces.")
+    ] = None,
+    edge_prefill_tok_s: Annotated[
+        float | None, typer.Option(min=0.001, help="Edge prompt processing speed (default: not counted).")
+    ] = None,
+    gpu_per_hour: Annotated[float, typer.Option(min=0, help="GPU price per hour ($).")] = 3.0,
+    per_gb: Annotated[float, typer.Option(min=0, help="Price per GB moved ($).")] = 0.09,
+    sessions: Annotated[int, typer.Option(min=1, help="Concurrent sessions batched on one GPU.")] = 1,
+    replay_thresholds: Annotated[
+        str, typer.Option(help="Thresholds to replay offline on full (cloud-only) traces; '' for none.")
+    ] = "0.1,0.2,0.3,0.5,1.0",
+    replay_intervals: Annotated[str, typer.Option(help="Check intervals to replay offline.")] = "8",
+    lookahead: Annotated[
+        int | None, typer.Option(min=0, help="Windows drafted ahead (default: each trace's policy).")
+    ] = None,
+) -> None:
+    """Latency and cost of recorded generations under a network, device and price model.
+
+    Recorded runs are exact replays of their structure; thresholds replayed offline on full traces
+    (cloud-only runs, where both models scored every position) are approximations where the policy
+    keeps an edge token that is not P's.
+    """
+    from handoff.edge.simulation.cloud_latency import CloudLatencyModel
+    from handoff.edge.simulation.run import edge_model_from_traces, run_simulation
+    from handoff.edge.simulation.simulate import CostModel, EdgeModel
+    from handoff.edge.simulation.traces import iter_generations
+
+    try:
+        cloud = CloudLatencyModel.from_bench(cloud_profile)
+        rtts = csv_values(rtt_ms, float, "--rtt-ms")
+        taus = (
+            csv_values(replay_thresholds, float, "--replay-thresholds") if replay_thresholds.strip() else ()
+        )
+        intervals = csv_values(replay_intervals, int, "--replay-intervals")
+        if edge_tok_s is None:
+            edge = edge_model_from_traces(iter_generations(list(traces)))
+        else:
+            edge = EdgeModel(token_s=1 / edge_tok_s)
+        if edge_prefill_tok_s is not None:
+            edge = EdgeModel(edge.token_s, edge.append_s, 1 / edge_prefill_tok_s)
+        kb = 1000 / 8
+        rows = run_simulation(
+            traces, cloud, out_dir, rtts_ms=rtts, rtt_sigma=rtt_sigma,
+            uplink_bytes_per_s=uplink_kbps * kb if uplink_kbps else None,
+            downlink_bytes_per_s=downlink_kbps * kb if downlink_kbps else None,
+            edge=edge, cost=CostModel(gpu_per_hour, per_gb, sessions), thresholds=taus, intervals=intervals,
+            lookahead=lookahead, meta={"command": "handoff " + " ".join(sys.argv[1:])},
+        )  # fmt: skip
+    except ValueError as e:
+        raise HandoffError(str(e)) from None
+    table = Table(title=f"handoff simulate (edge {1 / edge.token_s:.1f} tok/s; {out_dir / 'simulate.md'})")
+    for col in (
+        "config",
+        "RTT ms",
+        "fidelity",
+        "cloud",
+        "TTFT s",
+        "tok/s",
+        "ITL p95 ms",
+        "$/1k tok",
+        "up B/tok",
+    ):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["config"], f"{r['rtt_ms']:.0f}", "exact" if r["fidelity"] == "exact replay" else "approx.",
+            f"{r['cloud_fraction']:.2f}", f"{r['ttft_mean_s']:.2f}", f"{r['tokens_per_s']:.1f}",
+            f"{1000 * (r['itl_p95_s'] or 0):.0f}", f"{r['cost_per_1k_tokens']:.4f}", f"{r['up_bytes_per_token']:.0f}",
+        )  # fmt: skip
+    out.print(table, width=max(out.width, 130))
