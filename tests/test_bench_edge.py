@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # e2e: the benchmark script in a real process
 
 
 def test_bench_edge_tiny_writes_ratios_and_matching_tokens(edge_gguf_path: Path, tmp_path: Path) -> None:

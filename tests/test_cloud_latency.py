@@ -182,6 +182,7 @@ def test_bad_queries_are_rejected(model: CloudLatencyModel) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # the benchmark script in a real process
 def test_bench_cloud_profile_on_the_tiny_model_loads_into_the_model(
     edge_gguf_path: Path, tmp_path: Path
 ) -> None:

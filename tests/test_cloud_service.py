@@ -203,7 +203,9 @@ def test_get_info_reports_model_vocabulary_and_limits(tiny_gguf_a, vocab_a):
     assert list(hashes.token_hashes) == vocab_a.token_hashes(100, 110).tolist()
 
 
-def test_metrics_count_sessions_tokens_and_batches(tiny_gguf_a, vocab_a, prompt_and_continuation):
+def test_metrics_count_sessions_tokens_and_batches(
+    tiny_gguf_a, vocab_a, prompt_and_continuation, async_wait_until
+):
     prompt, cont = prompt_and_continuation
 
     async def scenario():
@@ -217,7 +219,10 @@ def test_metrics_count_sessions_tokens_and_batches(tiny_gguf_a, vocab_a, prompt_
 
             sizes = await asyncio.gather(*(check(s) for s in sessions))
             await asyncio.gather(*(s.close() for s in sessions))
-            await asyncio.sleep(0.05)
+            # A close is answered before the server releases the session (when its stream ends).
+            await async_wait_until(
+                lambda: server.service.session_count == 0, what="the sessions to be released"
+            )
             return server.metrics.registry, sizes
 
     registry, sizes = run(scenario())
@@ -233,7 +238,7 @@ def test_metrics_count_sessions_tokens_and_batches(tiny_gguf_a, vocab_a, prompt_
     assert value("handoff_cloud_batch_items_sum") == 12
 
 
-def test_health_is_not_serving_until_the_model_is_loaded(tiny_gguf_a):
+def test_health_is_not_serving_until_the_model_is_loaded(tiny_gguf_a, async_wait_until):
     import threading
 
     import grpc
@@ -253,17 +258,18 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_gguf_a):
     async def scenario():
         server = CloudServer(CloudSettings(port=0, grace_s=0.1), gated_load)
         starting = asyncio.create_task(server.start())
-        while server.server is None or not server.port:
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: server.server is not None and server.port, what="a port")
         request = health_pb2.HealthCheckRequest(service="handoff.v1.Verifier")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
-            for _ in range(500):  # the server starts listening inside start()
+
+            async def answer():
                 try:
-                    before = (await health.Check(request)).status
-                    break
+                    return await health.Check(request)
                 except grpc.aio.AioRpcError:
-                    await asyncio.sleep(0.02)
+                    return None  # the server starts listening inside start()
+
+            before = (await async_wait_until(answer, what="the health service to answer")).status
             client = VerifierClient(GrpcTransport(f"127.0.0.1:{server.port}"))
             with pytest.raises(VerifierError) as e:
                 await client.info()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -80,40 +77,17 @@ def test_tiny_vocabulary_differs_from_the_real_one(tiny_gguf_a, edge_gguf_path, 
         check_vocabularies(tiny, real)
 
 
-def test_divergence_cli_refuses_mismatched_vocabularies(tiny_gguf_a):
-    proc = subprocess.run(
-        [sys.executable, "-m", "handoff", "divergence", "--edge", str(tiny_gguf_a)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "COLUMNS": "300"},
-    )
+def test_divergence_cli_refuses_mismatched_vocabularies(tiny_gguf_a, run_handoff):
+    proc = run_handoff("divergence", "--edge", tiny_gguf_a)
     assert proc.returncode == 2
     assert "first differing ids: 1000" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_divergence_cli_json_on_tiny_models(tiny_gguf_a, tiny_gguf_b):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "handoff",
-            "divergence",
-            "--cloud",
-            str(tiny_gguf_a),
-            "--edge",
-            str(tiny_gguf_b),
-            "--max-tokens",
-            "6",
-            "--top-k",
-            "10",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HANDOFF_THREADS": "1"},
-    )
+def test_divergence_cli_json_on_tiny_models(tiny_gguf_a, tiny_gguf_b, run_handoff):
+    proc = run_handoff(
+        "divergence", "--cloud", tiny_gguf_a, "--edge", tiny_gguf_b, "--max-tokens", "6", "--top-k", "10", "--json",
+        env={"HANDOFF_THREADS": "1"},
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["top_k"] == 10 and len(report["positions"]) == 6

@@ -8,10 +8,11 @@ import pytest
 from handoff.cloud.service import VerifierService
 from handoff.cloud.settings import CloudSettings
 from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
-from handoff.edge.controller import WIRE_REST_MARGIN, HybridGenerator
+from handoff.edge.controller import HybridGenerator
 from handoff.edge.policy import PolicyConfig
 from handoff.edge.runner import EdgeRunner
 from handoff.edge.verifier_client import InProcessTransport, VerifierClient
+from handoff.edge.wire import WIRE_REST_MARGIN
 from handoff.shared.divergence import top_k, topk_kl
 from handoff.shared.llama_cpp_model import LlamaCppModel
 from handoff.shared.sampling import SamplingSettings, sample_token
@@ -199,19 +200,15 @@ def test_seed_tokens_come_from_the_cloud(tiny_gguf_a, tiny_gguf_a_near, prompt):
     assert result.handoffs == 1
 
 
-def test_generate_command_on_tiny_models(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+def test_generate_command_on_tiny_models(tiny_gguf_a, tiny_gguf_a_near, tmp_path, run_handoff):
     """`handoff generate` end to end: an embedded verifier on a loopback port, JSON summary, a trace file."""
     import json
-    import os
-    import subprocess
-    import sys
 
     trace = tmp_path / "trace.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "handoff", "generate", "--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a),
-         "--max-tokens", "24", "--threshold", "0.02", "--check-interval", "6", "--handback-tokens", "3",
-         "--trace", str(trace), "--json"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "300"},
+    proc = run_handoff(
+        "generate", "--edge", tiny_gguf_a_near, "--cloud-model", tiny_gguf_a,
+        "--max-tokens", "24", "--threshold", "0.02", "--check-interval", "6", "--handback-tokens", "3",
+        "--trace", trace, "--json", env={"HANDOFF_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -312,19 +309,14 @@ def test_max_tokens_is_bounded_by_the_edge_context(tiny_gguf_a, prompt):
     assert result.stop_reason in ("context_full", "stop_token")
 
 
-def test_generate_baselines_and_chat_commands(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+def test_generate_baselines_and_chat_commands(tiny_gguf_a, tiny_gguf_a_near, tmp_path, run_handoff):
     """`generate --edge-only/--cloud-only` and an interactive `chat` session through real processes."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = {**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "300"}
     models = ["--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a)]
 
     def handoff(*args, stdin=None):
-        return subprocess.run([sys.executable, "-m", "handoff", *args], input=stdin, capture_output=True,
-                              text=True, timeout=600, env=env)  # fmt: skip
+        return run_handoff(*args, stdin=stdin, env={"HANDOFF_THREADS": "1"})
 
     summaries = {}
     for flag in ("--edge-only", "--cloud-only"):

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -24,16 +21,6 @@ def pair():
     return ensure_model(DEFAULT_EDGE_MODEL), ensure_model(DEFAULT_CLOUD_MODEL)
 
 
-def handoff(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "handoff", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "COLUMNS": "300", **(env or {})},
-    )
-
-
 def test_fetched_files_match_the_published_sha256(pair):
     for name, path in zip((DEFAULT_EDGE_MODEL, DEFAULT_CLOUD_MODEL), pair, strict=True):
         spec = REGISTRY[name]
@@ -41,8 +28,8 @@ def test_fetched_files_match_the_published_sha256(pair):
         assert sha256_file(path) == spec.sha256
 
 
-def test_info_reports_the_fields(pair):
-    proc = handoff("models", "info", DEFAULT_EDGE_MODEL, "--json")
+def test_info_reports_the_fields(pair, run_handoff):
+    proc = run_handoff("models", "info", DEFAULT_EDGE_MODEL, "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["architecture"] == "qwen2"
@@ -51,7 +38,7 @@ def test_info_reports_the_fields(pair):
     assert info["vocab_size"] == 151936
     assert 0.4e9 < info["parameter_count"] < 0.7e9
     assert len(info["fingerprint_sha256"]) == 64
-    cloud = json.loads(handoff("models", "info", DEFAULT_CLOUD_MODEL, "--json").stdout)
+    cloud = json.loads(run_handoff("models", "info", DEFAULT_CLOUD_MODEL, "--json").stdout)
     assert 1.4e9 < cloud["parameter_count"] < 1.9e9
     assert cloud["fingerprint_sha256"] == info["fingerprint_sha256"]  # same vocabulary
 
@@ -63,29 +50,29 @@ def test_the_pair_shares_its_vocabulary(pair):
     assert q_vocab.tokens[151644] == b"<|im_start|>"
 
 
-def test_verify_detects_a_flipped_byte_in_a_real_model(pair, tmp_path):
+def test_verify_detects_a_flipped_byte_in_a_real_model(pair, tmp_path, run_handoff):
     spec = REGISTRY[DEFAULT_EDGE_MODEL]
     cache = tmp_path / "cache"
     (cache / "models").mkdir(parents=True)
     copy = cache / "models" / spec.filename
     shutil.copyfile(pair[0], copy)
     env = {"HANDOFF_CACHE_DIR": str(cache)}
-    ok = handoff("models", "verify", DEFAULT_EDGE_MODEL, env=env)
+    ok = run_handoff("models", "verify", DEFAULT_EDGE_MODEL, env=env)
     assert ok.returncode == 0, ok.stderr
     with open(copy, "r+b") as f:
         f.seek(spec.size // 2)
         byte = f.read(1)
         f.seek(spec.size // 2)
         f.write(bytes([byte[0] ^ 0x40]))
-    bad = handoff("models", "verify", DEFAULT_EDGE_MODEL, env=env)
+    bad = run_handoff("models", "verify", DEFAULT_EDGE_MODEL, env=env)
     assert bad.returncode == 1
     assert "corrupt: sha256" in bad.stderr and "Traceback" not in bad.stderr
-    listed = json.loads(handoff("models", "list", "--json", env=env).stdout)
+    listed = json.loads(run_handoff("models", "list", "--json", env=env).stdout)
     assert not next(r for r in listed if r["name"] == DEFAULT_EDGE_MODEL)["fetched"]
 
 
-def test_divergence_report_on_the_default_pair(pair):
-    proc = handoff("divergence", "--json", "--max-tokens", "24")
+def test_divergence_report_on_the_default_pair(pair, run_handoff):
+    proc = run_handoff("divergence", "--json", "--max-tokens", "24")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     rows, summary = report["positions"], report["summary"]
@@ -100,10 +87,10 @@ def test_divergence_report_on_the_default_pair(pair):
     assert report["edge"]["fingerprint"] == report["cloud"]["fingerprint"]
 
 
-def test_hybrid_generation_on_the_default_pair(pair, tmp_path):
+def test_hybrid_generation_on_the_default_pair(pair, tmp_path, run_handoff):
     """The real pair end to end through real gRPC: `handoff generate` with its embedded verifier."""
     trace = tmp_path / "trace.jsonl"
-    proc = handoff("generate", "--prompt", "Write a Python function that adds two numbers.", "--max-tokens", "24",
+    proc = run_handoff("generate", "--prompt", "Write a Python function that adds two numbers.", "--max-tokens", "24",
                    "--threshold", "0.3", "--trace", str(trace), "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)

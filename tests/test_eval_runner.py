@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -142,17 +139,15 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_gguf_a, tiny_gguf_b, t
     assert len(rows) == 16 and len({r["key"] for r in rows}) == 16
 
 
-def test_eval_command_end_to_end(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+def test_eval_command_end_to_end(tiny_gguf_a, tiny_gguf_a_near, tmp_path, run_handoff):
     """`handoff eval` in its own process: an embedded verifier, the report, plots, resume, --report-only."""
-    env = {**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "200"}
     out = tmp_path / "eval"
     args = ["eval", "--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a), "--out", str(out),
             "--suites", "arithmetic,sorting", "--tasks", "2", "--thresholds", "0.01,5", "--intervals", "4",
             "--max-tokens", "10", "--no-progress"]  # fmt: skip
 
     def handoff(*a):
-        return subprocess.run([sys.executable, "-m", "handoff", *a], capture_output=True, text=True,
-                              timeout=600, env=env)  # fmt: skip
+        return run_handoff(*a, env={"HANDOFF_THREADS": "1"})
 
     proc = handoff(*args)
     assert proc.returncode == 0, proc.stderr
@@ -181,18 +176,15 @@ def test_eval_command_end_to_end(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
 
 @pytest.mark.real_models
 @pytest.mark.slow
-def test_eval_on_the_default_pair(tmp_path):
+def test_eval_on_the_default_pair(tmp_path, run_handoff):
     """The default pair on two easy sorting tasks: P sorts them, the report pairs the three runs."""
     from handoff.shared.models import ensure_model
     from handoff.shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
 
     ensure_model(DEFAULT_EDGE_MODEL), ensure_model(DEFAULT_CLOUD_MODEL)
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [sys.executable, "-m", "handoff", "eval", "--out", str(out), "--suites", "sorting", "--tasks", "2",
-         "--difficulty", "1", "--thresholds", "0.3", "--max-tokens", "40", "--no-progress"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
+    proc = run_handoff("eval", "--out", out, "--suites", "sorting", "--tasks", "2", "--difficulty", "1",
+                       "--thresholds", "0.3", "--max-tokens", "40", "--no-progress", timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = by_run(read_rows(out / "results.jsonl"))
     assert set(rows) == {"small", "large", "hybrid-tau0.3-n8"} and all(len(v) == 2 for v in rows.values())
@@ -210,16 +202,15 @@ def test_eval_on_the_default_pair(tmp_path):
     assert sorting["large_accuracy"] == 1.0
 
 
-def test_eval_runs_every_policy(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+def test_eval_runs_every_policy(tiny_gguf_a, tiny_gguf_a_near, tmp_path, run_handoff):
     """`--policies`: exact, skip, budget and entropy runs beside the KL sweep, in the rows and the report."""
-    env = {**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "200"}
+    # The skip run's gate: Q's top-1 probability is always above 1e-6 (V = 1022), so it uploads ids only.
+    env = {"HANDOFF_THREADS": "1", "HANDOFF_EDGE_SKIP_TOP1_MIN": "1e-6"}
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [sys.executable, "-m", "handoff", "eval", "--edge", str(tiny_gguf_a_near), "--cloud-model",
-         str(tiny_gguf_a), "--out", str(out), "--suites", "arithmetic", "--tasks", "3", "--thresholds", "0.05",
-         "--intervals", "4", "--max-tokens", "12", "--no-progress",
-         "--policies", "exact,skip:0.05,budget:0.3,entropy:3"],
-        capture_output=True, text=True, timeout=600, env=env,
+    proc = run_handoff(
+        "eval", "--edge", tiny_gguf_a_near, "--cloud-model", tiny_gguf_a, "--out", out, "--suites", "arithmetic",
+        "--tasks", "3", "--thresholds", "0.05", "--intervals", "4", "--max-tokens", "12", "--no-progress",
+        "--policies", "exact,skip:0.05,budget:0.3,entropy:3", env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = by_run(read_rows(out / "results.jsonl"))
@@ -238,10 +229,13 @@ def test_eval_runs_every_policy(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
     assert all(r["drafts"] >= 1 for r in rows["exact"].values())
     # Greedy exact mode writes P's text: the same answers as the large run.
     assert all(rows["exact"][t]["output"] == rows["large"][t]["output"] for t in rows["large"])
-    assert sum(r["skipped_uploads"] for r in rows["skip-tau0.05"].values()) >= 0
+    # Every token the skip run uploaded went without Q's view (no view, no divergence: none was handed
+    # back, so the uploads are the committed tokens); the KL sweep uploaded every view.
+    skip = rows["skip-tau0.05"].values()
+    assert all(r["handoffs"] == 0 and r["skipped_uploads"] == r["tokens"] > 0 for r in skip)
+    assert all(r["skipped_uploads"] == 0 for r in rows["hybrid-tau0.05-n4"].values())
     summary = json.loads((out / "summary.json").read_text())
     assert {r["run"]: r.get("policy") for r in summary["runs"]}["budget0.3"] == "budget"
     assert (out / "frontier.png").stat().st_size > 0
-    bad = subprocess.run([sys.executable, "-m", "handoff", "eval", "--policies", "magic", "--out", str(tmp_path / "b")],
-                         capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    bad = run_handoff("eval", "--policies", "magic", "--out", tmp_path / "b", timeout=120, env=env)
     assert bad.returncode == 2 and "magic" in bad.stderr

@@ -57,7 +57,32 @@ def assert_contiguous(result, prompt):
     assert [r.position for r in result.records] == list(range(len(prompt), len(prompt) + len(result.records)))
 
 
-def test_killed_cloud_edge_finishes_unchecked_then_restarted_cloud_is_resynchronised(tiny_gguf_a, prompt):
+def probing() -> bool:
+    """The edge is probing a lost cloud: its background probe (the task "cloud-probe") still runs."""
+    return any(t.get_name() == "cloud-probe" and not t.done() for t in asyncio.all_tasks())
+
+
+def hold_while_probing(async_wait_until):
+    """An on_token that holds the generation while the edge probes, until the probe reaches the cloud.
+
+    Tiny models generate faster than any retry: without it the text could end before the probe sees
+    the cloud again, and the resynchronisation under test would not happen. The edge's tokens before
+    the hold are still committed unchecked, as the fallback does.
+    """
+
+    async def on_token(record):
+        if probing():
+            await async_wait_until(
+                lambda: not probing(), timeout=60, what="the edge's probe to reach the cloud"
+            )
+
+    return on_token
+
+
+@pytest.mark.e2e  # a real serve-cloud process, started by the harness
+def test_killed_cloud_edge_finishes_unchecked_then_restarted_cloud_is_resynchronised(
+    tiny_gguf_a, prompt, async_wait_until
+):
     """SIGKILL the serve-cloud process mid-generation, restart it on the same port later."""
     proc, port = start_server(tiny_gguf_a)
     state = {"proc": proc, "killed_at": None, "restarted_at": None}
@@ -69,9 +94,12 @@ def test_killed_cloud_edge_finishes_unchecked_then_restarted_cloud_is_resynchron
             state["proc"].wait(timeout=30)
             state["killed_at"] = n
         elif n == 80:
-            # Restart on the same port, then give the edge's probe (backoff <= 0.3 s) time to see it.
+            # Restart on the same port; hold the generation until the edge's probe has reached it.
             state["proc"], _ = await asyncio.to_thread(start_server, tiny_gguf_a, port=port)
-            await asyncio.sleep(1.5)
+            assert probing(), "the edge is not probing the killed cloud"
+            await async_wait_until(
+                lambda: not probing(), timeout=60, what="the edge's probe to reach the cloud"
+            )
             state["restarted_at"] = n
 
     async def scenario():
@@ -104,7 +132,8 @@ def test_killed_cloud_edge_finishes_unchecked_then_restarted_cloud_is_resynchron
 
 
 class _SlowFirstSession(VerifierService):
-    """Answers the first session's check points late (a cloud that is slow, not gone)."""
+    """Answers the first session's check points late (a cloud that is slow, not gone: the sleep is the
+    behaviour under test)."""
 
     delay_s = 1.5
     slow_sessions = 1
@@ -147,12 +176,13 @@ async def _with_service(cls, cloud_path, fn):
         backend.close()
 
 
-def test_slow_cloud_times_out_then_session_resumes(tiny_gguf_a, prompt):
+def test_slow_cloud_times_out_then_session_resumes(tiny_gguf_a, prompt, async_wait_until):
     link = LinkConfig(check_timeout_s=0.3, open_timeout_s=5.0, retry_initial_s=0.05, retry_max_s=0.1)
     policy = PolicyConfig(check_interval=4)
 
     async def fn(client):
-        return await generate(tiny_gguf_a, client, prompt, policy, 120, link=link, on_token=_pace)
+        on_token = hold_while_probing(async_wait_until)
+        return await generate(tiny_gguf_a, client, prompt, policy, 120, link=link, on_token=on_token)
 
     result = run(_with_service(_SlowFirstSession, tiny_gguf_a, fn))
     assert result.tokens == own_greedy(tiny_gguf_a, prompt, len(result.tokens))
@@ -163,16 +193,14 @@ def test_slow_cloud_times_out_then_session_resumes(tiny_gguf_a, prompt):
     assert checked[-1] and max(r.kl for r in result.records if r.checked) < 1e-3
 
 
-async def _pace(record):
-    await asyncio.sleep(0.01)  # tiny models generate faster than any retry: give the probe time
-
-
-def test_cloud_dies_during_a_handoff(tiny_gguf_a, tiny_gguf_b, prompt):
+def test_cloud_dies_during_a_handoff(tiny_gguf_a, tiny_gguf_b, prompt, async_wait_until):
     """Cloud tokens already streamed are kept; the edge goes on from there, unchecked, then resyncs."""
     policy = PolicyConfig(check_interval=4, threshold=0.5, handback_tokens=4, agree_tokens=0)
 
     async def fn(client):
-        return await generate(tiny_gguf_b, client, prompt, policy, 60, on_token=_pace)
+        return await generate(
+            tiny_gguf_b, client, prompt, policy, 60, on_token=hold_while_probing(async_wait_until)
+        )
 
     result = run(_with_service(_DiesDuringHandoff, tiny_gguf_a, fn))
     assert_contiguous(result, prompt)

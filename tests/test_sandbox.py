@@ -46,18 +46,13 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _gone(pid: int, within_s: float = 3.0) -> bool:
-    """Whether the process `pid` has ended (gone from /proc or a zombie) within `within_s` seconds."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return True
-        if stat[stat.rindex(")") + 2 :].split()[0] in ("Z", "X"):
-            return True
-        time.sleep(0.05)
-    return False
+def _gone(pid: int) -> bool:
+    """Whether the process `pid` has ended (gone from /proc, or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2 :].split()[0] in ("Z", "X")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +156,7 @@ def test_infinite_loop_times_out() -> None:
     assert time.monotonic() - start < SHORT.timeout_s + 2
 
 
-def test_sleeping_loop_with_a_real_fork_times_out_and_leaves_no_process() -> None:
+def test_sleeping_loop_with_a_real_fork_times_out_and_leaves_no_process(wait_until) -> None:
     # os.fork is disabled; a fork through ctypes still works, and its child must die with the group.
     program = (
         "import ctypes, os, time\n"
@@ -181,10 +176,11 @@ def test_sleeping_loop_with_a_real_fork_times_out_and_leaves_no_process() -> Non
     assert time.monotonic() - start < SHORT.timeout_s + 2
     match = re.search(r"grandchild (\d+)", result.stdout)
     assert match, result.stdout
-    assert _gone(int(match.group(1)))
+    pid = int(match.group(1))
+    wait_until(lambda: _gone(pid), timeout=3, interval=0.05, what=f"process {pid} to end")
 
 
-def test_a_detached_leftover_process_is_killed_when_the_run_passes() -> None:
+def test_a_detached_leftover_process_is_killed_when_the_run_passes(wait_until) -> None:
     # A ctypes-forked child that closes its output would not keep the pipes open: the group kill ends it.
     program = (
         "import ctypes, os, time\n"
@@ -201,7 +197,8 @@ def test_a_detached_leftover_process_is_killed_when_the_run_passes() -> None:
     assert result.seconds < 3
     match = re.search(r"grandchild (\d+)", result.stdout)
     assert match, result.stdout
-    assert _gone(int(match.group(1)))
+    pid = int(match.group(1))
+    wait_until(lambda: _gone(pid), timeout=3, interval=0.05, what=f"process {pid} to end")
 
 
 def test_os_fork_is_disabled() -> None:

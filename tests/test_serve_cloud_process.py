@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
+
+import pytest
 
 from handoff.edge.cloud_harness import run, score_all, start_server, vocabulary_of
 from handoff.edge.verifier_client import GrpcTransport, VerifierClient
@@ -13,6 +12,7 @@ from handoff.edge.verifier_client import GrpcTransport, VerifierClient
 PROMPT = [1001, 872, 198, 9, 10, 11, 1002, 198, 1001, 77, 198]
 
 
+@pytest.mark.e2e  # a real serve-cloud process (started by the harness, not run_handoff)
 def test_serve_cloud_process_serves_and_drains_on_sigterm(tiny_gguf_a):
     vocab = vocabulary_of(tiny_gguf_a)
     proc, port = start_server(tiny_gguf_a, env={"HANDOFF_CLOUD_AUTH_TOKEN": "t0k"})
@@ -41,22 +41,7 @@ def test_serve_cloud_process_serves_and_drains_on_sigterm(tiny_gguf_a):
             proc.kill()
 
 
-def test_serve_cloud_bad_model_is_one_clear_line(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "handoff",
-            "serve-cloud",
-            "--model",
-            str(tmp_path / "nope.gguf"),
-            "--port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "300"},
-    )
+def test_serve_cloud_bad_model_is_one_clear_line(tmp_path, run_handoff):
+    proc = run_handoff("serve-cloud", "--model", tmp_path / "nope.gguf", "--port", "0", timeout=120)
     assert proc.returncode == 2
     assert "no model" in proc.stderr and "Traceback" not in proc.stderr

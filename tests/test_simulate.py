@@ -175,6 +175,15 @@ def test_replay_reproduces_the_policys_decisions():
     assert not info2.exact and info2.departures == 1 and info2.first_departure == 4
 
 
+def test_replayed_seed_tokens_run_their_course_as_in_the_live_controller():
+    gen = full_trace([0.0] * 8)
+    # Every position agrees; with agree_tokens 1 a handoff would end after one token, but the seed
+    # turn (like the live controller's, which has no early hand-back there) writes all 3.
+    policy = PolicyConfig(kind="seed", seed_tokens=3, agree_tokens=1, threshold=0.2, check_interval=4)
+    out, _ = replay_policy(gen, policy)
+    assert [r["source"] for r in out.records] == ["cloud"] * 3 + ["edge"] * 5
+
+
 def test_replayed_configs_say_which_are_exact():
     gens = [full_trace([0.0, 0.5, 0.0, 0.0, 0.0, 0.0]), full_trace([0.0] * 6, mismatch=(2,))]
     configs = replayed_configs(gens, [0.2, 1.0], [4], PolicyConfig())
@@ -253,18 +262,12 @@ def test_rebuilt_messages_match_the_bytes_a_real_run_sent(tiny_gguf_a, tiny_gguf
         assert t.check_points == gen.summary["check_points"] and t.handoffs == gen.summary["handoffs"]
 
 
-def test_simulate_command_on_recorded_traces(tiny_gguf_a, tiny_gguf_a_near, tmp_path):
+def test_simulate_command_on_recorded_traces(tiny_gguf_a, tiny_gguf_a_near, tmp_path, run_handoff):
     """`handoff generate --trace` then `handoff simulate`: exact replays, offline replays, plots, JSON."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "HANDOFF_THREADS": "1", "COLUMNS": "200"}
     models = ["--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a)]
 
     def handoff(*a):
-        return subprocess.run([sys.executable, "-m", "handoff", *a], capture_output=True, text=True,
-                              timeout=600, env=env)  # fmt: skip
+        return run_handoff(*a, env={"HANDOFF_THREADS": "1"})
 
     traces = []
     for flag in ("--edge-only", "--cloud-only", "--threshold=0.01"):

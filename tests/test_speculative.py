@@ -111,7 +111,7 @@ async def _with_service(cloud_path, body):
 
 
 def _proto_sampling(s: SamplingSettings, stops):
-    from handoff.edge.controller import sampling_to_proto
+    from handoff.edge.wire import sampling_to_proto
 
     return sampling_to_proto(s, stops)
 
@@ -348,12 +348,9 @@ def test_exact_policy_samples_ps_distribution_through_the_controller(tiny_gguf_a
 
 @pytest.mark.real_models
 @pytest.mark.slow
-def test_exact_policy_on_the_default_pair():
+def test_exact_policy_on_the_default_pair(run_handoff):
     """The default pair, greedy: `generate --policy exact` writes exactly `generate --cloud-only`'s text."""
     import json
-    import os
-    import subprocess
-    import sys
 
     from handoff.shared.models import ensure_model
     from handoff.shared.settings import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
@@ -361,10 +358,7 @@ def test_exact_policy_on_the_default_pair():
     ensure_model(DEFAULT_EDGE_MODEL), ensure_model(DEFAULT_CLOUD_MODEL)
     out = {}
     for flag in ("--cloud-only", "--policy=exact"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "handoff", "generate", "--max-tokens", "32", "--json", flag],
-            capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "300"},
-        )  # fmt: skip
+        proc = run_handoff("generate", "--max-tokens", "32", "--json", flag, timeout=900)
         assert proc.returncode == 0, proc.stderr
         out[flag] = json.loads(proc.stdout)
     exact, cloud = out["--policy=exact"], out["--cloud-only"]
