@@ -6,8 +6,8 @@ For each concurrency N, in one run on one device:
            R rounds of `append 16 tokens + check point over them`, concurrently;
   raw:     the backend's bare batched forward (`Backend.raw_forward`: the same N caches, N x 16 new
            tokens, logits of every new position, nothing else) for the same R rounds.
-Prints tokens/s of both and their ratio. The target (DESIGN.md): ratio >= 0.5 at 64 sessions, and
-service throughput growing with concurrency.
+Prints tokens/s of both and their ratio. The target (docs/architecture.md): ratio >= 0.7 at 64
+sessions, and service throughput growing with concurrency.
 
 With --profile it measures latencies instead, for the latency/cost simulator
 (edge/simulation/cloud_latency.py): opening a session by prompt length, one check point by new tokens

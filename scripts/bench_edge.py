@@ -11,7 +11,7 @@ In one process, on one model, alternating (plain, hybrid) `--repeats` times:
 Both timings exclude the prompt prefill (measured and printed apart) and count the same work: N
 tokens picked and N tokens evaluated. Then, on the same model, one token's llama.cpp decode is timed
 next to the per-token view the edge adds (read the logits, float64 log-softmax + entropy, top-k).
-Target (DESIGN.md): hybrid >= 0.9 of plain throughput.
+Target (docs/architecture.md): hybrid >= 0.95 of plain throughput.
 
     python scripts/bench_edge.py                                   # the default edge model, 128 tokens
     python scripts/bench_edge.py --model tiny --json-out /tmp/bench_edge.json
