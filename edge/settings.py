@@ -6,11 +6,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from handoff.edge.link import LinkConfig
-from handoff.edge.policy import PolicyConfig
+from handoff.edge.policy import PolicyConfig, policy_kinds
 from handoff.edge.verifier_client import NetworkDelay
 from handoff.shared.cli_options import Flags
 
@@ -45,10 +45,12 @@ class EdgeSettings(BaseSettings):
     ] = Field("hybrid", description="hybrid, or a baseline through the same code path: edge (Q), cloud (P).")
     n_ctx: int = Field(4096, ge=64, description="The edge model's context length (tokens).")
 
-    # The policy (edge/policy.py PolicyConfig; docs/policy_defaults.md says how they were chosen)
-    policy: Literal["seed", "rollback", "exact"] = Field(
+    # The policy (edge/policy/config.py PolicyConfig; docs/policy_defaults.md says how they were chosen)
+    # Any registered kind (edge/policy/core.py register_policy), so a new policy is selectable here too.
+    policy: str = Field(
         _P.kind,
-        description="rollback or seed (KL handoff), or exact (speculative sampling: P's distribution).",
+        description="rollback or seed (KL handoff), exact (speculative sampling: P's distribution), or "
+        "any other registered policy kind.",
     )
     seed_tokens: int = Field(_P.seed_tokens, ge=0, description="N0: tokens the cloud generates first.")
     check_interval: int = Field(_P.check_interval, ge=1, description="N: edge tokens per check point.")
@@ -135,6 +137,13 @@ class EdgeSettings(BaseSettings):
         allow_inf_nan=False,
         description="Loopback testing only: limit the downlink from the cloud to this many kbit/s.",
     )
+
+    @field_validator("policy")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        if kind not in policy_kinds():
+            raise ValueError(f"unknown policy {kind!r}; registered: {', '.join(policy_kinds())}")
+        return kind
 
     def policy_config(self) -> PolicyConfig:
         names = {f.name for f in fields(PolicyConfig)} - {"kind"}

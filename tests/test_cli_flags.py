@@ -18,6 +18,7 @@ import typer
 
 from handoff.cli import app, main
 from handoff.cloud.settings import CloudSettings
+from handoff.edge.policy import policy_kinds
 from handoff.edge.settings import EdgeSettings, ServeSettings
 from handoff.shared.cli_options import settings_flags
 from handoff.shared.logs import NATIVE_LOGGER
@@ -109,8 +110,10 @@ def option_names(command: str) -> set[str]:
     return {name for p in params for name in (*p.opts, *p.secondary_opts)}
 
 
-def other_value(info, default: Any, tmp_path: Path) -> Any:
+def other_value(info, default: Any, tmp_path: Path, name: str = "") -> Any:
     """A valid value of a field that differs from its default (bounds respected)."""
+    if name == "policy":  # a registered kind (checked against the registry, not a Literal)
+        return next(k for k in policy_kinds() if k != default)
     annotation = info.annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
@@ -185,7 +188,7 @@ def test_help_lists_every_edge_flag(command, run_handoff):
 @pytest.mark.parametrize("command", EDGE_COMMANDS)
 def test_every_edge_flag_reaches_the_settings(command, stand_ins, tmp_path):
     fields = {
-        name: other_value(info, info.get_default(call_default_factory=True), tmp_path)
+        name: other_value(info, info.get_default(call_default_factory=True), tmp_path, name)
         for name, info in EdgeSettings.model_fields.items()
         if not (command == "eval" and name == "mode")  # eval chooses the mode per run
     }

@@ -285,6 +285,18 @@ def test_a_registered_kind_is_a_valid_config_kind() -> None:
     assert config.to_proto().kind == pb.POLICY_KIND_UNSPECIFIED  # no wire name: the cloud accepts it
 
 
+def test_a_registered_kind_is_selectable_from_settings_and_the_environment(monkeypatch) -> None:
+    from pydantic import ValidationError
+
+    from handoff.edge.settings import EdgeSettings
+
+    assert EdgeSettings(policy="test-keep-two").policy_config().kind == "test-keep-two"
+    monkeypatch.setenv("HANDOFF_EDGE_POLICY", "test-keep-two")
+    assert type(make_policy(EdgeSettings().policy_config())) is KeepTwoPolicy
+    with pytest.raises(ValidationError, match="unknown policy 'magic'; registered: seed, rollback, exact"):
+        EdgeSettings(policy="magic")
+
+
 def test_register_policy_refuses_clashes_and_non_policies() -> None:
     with pytest.raises(ValueError, match="already registered"):
 
