@@ -221,10 +221,16 @@ def write_tiny_qwen2_gguf(
     perturb_scale: float = 0.0,
     rope_freq_base: float = 1_000_000.0,
     rms_eps: float = 1e-6,
+    quantize: str | None = None,
 ) -> Path:
-    """Write a random-weight Qwen2 GGUF (all F32, separate `output.weight`) with `tokenizer`.
+    """Write a random-weight Qwen2 GGUF (F32, separate `output.weight`) with `tokenizer`.
 
     The same arguments give the same bytes.
+
+    Args:
+        quantize: None for all F32, or "Q8_0" / "Q4_0": every 2-D weight quantized like a real model's,
+            so llama.cpp runs its quantized kernels (and their batch-size-dependent paths) on it;
+            transformers dequantizes the same values when it loads the file.
     """
     import gguf
 
@@ -242,12 +248,18 @@ def write_tiny_qwen2_gguf(
         perturb_scale=perturb_scale,
     )
     name = f"tiny-qwen2-seed{seed}"
+    if quantize is not None:
+        name += f"-{quantize.lower()}"
     if perturb_from_seed is not None:
         name = f"tiny-qwen2-seed{perturb_from_seed}-perturbed{seed}x{perturb_scale:g}"
 
     writer = gguf.GGUFWriter(str(path), "qwen2")
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    qtype = None if quantize is None else gguf.GGMLQuantizationType[quantize]
+    if qtype not in (None, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+        raise ValueError(f"quantize: expected None, Q8_0 or Q4_0, got {quantize!r}")
+    file_type = {None: "ALL_F32", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0"}[quantize]
+    writer.add_file_type(gguf.LlamaFileType[file_type])
     writer.add_context_length(context_length)
     writer.add_embedding_length(hidden)
     writer.add_block_count(n_layer)
@@ -273,13 +285,48 @@ def write_tiny_qwen2_gguf(
         writer.add_chat_template(tokenizer.chat_template)
 
     for tensor_name, array in weights.items():
-        writer.add_tensor(tensor_name, array)  # the writer reverses the dims into GGUF order
+        if qtype is not None and array.ndim == 2:
+            # Rows are [out, in]; blocks of 32 run along `in`, which every tiny dimension divides.
+            writer.add_tensor(tensor_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor_name, array)  # the writer reverses the dims into GGUF order
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def llama_quantize(src: Path | str, dst: Path | str, ftype: str = "Q4_K_M", threads: int = 2) -> Path:
+    """Quantize a GGUF with llama.cpp itself (K-quants have no numpy quantizer in gguf-py).
+
+    A tiny model quantized to Q4_K_M (it needs hidden sizes that are multiples of 256) runs the same
+    quantized kernels as the real models, including their batch-size-dependent paths.
+
+    Args:
+        src: an F32 GGUF (e.g. from write_tiny_qwen2_gguf).
+        dst: where to write the quantized file.
+        ftype: a llama.cpp file type name without the prefix, e.g. "Q4_K_M", "Q8_0".
+
+    Returns:
+        dst.
+    """
+    import ctypes
+
+    import llama_cpp.llama_cpp as lib
+
+    from handoff.shared.llama_cpp_model import route_native_logs
+
+    route_native_logs()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads
+    dst = Path(dst)
+    rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype} (code {rc})")
+    return dst
 
 
 def sha256_of(path: Path | str) -> str:

@@ -40,6 +40,7 @@ from handoff.shared.tiny_gguf import (
     SEED_NEAR,
     TinyTokenizer,
     extract_tokenizer,
+    llama_quantize,
     write_tiny_qwen2_gguf,
 )
 
@@ -76,6 +77,15 @@ def tiny_gguf_a(tiny_tokenizer: TinyTokenizer, tiny_model_dir: Path) -> Path:
 def tiny_gguf_b(tiny_tokenizer: TinyTokenizer, tiny_model_dir: Path) -> Path:
     """Tiny Qwen2, seed 2: other weights, same tokenizer. Disagrees with A by several nats."""
     return write_tiny_qwen2_gguf(tiny_model_dir / "tiny-b.gguf", tiny_tokenizer, SEED_B)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_q4k(tiny_tokenizer: TinyTokenizer, tiny_model_dir: Path) -> Path:
+    """Tiny Qwen2 (hidden 256) quantized to Q4_K_M by llama.cpp: the real models' quantized kernels."""
+    f32 = write_tiny_qwen2_gguf(
+        tiny_model_dir / "tiny-a-256.gguf", tiny_tokenizer, SEED_A, hidden=256, ffn=512
+    )
+    return llama_quantize(f32, tiny_model_dir / "tiny-a-256-q4_k_m.gguf")
 
 
 @pytest.fixture(scope="session")

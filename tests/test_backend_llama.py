@@ -279,8 +279,9 @@ def test_batched_equals_alone(make_backend, kv_unified: bool) -> None:
 
 def test_split_into_several_decodes(make_backend, monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = [tokens(30, 9), tokens(31, 19), tokens(32, 12)]  # 40 tokens
-    big = make_backend(n_batch=512)
-    small = make_backend(n_batch=16)
+    # The fast mode: sequences share calls of up to n_batch tokens.
+    big = make_backend(n_batch=512, deterministic=False)
+    small = make_backend(n_batch=16, deterministic=False)
 
     import llama_cpp.llama_cpp as lib
 
@@ -306,6 +307,19 @@ def test_split_into_several_decodes(make_backend, monkeypatch: pytest.MonkeyPatc
     assert calls == [16, 16, 8]
     whole = big.new_sequence()
     assert_rows_close(out, big.forward([full_item(whole, prompts[0] + prompts[1] + prompts[2])])[0])
+
+    # Deterministic mode: one sequence per call, padded to a multiple of 4 rows (at least 8), and
+    # the rows equal bit for bit however they were split.
+    det_big = make_backend(n_batch=512, deterministic=True)
+    det_small = make_backend(n_batch=16, deterministic=True)
+    exact = [det_big.forward([full_item(det_big.new_sequence(), p)])[0] for p in prompts]
+    calls.clear()
+    outs = det_small.forward([full_item(det_small.new_sequence(), p) for p in prompts])
+    assert calls == [12, 16, 8, 12]
+    for out, ref in zip(outs, exact, strict=True):
+        assert np.array_equal(out.topk_logprobs, ref.topk_logprobs) and np.array_equal(
+            out.topk_ids, ref.topk_ids
+        )
 
 
 def test_failed_decode_rolls_back(make_backend, monkeypatch: pytest.MonkeyPatch) -> None:

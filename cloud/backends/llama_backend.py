@@ -17,6 +17,20 @@ batches any set of sequences; with flash attention the masked cells of other seq
 
 Forward passes are all-or-nothing: when a `llama_decode` fails (or anything else goes wrong half
 way), every sequence of the call is cut back to its length before the call.
+
+Deterministic mode (the default; docs/determinism.md). Measured on the 1.5B Q4_K_M (CPU, AVX-512):
+a row's logits depend on the micro-batch it is computed in — micro-batches of 1-7 rows, and the
+last `n % 4` rows of larger ones, take other matmul kernels than rows in full groups of 4 (up to 0.5
+nats of top-1 log-probability on random-token text) — and, in the unified KV pool, on how other
+sessions' cells are interleaved with the session's own (up to 0.03 nats). So in deterministic mode
+every session has its own KV stream (its cells are its positions, in order), each session's tokens
+are decoded in their own `llama_decode` calls, and every call is padded with dummy tokens at later
+positions to a row count that is at least MIN_ROWS and a multiple of ROW_GROUP, with the logits of
+every row requested. The causal mask
+keeps the dummy rows out of the real rows' attention, their cells are removed right after, and
+every real row is computed by the same kernels on the same cells whatever else the server does and
+however the session's tokens were split. A self-check at load time verifies this on the machine
+(`check_invariance`) and refuses to start deterministic when it does not hold.
 """
 
 from __future__ import annotations
@@ -36,6 +50,11 @@ from handoff.shared.models import ModelRef
 from handoff.shared.settings import HandoffSettings
 
 logger = logging.getLogger(__name__)
+
+# Deterministic mode's padding: at least MIN_ROWS rows per llama_decode call, a multiple of ROW_GROUP.
+MIN_ROWS = 8
+ROW_GROUP = 4
+PAD_TOKEN = 0  # any valid id: the dummy rows' values never reach a real row
 
 _backend_initialized = False
 _init_lock = threading.Lock()
@@ -59,6 +78,11 @@ def _llama_lib():
             lib.llama_backend_init()
             _backend_initialized = True
     return lib
+
+
+def padded_rows(n: int) -> int:
+    """Rows of a deterministic llama_decode call holding n real rows: >= MIN_ROWS, a multiple of ROW_GROUP."""
+    return max(MIN_ROWS, -(-n // ROW_GROUP) * ROW_GROUP)
 
 
 class LlamaSequence:
@@ -93,6 +117,10 @@ class LlamaCppBackend(Backend):
         verbose: show llama.cpp's own log (process-wide; the command line's --verbose does the same).
         kv_cache_tokens: size of the unified KV pool when smaller than max_sequences x max_context
             (memory is allocated up front: 28 KiB per token for the 1.5B model).
+        n_ubatch: tokens per micro-batch (default n_batch).
+        deterministic: bit-identical rows whatever the batch (module docstring); implies one KV
+            stream of max_context (+ padding) cells per sequence, allocated up front, and no
+            batching across sequences.
     """
 
     name = "llama.cpp"
@@ -111,6 +139,8 @@ class LlamaCppBackend(Backend):
         flash_attn: bool = True,
         verbose: bool = False,
         kv_cache_tokens: int | None = None,
+        n_ubatch: int | None = None,
+        deterministic: bool = True,
     ) -> None:
         self._model = None
         self._ctx = None
@@ -124,6 +154,10 @@ class LlamaCppBackend(Backend):
         ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if deterministic:
+            kv_unified = False  # the session's cells must be its positions, in order
+            n_batch = max(MIN_ROWS, n_batch - n_batch % ROW_GROUP)
+            n_ubatch = n_batch  # one padded call is one micro-batch
         if ref.kind != "gguf":
             raise ModelError(f"the llama.cpp backend needs a GGUF file, got a {ref.kind} model at {ref.path}")
         model_info, self.vocabulary = load_model_info(ref, settings)  # raises ModelError for bad files
@@ -150,12 +184,14 @@ class LlamaCppBackend(Backend):
         cparams = lib.llama_context_default_params()
         # The unified pool may be smaller than max_sequences x max_context: sessions share it, and
         # a decode that finds it full fails with CapacityError (RESOURCE_EXHAUSTED).
-        n_ctx = max_sequences * max_context
+        # Deterministic calls pad past the sequence's end: room for MIN_ROWS + ROW_GROUP more cells.
+        per_seq_cells = max_context + (MIN_ROWS + ROW_GROUP if deterministic else 0)
+        n_ctx = max_sequences * per_seq_cells
         if kv_cache_tokens is not None and kv_unified:
             n_ctx = max(max_context, min(n_ctx, kv_cache_tokens))
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
+        cparams.n_ubatch = n_batch if n_ubatch is None else n_ubatch
         cparams.n_seq_max = max_sequences
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -175,7 +211,7 @@ class LlamaCppBackend(Backend):
         self._ctx = ctx
         self._closed = False
         per_seq = int(lib.llama_n_ctx_seq(ctx))
-        if per_seq < max_context:  # never expected: llama.cpp only rounds n_ctx up
+        if per_seq < per_seq_cells:  # never expected: llama.cpp only rounds n_ctx up
             self.close()
             raise ModelError(
                 f"llama.cpp gave {per_seq} tokens per sequence, fewer than max_context={max_context}"
@@ -196,6 +232,7 @@ class LlamaCppBackend(Backend):
         self.n_batch = n_batch
         self.threads = threads
         self.kv_unified = kv_unified
+        self.deterministic = deterministic
         self.info = make_backend_info(
             "llama.cpp", ref, model_info, vocab_size=self._n_vocab, device="cpu",
             dtype=model_info.quantization, max_context=max_context,
@@ -204,7 +241,7 @@ class LlamaCppBackend(Backend):
         self._free: list[int] = list(range(max_sequences))
         self._live: dict[int, LlamaSequence] = {}
         logger.info(
-            "llama.cpp backend: %s, %d sequences x %d tokens (n_ctx %d, %s KV), n_batch %d, %d threads",
+            "llama.cpp backend: %s, %d sequences x %d tokens (n_ctx %d, %s KV), n_batch %d, %d threads%s",
             ref.name,
             max_sequences,
             max_context,
@@ -212,7 +249,14 @@ class LlamaCppBackend(Backend):
             "unified" if kv_unified else "per-sequence",
             n_batch,
             threads,
+            ", deterministic" if deterministic else "",
         )
+        if deterministic:
+            try:
+                self.check_invariance()
+            except BaseException:
+                self.close()
+                raise
 
     # -- sequences ------------------------------------------------------------------------------
 
@@ -287,13 +331,16 @@ class LlamaCppBackend(Backend):
         ]
         old_lengths = [s.length for s in seqs]
         try:
-            for start in range(0, len(rows), self.n_batch):
-                chunk = rows[start : start + self.n_batch]
+            for chunk, n_pad in self._chunks(rows):
                 self._decode(chunk)
                 if read_logits:
                     for b, (i, _, _, _, out) in enumerate(chunk):
                         if out >= 0:
                             logits[i][out] = self._row_logits(b)
+                if n_pad:  # the dummy rows' cells: gone before anything else runs
+                    _, _, pos, sid, _ = chunk[-n_pad]
+                    if not self._lib.llama_memory_seq_rm(self._mem, sid, pos, -1):
+                        raise HandoffError(f"llama.cpp could not remove the padding of sequence {sid}")
         except BaseException:
             self._rollback(seqs, old_lengths)
             raise
@@ -301,9 +348,62 @@ class LlamaCppBackend(Backend):
             s.length += len(item.tokens)
         return logits
 
+    def _chunks(self, rows: list[tuple[int, int, int, int, int]]):
+        """The llama_decode calls for a forward's rows: (rows of the call, how many are padding).
+
+        Fast mode: up to n_batch rows per call, any sequences together. Deterministic mode: one
+        sequence per call, padded to padded_rows() with dummy tokens after the real ones.
+        """
+        if not self.deterministic:
+            for start in range(0, len(rows), self.n_batch):
+                yield rows[start : start + self.n_batch], 0
+            return
+        step = self.n_batch  # a multiple of ROW_GROUP, >= MIN_ROWS
+        by_item: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        for row in rows:
+            by_item.setdefault(row[0], []).append(row)
+        for i, item_rows in by_item.items():
+            for start in range(0, len(item_rows), step):
+                real = item_rows[start : start + step]
+                n_pad = padded_rows(len(real)) - len(real)
+                _, _, pos, sid, _ = real[-1]
+                pad = [(i, PAD_TOKEN, pos + 1 + j, sid, -1) for j in range(n_pad)]
+                yield real + pad, n_pad
+
+    def check_invariance(self, n_tokens: int = 12) -> None:
+        """Verify on this machine that deterministic rows do not depend on how tokens are split.
+
+        Scores the same tokens on a scratch sequence in one call and one token per call, and compares
+        the logits bit for bit.
+
+        Raises:
+            ModelError: they differ (this CPU or quantization takes other kernels than measured);
+                run with deterministic off, or report the machine.
+        """
+        tokens = [int(t) % self._n_vocab for t in range(17, 17 + 7 * n_tokens, 7)]
+        a, b = self.new_sequence(), self.new_sequence()
+        try:
+            whole = self._decode_items([ForwardItem(a, tokens, len(tokens), 1)], read_logits=True)[0]
+            ones = [self._decode_items([ForwardItem(b, [t], 1, 1)], read_logits=True)[0][0] for t in tokens]
+        finally:
+            self.release(a)
+            self.release(b)
+        if not np.array_equal(whole, np.stack(ones)):
+            diff = float(np.abs(whole - np.stack(ones)).max())
+            raise ModelError(
+                f"deterministic mode is not bit-invariant with llama.cpp on this machine ({self.info.model_id}: "
+                f"logits differ by up to {diff:.3g} between one call and one token per call); "
+                "start the service with --no-deterministic (HANDOFF_CLOUD_DETERMINISTIC=0)"
+            )
+
     def _decode(self, chunk: list[tuple[int, int, int, int, int]]) -> None:
         n = len(chunk)
-        arr = np.asarray([(tok, pos, sid, out >= 0) for _, tok, pos, sid, out in chunk], dtype=np.int64)
+        # Deterministic: every row is an output row. llama.cpp runs the last layer and the output head on
+        # the output rows only, so their number must be the call's canonical row count too.
+        every = self.deterministic
+        arr = np.asarray(
+            [(tok, pos, sid, every or out >= 0) for _, tok, pos, sid, out in chunk], dtype=np.int64
+        )
         self._b_token[:n] = arr[:, 0]
         self._b_pos[:n] = arr[:, 1]
         self._b_logits[:n] = arr[:, 3]
