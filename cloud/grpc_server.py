@@ -34,6 +34,95 @@ def _status(code: str) -> grpc.StatusCode:
     return grpc.StatusCode[code]
 
 
+class MalformedMessage:
+    """What the lenient deserializer hands on in place of bytes that are not a valid request message.
+
+    grpc.aio calls the request deserializer inside its own machinery: an exception there ends the call
+    with UNKNOWN and logs a traceback. Handing a marker to the servicer instead lets it answer
+    INVALID_ARGUMENT with a one-line log entry, like any other bad request.
+    """
+
+    def __init__(self, type_name: str, size: int, error: Exception) -> None:
+        self.type_name = type_name
+        self.size = size
+        self.error = error
+
+    def describe(self) -> str:
+        """One line: which message type the bytes failed to parse as, how many there were, and why."""
+        return f"{self.size} bytes that are not a valid {self.type_name} ({self.error})"
+
+
+def _lenient(deserializer: Callable[[bytes], object], type_name: str) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, or whatever else the parser raises: bad bytes either way
+            return MalformedMessage(type_name, len(data), e)
+
+    return deserialize
+
+
+class _HandlerCapture:
+    """Stands in for a server to collect the method handlers the generated code registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass  # the same handlers also come through add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers.update(handlers)
+
+
+def add_verifier_to_server(servicer: VerifierServicer, server: grpc.aio.Server) -> None:
+    """Register the Verifier service like the generated code does, with lenient request deserializers.
+
+    Args:
+        servicer: the servicer; its methods receive a MalformedMessage where the bytes did not parse.
+        server: the grpc.aio server to register on.
+    """
+    capture = _HandlerCapture()
+    pb_grpc.add_VerifierServicer_to_server(servicer, capture)
+    methods = pb.DESCRIPTOR.services_by_name["Verifier"].methods_by_name
+    handlers = {
+        name: handler._replace(
+            request_deserializer=_lenient(handler.request_deserializer, methods[name].input_type.full_name)
+        )
+        for name, handler in capture.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+# How long the end of a request stream waits for the call's cancellation (see _checked).
+_EOF_GRACE_S = 0.05
+
+
+async def _checked(
+    request_iterator: AsyncIterator[pb.EdgeMessage | MalformedMessage], context: grpc.aio.ServicerContext
+) -> AsyncIterator[pb.EdgeMessage]:
+    """The stream's messages; a malformed one ends it with INVALID_ARGUMENT (counting from 1).
+
+    grpc.aio ends the request stream of a call the client cancelled with a clean end of stream and
+    cancels the handler a moment later (a few event-loop turns, measured). Ending at once would make
+    the session loop take a vanished client for a half-close; waiting up to _EOF_GRACE_S lets the
+    cancellation land first. A real half-close (no Close message before it) ends that much later.
+    """
+    count = 0
+    async for msg in request_iterator:
+        count += 1
+        if isinstance(msg, MalformedMessage):
+            raise VerifierError("INVALID_ARGUMENT", f"message {count} on the stream: {msg.describe()}")
+        yield msg
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _EOF_GRACE_S
+    while not context.cancelled() and loop.time() < deadline:
+        await asyncio.sleep(0.001)
+
+
 class VerifierServicer(pb_grpc.VerifierServicer):
     """Maps the transport-free VerifierService onto gRPC calls and status codes."""
 
@@ -45,17 +134,24 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             raise VerifierError("UNAVAILABLE", "the model is still loading; retry shortly")
         return self.service
 
-    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServiceInfo:
+    async def GetInfo(
+        self, request: pb.GetInfoRequest | MalformedMessage, context: grpc.aio.ServicerContext
+    ) -> pb.ServiceInfo:
+        if isinstance(request, MalformedMessage):
+            logger.info("GetInfo refused: INVALID_ARGUMENT %s", request.describe())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"GetInfo: {request.describe()}")
         try:
             return self._require().get_info(request)
         except VerifierError as e:
             await context.abort(_status(e.code), str(e))
 
     async def Session(
-        self, request_iterator: AsyncIterator[pb.EdgeMessage], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.EdgeMessage | MalformedMessage],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.CloudMessage]:
         try:
-            async for reply in self._require().session(request_iterator):
+            async for reply in self._require().session(_checked(request_iterator, context)):
                 yield reply
         except VerifierError as e:
             logger.info("session aborted: %s %s", e.code, e)
@@ -125,7 +221,7 @@ class CloudServer:
         self.health = health_aio.HealthServicer()
         interceptors = [BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else []
         self.server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
-        pb_grpc.add_VerifierServicer_to_server(self.servicer, self.server)
+        add_verifier_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (

@@ -43,6 +43,7 @@ def load_backend(settings: CloudSettings, handoff: HandoffSettings | None = None
             threads=settings.threads,
             max_sequences=settings.max_sessions,
             max_batch_tokens=settings.max_batch_tokens,
+            deterministic=settings.deterministic,
         )
     if ref.kind != "gguf":
         raise HandoffError(f"the llama.cpp backend needs a GGUF file; {ref.path} is a Hugging Face directory")
@@ -56,4 +57,5 @@ def load_backend(settings: CloudSettings, handoff: HandoffSettings | None = None
         settings=handoff,
         kv_cache_tokens=settings.kv_cache_tokens,
         kv_unified=settings.kv_unified,
+        deterministic=settings.deterministic,
     )

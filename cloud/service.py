@@ -211,7 +211,8 @@ class VerifierService:
                 if isinstance(msg, BaseException):
                     # Reading failed: the connection broke or the client cancelled. Which of this and the
                     # handler's own cancellation comes first is a race; both mean the client went away.
-                    reason = "cancelled"
+                    # A VerifierError here is a message the transport could not parse: the client's error.
+                    reason = "error" if isinstance(msg, VerifierError) else "cancelled"
                     raise msg
                 kind = msg.WhichOneof("body")
                 if session is None and kind != "open":

@@ -53,10 +53,16 @@ class CloudSettings(BaseSettings):
     max_queue: int = Field(1024, ge=1, description="Forward requests waiting for the model.")
     max_batch_items: int = Field(64, ge=1, description="Sessions per forward pass.")
     max_batch_tokens: int = Field(8192, ge=1, description="New tokens per forward pass.")
+    deterministic: bool = Field(
+        True,
+        description="Batch-invariant answers: a session's views and tokens are bit-identical whatever else "
+        "the server runs and however its tokens are split into passes (costs throughput; docs/determinism.md).",
+    )
     kv_unified: bool = Field(
         True,
-        description="llama.cpp: one KV pool for all sessions (any sessions batch together) or one stream "
-        "per session (attention spans only its own cells, but only consecutive ids share a pass).",
+        description="llama.cpp, when not deterministic: one KV pool for all sessions (any sessions batch "
+        "together) or one stream per session (only consecutive ids share a pass). Deterministic mode "
+        "always uses one stream per session.",
     )
     batch_wait_s: float = Field(
         0.003, ge=0, description="Wait this long for other open sessions' requests before a forward pass."

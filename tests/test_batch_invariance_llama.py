@@ -124,3 +124,8 @@ def test_default_cloud_model_is_batch_invariant_in_deterministic_mode() -> None:
         whole = scored(b, 40)
         assert np.array_equal(scored(b, 1), whole)
         assert np.array_equal(scored(b, 8, others=2), whole)
+
+
+def test_a_single_sequence_backend_checks_itself(tiny_gguf_q4k: Path) -> None:
+    with backend(tiny_gguf_q4k, deterministic=True, max_sequences=1) as b:
+        assert b.deterministic and b.active_sequences == 0

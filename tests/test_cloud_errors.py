@@ -302,10 +302,15 @@ def test_client_names_the_differing_ids(tiny_gguf_a, vocab_a):
 
 
 def test_a_full_kv_pool_is_resource_exhausted(tiny_gguf_a, vocab_a):
-    """llama.cpp's shared KV pool (kv_cache_tokens) running out fails that request, not the service."""
+    """llama.cpp's shared KV pool (kv_cache_tokens) running out fails that request, not the service.
+
+    The pool is the fast mode's (deterministic mode gives every session its own stream up front).
+    """
 
     async def scenario():
-        factory = llama_backend_factory(tiny_gguf_a, max_sequences=4, max_context=256, kv_cache_tokens=256)
+        factory = llama_backend_factory(
+            tiny_gguf_a, max_sequences=4, max_context=256, kv_cache_tokens=256, deterministic=False
+        )
         async with running_server(factory, max_context=256) as (_, client):
             a = await client.open_session(PROMPT, vocab_a)
             await score_all(a, len(PROMPT), list(range(200)), [100, 100])  # 210 of the 256 cells

@@ -381,12 +381,16 @@ class LlamaCppBackend(Backend):
                 run with deterministic off, or report the machine.
         """
         tokens = [int(t) % self._n_vocab for t in range(17, 17 + 7 * n_tokens, 7)]
-        a, b = self.new_sequence(), self.new_sequence()
+        # One scratch sequence at a time, so that a backend of a single sequence can check itself.
+        a = self.new_sequence()
         try:
             whole = self._decode_items([ForwardItem(a, tokens, len(tokens), 1)], read_logits=True)[0]
-            ones = [self._decode_items([ForwardItem(b, [t], 1, 1)], read_logits=True)[0][0] for t in tokens]
         finally:
             self.release(a)
+        b = self.new_sequence()
+        try:
+            ones = [self._decode_items([ForwardItem(b, [t], 1, 1)], read_logits=True)[0][0] for t in tokens]
+        finally:
             self.release(b)
         if not np.array_equal(whole, np.stack(ones)):
             diff = float(np.abs(whole - np.stack(ones)).max())
