@@ -170,6 +170,7 @@ class VerifierService:
             device=info.device,
             dtype=info.dtype,
             policies=list(SUPPORTED_POLICIES),
+            deterministic=bool(getattr(self.backend, "deterministic", False)),
         )
         if request is not None and request.HasField("token_hashes"):
             start, end = request.token_hashes.start, request.token_hashes.end

@@ -88,7 +88,12 @@ class Assistant:
             )
             try:
                 info = await self.client.check_vocabulary(vocabulary)
-                self.cloud_info = {"model": info.model_id, "backend": info.backend, "device": info.device}
+                self.cloud_info = {
+                    "model": info.model_id,
+                    "backend": info.backend,
+                    "device": info.device,
+                    "deterministic": str(info.deterministic).lower(),
+                }
             except VerifierError as e:
                 if e.code != "UNAVAILABLE" or self.edge.mode == "cloud":
                     raise

@@ -461,9 +461,15 @@ async def remote(
     try:
         info = await asyncio.wait_for(client.check_vocabulary(vocab), 60)
         meta = {"model": info.model_id, "backend": info.backend, "device": info.device, "dtype": info.dtype,
-                "cloud": args.cloud, "deterministic_requested": mode == "on", "deterministic_backend": None}  # fmt: skip
+                "cloud": args.cloud, "deterministic_requested": mode == "on",
+                "deterministic_backend": info.deterministic}  # fmt: skip
+        if info.deterministic != (mode == "on"):  # GetInfo says which mode the server runs
+            raise HandoffError(
+                f"the server at {args.cloud} runs deterministic {'on' if info.deterministic else 'off'}, "
+                f"but --deterministic {mode} was asked for"
+            )
         print(f"\nserver at {args.cloud}: {info.model_name} ({info.model_id}), {info.backend} on {info.device}, "
-              f"{info.dtype}; deterministic {mode} as --deterministic says", flush=True)  # fmt: skip
+              f"{info.dtype}; deterministic {mode} (as the server reports)", flush=True)  # fmt: skip
         if info.limits.max_sessions and info.limits.max_sessions < max(args.sessions):
             raise HandoffError(
                 f"the server allows {info.limits.max_sessions} sessions; --sessions asks for {max(args.sessions)}"
@@ -522,7 +528,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--threads", type=int, default=2, help="CPU threads for the model")
     where.add_argument(
         "--deterministic", choices=["on", "off", "both"],
-        help="the server's deterministic mode (default: both here; with --cloud, what that server runs: on)",
+        help="the server's deterministic mode (default: both here; with --cloud, on, checked against GetInfo)",
     )  # fmt: skip
     where.add_argument("--cloud", metavar="HOST:PORT", help="measure a running `handoff serve-cloud` instead")
     where.add_argument("--auth-token", help="with --cloud: bearer token (default: $HANDOFF_CLOUD_AUTH_TOKEN)")

@@ -94,7 +94,7 @@ def test_against_a_running_server(script, tiny_gguf_a: Path, tmp_path: Path, cap
     assert result["servers"][0]["cloud"].startswith("127.0.0.1:")
     ((key, summary),) = [((r["deterministic"], r["prompts"]), r["summary"]) for r in result["runs"]]
     assert key == ("on", "natural") and summary["sessions"] == 2 and summary["identical"]
-    assert "deterministic on as --deterministic says" in capsys.readouterr().out
+    assert "deterministic on (as the server reports)" in capsys.readouterr().out
 
 
 def _summary(differing: int, repeat: bool = True) -> dict:

@@ -120,7 +120,7 @@ class TokenHashRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("protocol_version", "model_id", "model_name", "architecture", "parameter_count", "quantization", "context_length", "vocab_size", "vocab", "limits", "backend", "device", "dtype", "policies", "token_hash_start", "token_hashes")
+    __slots__ = ("protocol_version", "model_id", "model_name", "architecture", "parameter_count", "quantization", "context_length", "vocab_size", "vocab", "limits", "backend", "device", "dtype", "policies", "token_hash_start", "token_hashes", "deterministic")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class ServiceInfo(_message.Message):
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_HASH_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_HASHES_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
     protocol_version: str
     model_id: str
     model_name: str
@@ -153,7 +154,8 @@ class ServiceInfo(_message.Message):
     policies: _containers.RepeatedScalarFieldContainer[PolicyKind]
     token_hash_start: int
     token_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, protocol_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyKind, str]]] = ..., token_hash_start: _Optional[int] = ..., token_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    deterministic: bool
+    def __init__(self, protocol_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyKind, str]]] = ..., token_hash_start: _Optional[int] = ..., token_hashes: _Optional[_Iterable[int]] = ..., deterministic: _Optional[bool] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
     __slots__ = ("request_id", "open", "append", "check", "handoff", "stop", "rollback", "verify", "close")
