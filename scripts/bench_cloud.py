@@ -9,6 +9,11 @@ For each concurrency N, in one run on one device:
 Prints tokens/s of both and their ratio. The target (docs/architecture.md): ratio >= 0.7 at 64
 sessions, and service throughput growing with concurrency.
 
+--deterministic on|off|both picks the backend's deterministic mode (docs/determinism.md; without it,
+HANDOFF_CLOUD_DETERMINISTIC or the service's default, on); `both` measures each mode with its own
+server in the same run and prints the service tokens/s of both and their ratio (on / off) at each
+concurrency.
+
 With --profile it measures latencies instead, for the latency/cost simulator
 (edge/simulation/cloud_latency.py): opening a session by prompt length, one check point by new tokens
 and concurrent sessions, handoff seconds per token and first token by concurrent sessions, and the
@@ -16,6 +21,7 @@ loopback round trip to subtract (docs/bench_cloud.md).
 
     python scripts/bench_cloud.py --model tiny                       # tiny Qwen2 (built here), llama.cpp
     python scripts/bench_cloud.py --model qwen2.5-coder-1.5b-instruct-q4_k_m --backend transformers --device cuda
+    python scripts/bench_cloud.py --model tiny --backend transformers --deterministic both
 """
 
 from __future__ import annotations
@@ -274,6 +280,8 @@ async def profile_main(args: argparse.Namespace) -> None:
         raise SystemExit("--profile-handoff must be at least 2 (seconds per token come from inter-arrivals)")
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
+    if args.deterministic == "both":
+        raise SystemExit("--profile measures one mode: --deterministic on or off")
     levels = args.profile_sessions
     with tempfile.TemporaryDirectory() as tmp:
         model = str(tiny_model(Path(tmp))) if args.model == "tiny" else args.model
@@ -283,12 +291,13 @@ async def profile_main(args: argparse.Namespace) -> None:
         settings = CloudSettings(
             model=model, backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads,
             port=0, max_sessions=max(levels), max_context=context + 16, max_message_bytes=64 << 20,
-            max_batch_items=max(levels), grace_s=1.0,
+            max_batch_items=max(levels), grace_s=1.0, deterministic=args.deterministic == "on",
         )  # fmt: skip
         server = CloudServer(settings, lambda: load_backend(settings))
         await server.start()
         info = server.backend.info
-        print(f"model {info.model_name} ({info.model_id}), {info.backend} on {info.device}, {info.dtype}")
+        print(f"model {info.model_name} ({info.model_id}), {info.backend} on {info.device}, {info.dtype}, "
+              f"deterministic {args.deterministic}")  # fmt: skip
         print(f"latency profile over gRPC on loopback, median of {args.repeats} repeat(s), k={args.top_k}")
         profiler = Profiler(server, args.prompt, args.top_k)
         try:
@@ -350,6 +359,11 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="check points per session")
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--deterministic", choices=["on", "off", "both"],
+        help="the backend's deterministic mode (default: HANDOFF_CLOUD_DETERMINISTIC, else on); "
+        "both: measure each and compare their service tok/s",
+    )  # fmt: skip
     profile = parser.add_argument_group("latency profile (--profile; --prompt sizes the caches checked)")
     profile.add_argument(
         "--profile", action="store_true", help="measure open/check/handoff latencies instead of throughput"
@@ -360,37 +374,68 @@ async def main() -> None:
     profile.add_argument("--profile-handoff", type=int, default=16, help="tokens per timed handoff (>= 2)")
     profile.add_argument("--repeats", type=int, default=3, help="measurements per point (median)")
     args = parser.parse_args()
+    if args.deterministic is None:  # as the service would run: the variable, else the default
+        args.deterministic = "on" if CloudSettings().deterministic else "off"
     if args.profile:
         await profile_main(args)
         return
     levels = [int(x) for x in args.sessions.split(",")]
-
+    modes = ["on", "off"] if args.deterministic == "both" else [args.deterministic]
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = str(tiny_model(Path(tmp))) if args.model == "tiny" else args.model
-        settings = CloudSettings(
-            model=model, backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads,
-            port=0, max_sessions=max(levels), max_context=args.prompt + args.rounds * CHUNK + 16,
-            max_message_bytes=64 << 20, max_batch_items=max(levels), grace_s=1.0,
-        )  # fmt: skip
-        server = CloudServer(settings, lambda: load_backend(settings))
-        await server.start()
-        backend = server.backend
-        info = backend.info
-        print(f"model {info.model_name} ({info.model_id}), {info.backend} on {info.device}, {info.dtype}")
-        print(
-            f"{args.prompt}-token caches, {args.rounds} check points of {CHUNK} tokens per session, k={args.top_k}"
-        )
-        print(
-            f"{'sessions':>8} {'service tok/s':>14} {'raw tok/s':>11} {'ratio':>7} {'service s':>10} {'raw s':>8}"
-        )
-        results = []
+        for mode in modes:
+            info, runs[mode] = await throughput(args, model, levels, mode)
+    comparison = []
+    if len(runs) == 2:
+        print("\nservice tok/s by deterministic mode (ratio = on / off)")
+        print(f"{'sessions':>8} {'on tok/s':>10} {'off tok/s':>10} {'ratio':>7}")
+        for on, off in zip(runs["on"], runs["off"], strict=True):
+            row = {"sessions": on["sessions"], "on_tok_s": on["service_tok_s"], "off_tok_s": off["service_tok_s"],
+                   "ratio": on["service_tok_s"] / off["service_tok_s"]}  # fmt: skip
+            comparison.append(row)
+            print(
+                f"{row['sessions']:>8} {row['on_tok_s']:>10.1f} {row['off_tok_s']:>10.1f} {row['ratio']:>7.2f}"
+            )
+    if args.json:
+        results = [row for mode in modes for row in runs[mode]]
+        args.json.write_text(json.dumps({"model": info.model_id, "backend": info.backend, "device": info.device,
+                                         "dtype": info.dtype, "results": results, "deterministic_comparison":
+                                         comparison}, indent=2))  # fmt: skip
+
+
+async def throughput(args: argparse.Namespace, model: str, levels: list[int], mode: str):
+    """Service vs raw tokens/s at each concurrency with one server in deterministic mode `mode` (on, off).
+
+    Returns:
+        (the backend's BackendInfo, one row per concurrency level).
+    """
+    settings = CloudSettings(
+        model=model, backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads,
+        port=0, max_sessions=max(levels), max_context=args.prompt + args.rounds * CHUNK + 16,
+        max_message_bytes=64 << 20, max_batch_items=max(levels), grace_s=1.0, deterministic=mode == "on",
+    )  # fmt: skip
+    server = CloudServer(settings, lambda: load_backend(settings))
+    await server.start()
+    backend = server.backend
+    info = backend.info
+    print(f"model {info.model_name} ({info.model_id}), {info.backend} on {info.device}, {info.dtype}, "
+          f"deterministic {mode}")  # fmt: skip
+    print(
+        f"{args.prompt}-token caches, {args.rounds} check points of {CHUNK} tokens per session, k={args.top_k}"
+    )
+    print(
+        f"{'sessions':>8} {'service tok/s':>14} {'raw tok/s':>11} {'ratio':>7} {'service s':>10} {'raw s':>8}"
+    )
+    results = []
+    try:
         for n in levels:
             await service_run(server, n, args.prompt, 1, args.top_k)  # warm-up: allocations, JIT paths
             svc = await service_run(server, n, args.prompt, args.rounds, args.top_k)
             raw = await server.service.scheduler.call(raw_run, backend, n, args.prompt, args.rounds)
             tokens = n * args.rounds * CHUNK
             row = {
-                "sessions": n, "tokens": tokens, "service_s": svc, "raw_s": raw,
+                "sessions": n, "deterministic": mode, "tokens": tokens, "service_s": svc, "raw_s": raw,
                 "service_tok_s": tokens / svc, "raw_tok_s": tokens / raw, "ratio": raw / svc,
             }  # fmt: skip
             results.append(row)
@@ -399,10 +444,9 @@ async def main() -> None:
                 f"{svc:>10.3f} {raw:>8.3f}",
                 flush=True,
             )
+    finally:
         await server.stop(grace=0.5)
-    if args.json:
-        args.json.write_text(json.dumps({"model": info.model_id, "backend": info.backend, "device": info.device,
-                                         "dtype": info.dtype, "results": results}, indent=2))  # fmt: skip
+    return info, results
 
 
 if __name__ == "__main__":

@@ -24,6 +24,14 @@ attention; the tests check the result against single-sequence passes. Afterwards
 columns of each item are copied back into the item's own buffers. A batch of one sequence needs no
 padding: it runs directly on the sequence's own buffers.
 
+Deterministic mode (the default). The batched pass above is fast but not batch-invariant: a session's
+rows change in the last bits with the other sessions in the pass and with how its tokens are split
+into passes. With `deterministic=True` every pass is built so that they do not (cloud/backends/
+deterministic.py says what changed them and how): the items' tokens packed into one sequence padded
+with dummy tokens to a multiple of 8 rows, attention per sequence over its own buffers in fixed
+blocks of keys, the output layer on a multiple of 8 rows. Everything but the attention still runs
+batched over all sessions.
+
 Views. The decoder's hidden states of the rows that are asked for go through the output layer (never
 the whole batch), then log-softmax in float32 and `topk` on the device; only the top-k, the gathered
 ids' values and the full last rows that were asked for cross to the host, as float64.
@@ -52,6 +60,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from handoff.cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info
+from handoff.cloud.backends import deterministic as det
 from handoff.shared.errors import CapacityError, HandoffError, ModelError, ShapeError
 from handoff.shared.model_info import load_model_info
 from handoff.shared.models import ModelRef
@@ -319,7 +328,7 @@ class TransformersSequence:
 class _Row:
     """One output row of a group: where its hidden state is and what to read from its distribution."""
 
-    flat: int  # index into the group's hidden states reshaped to [B * N, H]
+    flat: int  # index into the group's [rows, H] hidden states (_run_decoder)
     gather: list[int]  # ids whose log-probabilities to return (may be empty)
     full: bool  # return the whole [V] log-probabilities (an item's last row, with full_last)
 
@@ -375,7 +384,10 @@ class TransformersBackend(Backend):
         max_sequences: live sequences at most (None = no limit; memory is allocated as caches grow).
         max_batch_tokens: padded new tokens (batch size x longest item) per model call; a forward with
             more is split into several calls.
-        attn_implementation: transformers attention ("sdpa", "eager"); None = the model's default.
+        attn_implementation: transformers attention ("sdpa", "eager"); None = the model's default. Only
+            without `deterministic`, which brings its own.
+        deterministic: batch-invariant passes: a sequence's views are bit-identical whatever else is in
+            the batch and however its tokens are split into forward calls (module docstring).
     """
 
     name = "transformers"
@@ -393,12 +405,17 @@ class TransformersBackend(Backend):
         max_sequences: int | None = None,
         max_batch_tokens: int = 8192,
         attn_implementation: str | None = None,
+        deterministic: bool = True,
     ) -> None:
         for name, value in (("max_context", max_context), ("max_batch_tokens", max_batch_tokens)):
             if int(value) < 1:
                 raise HandoffError(f"{name} must be >= 1, got {value}")
         if max_sequences is not None and max_sequences < 1:
             raise HandoffError(f"max_sequences must be >= 1 or None, got {max_sequences}")
+        if deterministic and attn_implementation is not None:
+            raise HandoffError(
+                "attn_implementation applies only with deterministic=False (it brings its own)"
+            )
         if threads is not None:
             if threads < 1:
                 raise HandoffError(f"threads must be >= 1, got {threads}")
@@ -409,6 +426,7 @@ class TransformersBackend(Backend):
         self.max_context = int(max_context)
         self.max_sequences = max_sequences
         self.max_batch_tokens = int(max_batch_tokens)
+        self.deterministic = bool(deterministic)
 
         model_info, self.vocabulary = load_model_info(ref, settings)  # ModelError for bad files
         t0 = time.perf_counter()
@@ -418,8 +436,10 @@ class TransformersBackend(Backend):
             self.load_source = "converted-cache" if cached else "converted-now"
         else:
             folder, self.load_source = ref.path, "hf"
-        self._model = self._load(folder, attn_implementation)
+        self._model = self._load(folder, det.ATTENTION if self.deterministic else attn_implementation)
         self.load_seconds = time.perf_counter() - t0
+        if self.deterministic:
+            det.make_activations_invariant(self._model)
         self._decoder = self._model.get_decoder()  # the transformer body: hidden states, no output layer
         self._lm_head = self._model.get_output_embeddings()
 
@@ -431,6 +451,7 @@ class TransformersBackend(Backend):
             )
         self._n_layers = config.num_hidden_layers
         self._kv_heads = config.num_key_value_heads
+        self._group = config.num_attention_heads // config.num_key_value_heads  # query heads per key head
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._softcap = getattr(config, "final_logit_softcapping", None)
         vocab_size = int(self._lm_head.weight.shape[0])  # rows of the output layer
@@ -443,11 +464,14 @@ class TransformersBackend(Backend):
         self._live: dict[int, TransformersSequence] = {}
         self._next_id = 0
         self._closed = False
+        if self.deterministic:
+            self.check_invariance()  # refuses a machine where the measured kernel properties do not hold
         logger.info(
-            "transformers backend: %s on %s (%s), loaded from %s in %.1f s",
+            "transformers backend: %s on %s (%s%s), loaded from %s in %.1f s",
             ref.name,
             self.device,
             self.info.dtype,
+            ", deterministic" if self.deterministic else "",
             self.load_source,
             self.load_seconds,
         )
@@ -463,6 +487,14 @@ class TransformersBackend(Backend):
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"transformers cannot load {folder}: {e}") from None
         return model.to(self.device).eval()
+
+    def check_invariance(self) -> None:
+        """Verify bit-invariance of deterministic mode on this machine (deterministic.check_invariance).
+
+        Raises:
+            ModelError: it does not hold here.
+        """
+        det.check_invariance(self)
 
     # -- sequences ------------------------------------------------------------------------------
 
@@ -506,10 +538,13 @@ class TransformersBackend(Backend):
             return
         cap = _grown_capacity(needed, s.capacity, self.max_context)
         shape = (1, self._kv_heads, cap, self._head_dim)
+        # Deterministic attention reads whole blocks of columns, the unused ones with zero weight: they
+        # must hold finite values (0 x NaN is NaN), so its buffers start zeroed.
+        alloc = torch.zeros if self.deterministic else torch.empty
         keys, values = [], []
         for layer in range(self._n_layers):
-            k = torch.empty(shape, dtype=self.dtype, device=self.device)
-            v = torch.empty(shape, dtype=self.dtype, device=self.device)
+            k = alloc(shape, dtype=self.dtype, device=self.device)
+            v = alloc(shape, dtype=self.dtype, device=self.device)
             if s.length:
                 k[:, :, : s.length] = s.keys[layer][:, :, : s.length]
                 v[:, :, : s.length] = s.values[layer][:, :, : s.length]
@@ -581,19 +616,26 @@ class TransformersBackend(Backend):
                 raise ShapeError(f"gather: token ids out of range [0, {vocab}): {bad[:5]}")
 
     def _plan(self, items: list[ForwardItem]) -> list[list[int]]:
-        """Item indices per model call, in order, keeping each call's padded size B x N_max within
-        max_batch_tokens. A single item over the limit gets a call of its own.
+        """Item indices per model call, in order, keeping each call's size within max_batch_tokens: B x
+        N_max padded rows, or in deterministic mode the packed tokens. A single item over the limit
+        gets a call of its own.
         """
         groups: list[list[int]] = []
-        longest = 0
+        longest = total = 0
         for i, item in enumerate(items):
             n = len(item.tokens)
-            if groups and max(longest, n) * (len(groups[-1]) + 1) <= self.max_batch_tokens:
+            if not groups:
+                fits = False
+            elif self.deterministic:
+                fits = total + n <= self.max_batch_tokens
+            else:
+                fits = max(longest, n) * (len(groups[-1]) + 1) <= self.max_batch_tokens
+            if fits:
                 groups[-1].append(i)
-                longest = max(longest, n)
+                longest, total = max(longest, n), total + n
             else:
                 groups.append([i])
-                longest = n
+                longest = total = n
         return groups
 
     def _forward_group(
@@ -607,21 +649,21 @@ class TransformersBackend(Backend):
         hidden = None
         rows: list[_Row] = []
         if active:
-            hidden = self._run_decoder([items[i] for i in active], [seqs[i] for i in active])  # [B, N, H]
-            n_max = hidden.shape[1]
-            hidden = hidden.reshape(-1, hidden.shape[-1])  # [B * N, H]
+            # [rows, H], and the row of each item's first new token
+            hidden, starts = self._run_decoder([items[i] for i in active], [seqs[i] for i in active])
             for b, i in enumerate(active):
                 item = items[i]
                 first = len(item.tokens) - item.n_out  # the item's output rows are its last n_out tokens
                 for j in range(item.n_out):
                     gather = item.gather[j] if item.gather is not None else None
                     full = item.full_rows or (item.full_last and j == item.n_out - 1)
-                    rows.append(_Row(b * n_max + first + j, list(gather or ()), full))
+                    rows.append(_Row(starts[b] + first + j, list(gather or ()), full))
         k = max((item.k for item in items if item.n_out), default=1)
         if read:
             views = self._views(hidden, rows, k)
         elif rows:  # raw_forward: the output rows' logits, computed and dropped
-            self._lm_head(hidden.index_select(0, torch.as_tensor([r.flat for r in rows], device=self.device)))
+            selected = hidden.index_select(0, torch.as_tensor([r.flat for r in rows], device=self.device))
+            self._lm_head(det.pad_rows(selected) if self.deterministic else selected)
         for item, s in zip(items, seqs, strict=True):
             s.length += len(item.tokens)
         if not read:
@@ -632,13 +674,18 @@ class TransformersBackend(Backend):
             start += item.n_out
         return outputs
 
-    def _run_decoder(self, items: list[ForwardItem], seqs: list[TransformersSequence]) -> torch.Tensor:
+    def _run_decoder(
+        self, items: list[ForwardItem], seqs: list[TransformersSequence]
+    ) -> tuple[torch.Tensor, list[int]]:
         """Run the transformer body over the new tokens of `items`; write their keys/values into the sequences.
 
         Returns:
-            [B, N, H] final hidden states (after the last norm); row b, column j is item b's j-th new
-            token for j < n_b, padding after.
+            ([B * N, H] final hidden states (after the last norm), the row where each item's tokens
+            start): row b * N + j is item b's j-th new token for j < n_b, padding after. In
+            deterministic mode the items are packed instead (deterministic.run_decoder).
         """
+        if self.deterministic:
+            return det.run_decoder(self, items, seqs, pad_token=_PAD_TOKEN)
         past = [s.length for s in seqs]
         new = [len(item.tokens) for item in items]
         batch, c_max, n_max = len(items), max(past), max(new)
@@ -677,7 +724,8 @@ class TransformersBackend(Backend):
                 for layer, (s_k, s_v) in enumerate(zip(s.keys, s.values, strict=True)):
                     s_k[0, :, past[b] : past[b] + new[b]] = layers[layer].keys[b, :, c_max : c_max + new[b]]
                     s_v[0, :, past[b] : past[b] + new[b]] = layers[layer].values[b, :, c_max : c_max + new[b]]
-        return out.last_hidden_state
+        hidden = out.last_hidden_state  # [B, N, H]
+        return hidden.reshape(-1, hidden.shape[-1]), [b * n_max for b in range(batch)]
 
     def _padded_layers(self, seqs: list[TransformersSequence], c_max: int, n_max: int) -> list:
         """Per layer, batched buffers [B, kv_heads, C + N, head_dim] with each past left-padded into [C - c_b, C)."""
@@ -708,7 +756,10 @@ class TransformersBackend(Backend):
         for start in range(0, len(rows), _VIEW_ROWS):  # bounds the [rows, V] logits of long prefills
             chunk = rows[start : start + _VIEW_ROWS]
             flat = torch.as_tensor([r.flat for r in chunk], device=self.device)
-            logits = self._lm_head(hidden.index_select(0, flat)).float()  # [r, V]
+            selected = hidden.index_select(0, flat)  # [r, H]
+            if self.deterministic:  # a multiple of 8 rows: the same product kernel for any r
+                selected = det.pad_rows(selected)
+            logits = self._lm_head(selected)[: len(chunk)].float()  # [r, V]
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
             lp = torch.log_softmax(logits, dim=-1)  # [r, V] float32
