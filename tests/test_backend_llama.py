@@ -310,12 +310,18 @@ def test_split_into_several_decodes(make_backend, monkeypatch: pytest.MonkeyPatc
 
     # Deterministic mode: one sequence per call, padded to a multiple of 4 rows (at least 8), and
     # the rows equal bit for bit however they were split.
-    det_big = make_backend(n_batch=512, deterministic=True)
-    det_small = make_backend(n_batch=16, deterministic=True)
+    det_big = make_backend(n_batch=512, deterministic=True, deterministic_path="padded")
+    det_small = make_backend(n_batch=16, deterministic=True, deterministic_path="padded")
+    single = make_backend(n_batch=16, deterministic=True, deterministic_path="single")
+    monkeypatch.setattr(lib, "llama_decode", real)
     exact = [det_big.forward([full_item(det_big.new_sequence(), p)])[0] for p in prompts]
+    monkeypatch.setattr(lib, "llama_decode", counting)
     calls.clear()
     outs = det_small.forward([full_item(det_small.new_sequence(), p) for p in prompts])
     assert calls == [12, 16, 8, 12]
+    calls.clear()
+    single.forward([full_item(single.new_sequence(), p) for p in prompts])
+    assert calls == [1] * 40  # "single": the one-token decode path, one call per token
     for out, ref in zip(outs, exact, strict=True):
         assert np.array_equal(out.topk_logprobs, ref.topk_logprobs) and np.array_equal(
             out.topk_ids, ref.topk_ids

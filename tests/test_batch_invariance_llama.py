@@ -21,6 +21,7 @@ PROMPT = list(range(300, 340))
 
 
 def backend(path: Path, deterministic: bool, **kw):
+    """A tiny-sized llama.cpp backend (its deterministic path: kw's, else the default "single")."""
     from handoff.cloud.backends.llama_backend import LlamaCppBackend
 
     kw = {"max_sequences": 6, "max_context": 512, "n_batch": 64, "threads": 2} | kw
@@ -59,6 +60,12 @@ def model(request, tiny_gguf_a: Path, tiny_gguf_q4k: Path) -> Path:
     return tiny_gguf_a if request.param == "f32" else tiny_gguf_q4k
 
 
+@pytest.fixture(params=["single", "padded"])
+def path_kind(request) -> str:
+    """Deterministic mode's two canonical computations."""
+    return request.param
+
+
 def test_fast_mode_rows_depend_on_the_split(model: Path) -> None:
     with backend(model, deterministic=False) as b:
         whole, ones = scored(b, 40), scored(b, 1)
@@ -66,23 +73,25 @@ def test_fast_mode_rows_depend_on_the_split(model: Path) -> None:
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, 13])
-def test_deterministic_rows_do_not_depend_on_the_split(model: Path, chunk: int) -> None:
-    with backend(model, deterministic=True) as b:
+def test_deterministic_rows_do_not_depend_on_the_split(model: Path, chunk: int, path_kind: str) -> None:
+    with backend(model, deterministic=True, deterministic_path=path_kind) as b:
         assert np.array_equal(scored(b, chunk), scored(b, 40))
 
 
 @pytest.mark.parametrize(("others", "first"), [(1, True), (3, True), (3, False)])
-def test_deterministic_rows_do_not_depend_on_other_sessions(model: Path, others: int, first: bool) -> None:
-    with backend(model, deterministic=True) as b:
+def test_deterministic_rows_do_not_depend_on_other_sessions(
+    model: Path, others: int, first: bool, path_kind: str
+) -> None:
+    with backend(model, deterministic=True, deterministic_path=path_kind) as b:
         alone = scored(b, 1)
         assert np.array_equal(scored(b, 1, others=others, others_first=first), alone)
         assert np.array_equal(scored(b, 8, others=others, others_first=first), alone)
 
 
-def test_deterministic_rows_hold_past_a_kv_block_boundary(tiny_gguf_q4k: Path) -> None:
+def test_deterministic_rows_hold_past_a_kv_block_boundary(tiny_gguf_q4k: Path, path_kind: str) -> None:
     # 300 tokens of history: attention spans more than one 256-cell block of the cache.
     long_prompt = [int(t) % 1000 for t in range(3, 3 + 11 * 300, 11)]
-    with backend(tiny_gguf_q4k, deterministic=True) as b:
+    with backend(tiny_gguf_q4k, deterministic=True, deterministic_path=path_kind) as b:
         whole = scored(b, 40, prompt=long_prompt)
         assert np.array_equal(scored(b, 1, prompt=long_prompt), whole)
         assert np.array_equal(scored(b, 5, prompt=long_prompt, others=2), whole)
@@ -92,7 +101,7 @@ def test_deterministic_padding_leaves_no_cells_behind(tiny_gguf_q4k: Path) -> No
     from handoff.cloud.backends.llama_backend import padded_rows
 
     assert [padded_rows(n) for n in (1, 7, 8, 9, 12, 13)] == [8, 8, 8, 12, 12, 16]
-    with backend(tiny_gguf_q4k, deterministic=True) as b:
+    with backend(tiny_gguf_q4k, deterministic=True, deterministic_path="padded") as b:
         s = b.new_sequence()
         b.forward([ForwardItem(s, PROMPT, 1, 4)])
         b.forward([ForwardItem(s, TOKENS[:3], 3, 4)])
@@ -111,7 +120,24 @@ def test_the_self_check_refuses_a_machine_where_the_split_matters(tiny_gguf_a: P
     # Without the padding, the tiny F32 model's rows depend on the split (one row takes another kernel).
     monkeypatch.setattr(llama_backend, "padded_rows", lambda n: n)
     with pytest.raises(ModelError, match="not bit-invariant"):
-        backend(tiny_gguf_a, deterministic=True)
+        backend(tiny_gguf_a, deterministic=True, deterministic_path="padded")
+
+
+def test_the_self_check_refuses_single_calls_that_are_really_batched(tiny_gguf_a: Path, monkeypatch) -> None:
+    from handoff.cloud.backends import llama_backend
+
+    fast = llama_backend.LlamaCppBackend._chunks
+
+    def batched(self, rows):  # what "single" must not do: all of a forward's rows in one call
+        self.deterministic = False
+        try:
+            yield from fast(self, rows)
+        finally:
+            self.deterministic = True
+
+    monkeypatch.setattr(llama_backend.LlamaCppBackend, "_chunks", batched)
+    with pytest.raises(ModelError, match="not bit-invariant"):
+        backend(tiny_gguf_a, deterministic=True, deterministic_path="single")
 
 
 @pytest.mark.real_models
@@ -120,10 +146,11 @@ def test_default_cloud_model_is_batch_invariant_in_deterministic_mode() -> None:
     from handoff.shared.models import ensure_model
 
     path = ensure_model("qwen2.5-coder-1.5b-instruct-q4_k_m")
-    with backend(path, deterministic=True, max_sequences=4, n_batch=128) as b:
-        whole = scored(b, 40)
-        assert np.array_equal(scored(b, 1), whole)
-        assert np.array_equal(scored(b, 8, others=2), whole)
+    for kind in ("single", "padded"):
+        with backend(path, deterministic=True, deterministic_path=kind, max_sequences=4, n_batch=128) as b:
+            whole = scored(b, 40)
+            assert np.array_equal(scored(b, 1), whole), kind
+            assert np.array_equal(scored(b, 8, others=2), whole), kind
 
 
 def test_a_single_sequence_backend_checks_itself(tiny_gguf_q4k: Path) -> None:

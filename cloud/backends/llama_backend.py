@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 MIN_ROWS = 8
 ROW_GROUP = 4
 PAD_TOKEN = 0  # any valid id: the dummy rows' values never reach a real row
+DETERMINISTIC_PATHS = ("single", "padded")
 
 _backend_initialized = False
 _init_lock = threading.Lock()
@@ -121,6 +122,10 @@ class LlamaCppBackend(Backend):
         deterministic: bit-identical rows whatever the batch (module docstring); implies one KV
             stream of max_context (+ padding) cells per sequence, allocated up front, and no
             batching across sequences.
+        deterministic_path: the canonical computation: "single" (one token per llama_decode call:
+            the decode path of cloud-only generation; check points and prompts cost a call per
+            token) or "padded" (calls padded to >= 8 rows, all of them output rows: prompts and
+            check points cost as in fast mode, a single token ~5x). docs/determinism.md.
     """
 
     name = "llama.cpp"
@@ -141,6 +146,7 @@ class LlamaCppBackend(Backend):
         kv_cache_tokens: int | None = None,
         n_ubatch: int | None = None,
         deterministic: bool = True,
+        deterministic_path: str = "single",
     ) -> None:
         self._model = None
         self._ctx = None
@@ -154,6 +160,10 @@ class LlamaCppBackend(Backend):
         ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if deterministic_path not in DETERMINISTIC_PATHS:
+            raise ValueError(
+                f"deterministic_path must be one of {DETERMINISTIC_PATHS}, got {deterministic_path!r}"
+            )
         if deterministic:
             kv_unified = False  # the session's cells must be its positions, in order
             n_batch = max(MIN_ROWS, n_batch - n_batch % ROW_GROUP)
@@ -233,6 +243,7 @@ class LlamaCppBackend(Backend):
         self.threads = threads
         self.kv_unified = kv_unified
         self.deterministic = deterministic
+        self.deterministic_path = deterministic_path
         self.info = make_backend_info(
             "llama.cpp", ref, model_info, vocab_size=self._n_vocab, device="cpu",
             dtype=model_info.quantization, max_context=max_context,
@@ -351,12 +362,17 @@ class LlamaCppBackend(Backend):
     def _chunks(self, rows: list[tuple[int, int, int, int, int]]):
         """The llama_decode calls for a forward's rows: (rows of the call, how many are padding).
 
-        Fast mode: up to n_batch rows per call, any sequences together. Deterministic mode: one
-        sequence per call, padded to padded_rows() with dummy tokens after the real ones.
+        Fast mode: up to n_batch rows per call, any sequences together. Deterministic mode: one row
+        per call ("single"), or one sequence per call padded to padded_rows() with dummy tokens after
+        the real ones ("padded").
         """
         if not self.deterministic:
             for start in range(0, len(rows), self.n_batch):
                 yield rows[start : start + self.n_batch], 0
+            return
+        if self.deterministic_path == "single":
+            for row in rows:
+                yield [row], 0
             return
         step = self.n_batch  # a multiple of ROW_GROUP, >= MIN_ROWS
         by_item: dict[int, list[tuple[int, int, int, int, int]]] = {}
@@ -371,27 +387,38 @@ class LlamaCppBackend(Backend):
                 yield real + pad, n_pad
 
     def check_invariance(self, n_tokens: int = 12) -> None:
-        """Verify on this machine that deterministic rows do not depend on how tokens are split.
+        """Verify on this machine that deterministic rows do not depend on how tokens are passed in.
 
-        Scores the same tokens on a scratch sequence in one call and one token per call, and compares
-        the logits bit for bit.
+        Scores the same tokens on a scratch sequence in one forward with every row's logits, and
+        again after a prefix without logits, one token per forward, with another sequence's tokens
+        decoded in between; compares the logits bit for bit.
 
         Raises:
             ModelError: they differ (this CPU or quantization takes other kernels than measured);
                 run with deterministic off, or report the machine.
         """
         tokens = [int(t) % self._n_vocab for t in range(17, 17 + 7 * n_tokens, 7)]
-        # One scratch sequence at a time, so that a backend of a single sequence can check itself.
+        half = n_tokens // 2
+        # One scratch sequence at a time (plus a neighbour when there is room), so that a backend of
+        # a single sequence can check itself.
         a = self.new_sequence()
         try:
-            whole = self._decode_items([ForwardItem(a, tokens, len(tokens), 1)], read_logits=True)[0]
+            whole = self._decode_items([ForwardItem(a, tokens, len(tokens), 1)], read_logits=True)[0][half:]
         finally:
             self.release(a)
         b = self.new_sequence()
+        other = self.new_sequence() if self.max_sequences > 1 else None
         try:
-            ones = [self._decode_items([ForwardItem(b, [t], 1, 1)], read_logits=True)[0][0] for t in tokens]
+            self._decode_items([ForwardItem(b, tokens[:half], 0, 1)], read_logits=False)
+            ones = []
+            for j, t in enumerate(tokens[half:]):
+                if other is not None:
+                    self._decode_items([ForwardItem(other, [31 + j, 5, 9][: 1 + j % 3], 1, 1)], True)
+                ones.append(self._decode_items([ForwardItem(b, [t], 1, 1)], read_logits=True)[0][0])
         finally:
             self.release(b)
+            if other is not None:
+                self.release(other)
         if not np.array_equal(whole, np.stack(ones)):
             diff = float(np.abs(whole - np.stack(ones)).max())
             raise ModelError(
@@ -404,7 +431,7 @@ class LlamaCppBackend(Backend):
         n = len(chunk)
         # Deterministic: every row is an output row. llama.cpp runs the last layer and the output head on
         # the output rows only, so their number must be the call's canonical row count too.
-        every = self.deterministic
+        every = self.deterministic and self.deterministic_path == "padded"
         arr = np.asarray(
             [(tok, pos, sid, every or out >= 0) for _, tok, pos, sid, out in chunk], dtype=np.int64
         )
