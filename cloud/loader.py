@@ -58,4 +58,5 @@ def load_backend(settings: CloudSettings, handoff: HandoffSettings | None = None
         kv_cache_tokens=settings.kv_cache_tokens,
         kv_unified=settings.kv_unified,
         deterministic=settings.deterministic,
+        deterministic_path=settings.deterministic_path,
     )

@@ -58,6 +58,11 @@ class CloudSettings(BaseSettings):
         description="Batch-invariant answers: a session's views and tokens are bit-identical whatever else "
         "the server runs and however its tokens are split into passes (costs throughput; docs/determinism.md).",
     )
+    deterministic_path: Literal["single", "padded"] = Field(
+        "single",
+        description="llama.cpp, deterministic: single (one token per call, as cloud-only decoding: check "
+        "points cost a call per token) or padded (calls of >= 8 rows: single tokens cost ~5x).",
+    )
     kv_unified: bool = Field(
         True,
         description="llama.cpp, when not deterministic: one KV pool for all sessions (any sessions batch "
