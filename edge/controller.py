@@ -399,6 +399,7 @@ class _Generation:
             q_topk_logprobs=np.stack([s.topk_logprobs for s in w.steps]),
             q_entropy=np.asarray([s.entropy for s in w.steps]),
             p_kls=w.kls,
+            p_top1_ids=np.asarray([sc.topk.ids[0] for sc in answer.result().scores]),
         )
         decision = self.core.decide(view).checked(len(w.steps))
         w.keep = decision.keep
@@ -430,7 +431,7 @@ class _Generation:
         if room <= 0 or not link.alive():
             return False
         corrected = (w.steps[keep].token_id, float(w.kls[keep])) if keep < len(w.steps) else None
-        return await self._cloud_turn(min(self.policy.handback_tokens, room), corrected, early_handback=True)
+        return await self._cloud_turn(min(self.core.turn_tokens(), room), corrected, early_handback=True)
 
     # -- the cloud's turn ----------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ def eval_command(
     policies: Annotated[
         str,
         typer.Option(
-            help="Other policies' runs, comma-separated: exact, skip:TAU, budget:FRACTION, entropy:TAU."
+            help="Other policies' runs, comma-separated: exact, correction, skip:TAU, budget:FRACTION, entropy:TAU."
         ),
     ] = "",
     max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Tokens per answer at most.")] = 160,

@@ -37,7 +37,9 @@ class EvalPlan:
     intervals: tuple[int, ...] = (8,)
     max_tokens: int = 128
     baselines: bool = True
-    policies: tuple[str, ...] = ()  # other policies' runs: exact, skip:TAU, budget:FRACTION, entropy:TAU
+    policies: tuple[
+        str, ...
+    ] = ()  # other policies' runs: exact, correction, skip:TAU, budget:FRACTION, entropy:TAU
 
 
 def parse_difficulty(spec: str | None) -> tuple[int | None, dict[str, int]]:

@@ -514,7 +514,7 @@ def _hybrid_by_interval(summary: Mapping[str, Any]) -> dict[int | None, list[Map
     return groups
 
 
-POLICY_MARKERS = {"exact": "D", "skip": "s", "budget": "^", "entropy": "v"}
+POLICY_MARKERS = {"exact": "D", "correction": "P", "skip": "s", "budget": "^", "entropy": "v"}
 
 
 def _other_policies(summary: Mapping[str, Any]) -> list[Mapping[str, Any]]:

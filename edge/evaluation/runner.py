@@ -55,25 +55,29 @@ class RunSpec:
             "run": self.name,
             "mode": self.mode,
             "policy": self.family,
-            "threshold": None if self.family in ("exact", "budget") else self.policy.threshold,
+            "threshold": None if self.family in ("exact", "budget", "correction") else self.policy.threshold,
             "check_interval": self.policy.check_interval,
         }
 
 
-VARIANTS = ("exact", "skip", "budget", "entropy")
+VARIANTS = ("exact", "correction", "skip", "budget", "entropy")
 
 
 def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
-    """A run of another policy: "exact", "skip:TAU", "budget:FRACTION" or "entropy:TAU" (nats of Q's entropy).
+    """A run of another policy: "exact", "correction", "skip:TAU", "budget:FRACTION" or "entropy:TAU" (nats of Q's entropy).
 
     Raises:
         ValueError: an unknown policy or a missing/bad parameter.
     """
     name, _, arg = text.partition(":")
     if name not in VARIANTS:
-        raise ValueError(f"policy {text!r}: expected one of exact, skip:TAU, budget:FRACTION, entropy:TAU")
+        raise ValueError(
+            f"policy {text!r}: expected one of exact, correction, skip:TAU, budget:FRACTION, entropy:TAU"
+        )
     if name == "exact":
         return RunSpec("exact", "hybrid", replace(base, kind="exact"), "exact")
+    if name == "correction":
+        return RunSpec("correction", "hybrid", replace(base, kind="correction"), "correction")
     try:
         value = float(arg)
     except ValueError:

@@ -14,6 +14,7 @@ from handoff.edge.policy.budget import BudgetConfig, BudgetController
 from handoff.edge.policy.config import TRIGGERS, PolicyConfig
 from handoff.edge.policy.core import (
     ROUND_KINDS,
+    CorrectionPolicy,
     ExactPolicy,
     HandBack,
     HandoffPolicy,
@@ -45,6 +46,7 @@ __all__ = [
     "BudgetConfig",
     "BudgetController",
     "CallableScorer",
+    "CorrectionPolicy",
     "EntropyScorer",
     "ExactPolicy",
     "HandBack",

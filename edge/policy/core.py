@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ROUND_KINDS",
+    "CorrectionPolicy",
     "ExactPolicy",
     "HandBack",
     "HandoffPolicy",
@@ -207,6 +208,10 @@ class HandoffPolicy:
         """The models agree at a cloud position: KL(P || Q) <= tau (nats, top-k lower bound)."""
         return kl <= self.threshold
 
+    def turn_tokens(self) -> int:
+        """Cloud tokens of a handoff after a window is handed over, at most (M, handback_tokens)."""
+        return self.config.handback_tokens
+
     def hand_back(self, early: bool = True) -> HandBack:
         """A new cloud turn's hand-back rule.
 
@@ -307,3 +312,45 @@ class ExactPolicy(RollbackPolicy):
 
     round = "draft"
     proto_kind = pb.POLICY_KIND_EXACT
+
+
+@register_policy("correction")
+class CorrectionPolicy(HandoffPolicy):
+    """Correction only: at a checked window, the first position where P's most likely token differs
+    from Q's token is replaced by P's token (one cloud token), and the edge resumes at once.
+
+    No hand-back phase and no threshold: the cloud writes exactly the tokens where the two models'
+    choices differ, so under greedy decoding the output is P's greedy text token for token, with one
+    cloud token per disagreement (the oracle of the evaluation's "exact" point; cf. the token-level
+    routers of R2R, arXiv 2505.21600, and CITER, arXiv 2502.01976, which learn to predict these
+    positions). Meant for greedy decoding: under sampling it pulls Q's samples towards P's argmax;
+    use the exact policy there.
+    """
+
+    cut_kind = "rollback"
+    proto_kind = pb.POLICY_KIND_ROLLBACK  # on the wire a rollback: cut, then the cloud generates
+
+    def decide(self, view: WindowView) -> WindowDecision:
+        """Keep the tokens before the first disagreement with P's argmax; hand that position to P.
+
+        Args:
+            view: the window, with p_top1_ids (the check point's answer).
+
+        Returns:
+            Kept when P's most likely token is Q's token everywhere; else handed over at the first
+            position where it is not.
+        """
+        if view.p_top1_ids is None:
+            raise ShapeError("the correction policy needs the cloud's answer (WindowView.p_top1_ids)")
+        differs = np.flatnonzero(view.p_top1_ids != view.token_ids)  # [m] positions, ascending
+        if differs.size == 0:
+            return WindowDecision(view.n, False)
+        return WindowDecision(int(differs[0]), True)
+
+    def turn_tokens(self) -> int:
+        """One: the correcting token itself."""
+        return 1
+
+    def agrees(self, kl: float) -> bool:
+        """Never consulted for the one-token turn; a correction has no hand-back phase."""
+        return False

@@ -46,6 +46,8 @@ class WindowView:
     q_entropy: [n] float, Q's entropy in nats (>= 0, finite).
     p_kls: [n] float top-k KL(P || Q) in nats (>= 0, +inf allowed, NaN where the edge skipped the
         upload), or None when the cloud has not scored the window.
+    p_top1_ids: [n] int, P's most likely token at each position (from the check point's top-k), or
+        None when the cloud has not scored the window.
     """
 
     token_ids: np.ndarray
@@ -53,6 +55,7 @@ class WindowView:
     q_topk_logprobs: np.ndarray
     q_entropy: np.ndarray
     p_kls: np.ndarray | None = None
+    p_top1_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         ids = int_array("token_ids", self.token_ids, 1, "[n]")  # [n]
@@ -81,6 +84,10 @@ class WindowView:
             kls = real_1d("p_kls", self.p_kls, allow_nan=True)  # [n]
             same_length("p_kls", kls, "token_ids", n)
             check_kls("p_kls", kls)
+        p_top1 = None
+        if self.p_top1_ids is not None:
+            p_top1 = int_array("p_top1_ids", self.p_top1_ids, 1, "[n]")  # [n]
+            same_length("p_top1_ids", p_top1, "token_ids", n)
         # Frozen: store the checked arrays (read-only, so a scorer cannot change what the next sees).
         for name, arr in (
             ("token_ids", ids),
@@ -88,6 +95,7 @@ class WindowView:
             ("q_topk_logprobs", topk_lp),
             ("q_entropy", ent),
             ("p_kls", kls),
+            ("p_top1_ids", p_top1),
         ):
             if arr is not None:
                 arr = arr.copy()
