@@ -37,6 +37,21 @@ def test_keeps_a_window_where_p_agrees_however_large_the_kl() -> None:
     assert (d.keep, d.hand_over) == (3, False)  # no threshold: only P's choice counts
 
 
+def test_the_divergence_variant_also_corrects_where_the_trigger_fires() -> None:
+    from handoff.edge.policy import DivergenceCorrectionPolicy
+
+    policy = make_policy(PolicyConfig(kind="correction-kl", threshold=0.5))
+    assert isinstance(policy, DivergenceCorrectionPolicy) and policy.turn_tokens() == 1
+    # P agrees everywhere, but position 1's KL is over tau: corrected there.
+    d = policy.decide(view([5, 6, 7], [5, 6, 7], kls=[0.1, 0.9, 0.0]))
+    assert (d.keep, d.hand_over) == (1, True)
+    # A disagreement before the first KL over tau wins.
+    assert policy.decide(view([5, 6, 7], [9, 6, 7], kls=[0.1, 0.9, 0.0])).keep == 0
+    # Neither: kept.
+    d = policy.decide(view([5, 6, 7], [5, 6, 7], kls=[0.1, 0.2, 0.0]))
+    assert (d.keep, d.hand_over) == (3, False)
+
+
 def test_needs_the_clouds_answer() -> None:
     with pytest.raises(ShapeError, match="p_top1_ids"):
         make_policy(PolicyConfig(kind="correction")).decide(view([5, 6], None))

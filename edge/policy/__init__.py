@@ -15,6 +15,7 @@ from handoff.edge.policy.config import TRIGGERS, PolicyConfig
 from handoff.edge.policy.core import (
     ROUND_KINDS,
     CorrectionPolicy,
+    DivergenceCorrectionPolicy,
     ExactPolicy,
     HandBack,
     HandoffPolicy,
@@ -47,6 +48,7 @@ __all__ = [
     "BudgetController",
     "CallableScorer",
     "CorrectionPolicy",
+    "DivergenceCorrectionPolicy",
     "EntropyScorer",
     "ExactPolicy",
     "HandBack",

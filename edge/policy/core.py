@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ROUND_KINDS",
     "CorrectionPolicy",
+    "DivergenceCorrectionPolicy",
     "ExactPolicy",
     "HandBack",
     "HandoffPolicy",
@@ -354,3 +355,26 @@ class CorrectionPolicy(HandoffPolicy):
     def agrees(self, kl: float) -> bool:
         """Never consulted for the one-token turn; a correction has no hand-back phase."""
         return False
+
+
+@register_policy("correction-kl")
+class DivergenceCorrectionPolicy(CorrectionPolicy):
+    """Correction at the first disagreement with P's argmax, or earlier where the trigger fires.
+
+    The trigger is the policy's scorer (the top-k KL by default, or Q's entropy) against tau: a
+    position whose score is over tau is handed to P even where P's most likely token is Q's, so a
+    correction also happens where the models' distributions part although their choices agree.
+    """
+
+    def decide(self, view: WindowView) -> WindowDecision:
+        """The earlier of the first argmax disagreement and the first score over tau.
+
+        Args:
+            view: the window, with p_top1_ids (and p_kls for the KL trigger).
+
+        Returns:
+            Kept when neither happens; else handed over at the earlier position.
+        """
+        by_choice = super().decide(view)
+        by_score = self.decide_scores(self.scorer.scores(view))
+        return by_score if by_score.hand_over and by_score.keep < by_choice.keep else by_choice
