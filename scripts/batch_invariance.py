@@ -41,6 +41,7 @@ from handoff.cloud.loader import load_backend
 from handoff.cloud.settings import CloudSettings
 from handoff.edge.cloud_harness import edge_tokens
 from handoff.edge.verifier_client import GrpcTransport, VerifierClient
+from handoff.shared.cli_options import positive_ints
 from handoff.shared.errors import HandoffError
 from handoff.shared.logs import setup_logging
 from handoff.shared.vocab import Vocabulary
@@ -505,17 +506,6 @@ def verdict(runs: list[dict]) -> tuple[str, bool]:
     return ("FAIL — " if failed else "OK — ") + "; ".join(parts), failed
 
 
-def session_list(text: str) -> list[int]:
-    """Distinct positive integers from `16,64` (argparse type)."""
-    try:
-        values = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = parser.add_argument_group("the verifier: started here (default), or a running one")
@@ -534,7 +524,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--auth-token", help="with --cloud: bearer token (default: $HANDOFF_CLOUD_AUTH_TOKEN)")
     what = parser.add_argument_group("the measurement")
     what.add_argument(
-        "--sessions", type=session_list, default=[16], help="sessions at once, e.g. 16 or 16,64"
+        "--sessions", type=positive_ints, default=[16], help="sessions at once, e.g. 16 or 16,64"
     )
     what.add_argument("--prompts", choices=["natural", "random", "both"], default="both")
     what.add_argument(

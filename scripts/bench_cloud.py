@@ -40,6 +40,7 @@ from handoff.cloud.grpc_server import CloudServer
 from handoff.cloud.loader import load_backend
 from handoff.cloud.settings import CloudSettings
 from handoff.edge.verifier_client import GrpcTransport, RemoteSession, VerifierClient
+from handoff.shared.cli_options import positive_ints
 from handoff.shared.wire import pb
 
 CHUNK = 16
@@ -120,17 +121,6 @@ def raw_run(backend: Backend, n_sessions: int, prompt_len: int, rounds: int) -> 
 # ---------------------------------------------------------------------------------------------
 # --profile: client-side latencies by size, the input of the latency/cost simulator
 # (edge/simulation/cloud_latency.py).
-
-
-def int_list(text: str) -> list[int]:
-    """Sorted distinct positive integers from `1,4,16` (argparse type)."""
-    try:
-        values = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def edge_tokens(ids: list[int], start: int, q_ids: list[np.ndarray], q_logprobs: list[float]) -> list:
@@ -368,9 +358,15 @@ async def main() -> None:
     profile.add_argument(
         "--profile", action="store_true", help="measure open/check/handoff latencies instead of throughput"
     )
-    profile.add_argument("--profile-prompts", type=int_list, default="32,128,512", help="open: prompt tokens")
-    profile.add_argument("--profile-tokens", type=int_list, default="1,2,4,8,16,32", help="check: new tokens")
-    profile.add_argument("--profile-sessions", type=int_list, default="1,4,16", help="concurrent sessions")
+    profile.add_argument(
+        "--profile-prompts", type=positive_ints, default="32,128,512", help="open: prompt tokens"
+    )
+    profile.add_argument(
+        "--profile-tokens", type=positive_ints, default="1,2,4,8,16,32", help="check: new tokens"
+    )
+    profile.add_argument(
+        "--profile-sessions", type=positive_ints, default="1,4,16", help="concurrent sessions"
+    )
     profile.add_argument("--profile-handoff", type=int, default=16, help="tokens per timed handoff (>= 2)")
     profile.add_argument("--repeats", type=int, default=3, help="measurements per point (median)")
     args = parser.parse_args()

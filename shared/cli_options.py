@@ -338,3 +338,20 @@ def csv_values(value: str, kind: Callable[[str], T], flag: str) -> tuple[T, ...]
     if not items:
         raise typer.BadParameter("give at least one value", param_hint=f"'{flag}'")
     return items
+
+
+def positive_ints(text: str) -> list[int]:
+    """Sorted distinct positive integers from "1,4,16" (an argparse `type=` for the scripts).
+
+    Raises:
+        argparse.ArgumentTypeError: an item is not an integer, or none is positive.
+    """
+    import argparse
+
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
