@@ -393,6 +393,7 @@ class _Generation:
         # A done-callback runs one loop turn after the answer is set; settling may come first.
         self._answered(w)
         w.kls = window_kl(w.steps, answer.result().scores)
+        self.result.checked_positions += len(w.steps)
         view = WindowView(
             token_ids=np.asarray([s.token_id for s in w.steps]),
             q_topk_ids=np.stack([s.topk_ids for s in w.steps]),
@@ -424,6 +425,7 @@ class _Generation:
         assert link is not None
         if link.alive() and uploaded_beyond:
             try:
+                self.result.rollbacks += 1
                 await self.bounded(link.session.rollback(cut))  # type: ignore[union-attr]
             except (VerifierError, TimeoutError) as e:
                 link.fail(e)
@@ -484,6 +486,7 @@ class _Generation:
                     stopping = True
                     await self.bounded(session.stop_generation())
             if extra:
+                self.result.rollbacks += 1
                 await self.bounded(session.rollback(self.runner.length))
             if stopping:
                 self.result.handbacks_early += 1

@@ -129,6 +129,7 @@ async def exact_round(gen: Driver) -> bool:
     accepted = min(verdict.accepted, len(steps))
     result.drafts += 1
     result.draft_tokens += len(steps)
+    result.checked_positions += len(steps)
     result.draft_accepted += accepted
     gen.draft_length.record(accepted, len(steps))
     for j in range(accepted):

@@ -68,6 +68,30 @@ class GenerationResult:
     drafts: int = 0  # exact: drafts verified
     draft_tokens: int = 0  # exact: draft tokens sent
     draft_accepted: int = 0  # exact: draft tokens the cloud accepted
+    checked_positions: int = 0  # edge positions P scored: answered check-point windows, verified drafts
+    rollbacks: int = 0  # Rollback requests sent to the cloud
+
+    def accounting(self) -> dict[str, int]:
+        """The cloud's share, each part on its own (what a cloud bill and a latency budget depend on).
+
+        Returns:
+            override_tokens: P's token replaced Q's (source "corrected");
+            other_cloud_tokens: every other token P generated (handoff runs, seed and bonus tokens);
+            checked_positions: edge positions P scored (they cost P a forward each, kept or not);
+            round_trips: requests that waited for the cloud's reply (session opens and resyncs,
+                check points, handoffs, rollbacks, drafts);
+            bytes_up, bytes_down: on the wire, both ways.
+        """
+        counts = self.counts()
+        opens = (self.open_bytes is not None) + self.resyncs
+        return {
+            "override_tokens": counts["corrected"],
+            "other_cloud_tokens": counts["cloud"],
+            "checked_positions": self.checked_positions,
+            "round_trips": opens + self.check_points + self.handoffs + self.rollbacks + self.drafts,
+            "bytes_up": self.bytes_sent,
+            "bytes_down": self.bytes_received,
+        }
 
     def acceptance(self) -> dict[str, float | None]:
         """Exact policy: the per-token acceptance rate and the mean accepted length per draft."""
@@ -117,6 +141,7 @@ class GenerationResult:
             "skipped_uploads": self.skipped_uploads,
             "drafts": self.drafts,
             **self.acceptance(),
+            "accounting": self.accounting(),
             "seconds": self.seconds,
             "first_token_s": self.first_token_s,
             "stop_reason": self.stop_reason,

@@ -87,6 +87,10 @@ def test_greedy_correction_reproduces_cloud_only_text_with_one_cloud_token_per_d
     r = _generate(tiny_gguf_a, tiny_gguf_a_near, policy, 200, prompt=prompt)
     assert r.tokens == cloud.tokens
     counts = r.counts()
+    acc = r.summary()["accounting"]
+    assert acc["override_tokens"] == counts["corrected"] and acc["other_cloud_tokens"] == 0
+    assert acc["checked_positions"] >= counts["edge"] + counts["corrected"]  # every position checked
+    assert acc["round_trips"] == 1 + r.check_points + r.handoffs + r.rollbacks
     # Every cloud token is a correction of a disagreement: no hand-back phase, no other cloud tokens.
     assert counts["cloud"] == 0 and counts["corrected"] == r.handoffs > 0 and counts["edge"] > 0
     for rec in r.records:

@@ -304,6 +304,12 @@ def test_exact_policy_greedy_reproduces_cloud_only_text(tiny_gguf_a, tiny_gguf_a
         s = r.summary()
         assert s["drafts"] >= 1 and 0.0 <= s["acceptance_rate"] <= 1.0
         assert r.counts()["edge"] == r.draft_accepted
+        acc = s["accounting"]
+        assert acc["checked_positions"] == r.draft_tokens and acc["round_trips"] == 1 + r.drafts
+        assert (
+            acc["override_tokens"] + acc["other_cloud_tokens"]
+            == r.counts()["corrected"] + r.counts()["cloud"]
+        )
     near = run(_generate(tiny_gguf_a, tiny_gguf_a_near, policy, SamplingSettings(), 40))
     far = run(_generate(tiny_gguf_a, tiny_gguf_b, policy, SamplingSettings(), 40))
     # A-near agrees with A far more often than B does: more accepted, longer drafts.
