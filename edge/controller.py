@@ -390,9 +390,9 @@ class _Generation:
             if answer is not None and not answer.cancelled() and self.link is not None:
                 self.link.alive()  # a broken session starts the fallback
             return "stop" if await self._commit_edge(w, len(w.steps)) else "continue"
-        # A done-callback runs one loop turn after the answer is set; settling may come first.
-        self._answered(w)
-        w.kls = window_kl(w.steps, answer.result().scores)
+        self._answered(w)  # the done-callback runs a loop turn after the answer: settling may come first
+        scores = answer.result().scores
+        w.kls = window_kl(w.steps, scores)
         self.result.checked_positions += len(w.steps)
         view = WindowView(
             token_ids=np.asarray([s.token_id for s in w.steps]),
@@ -400,7 +400,7 @@ class _Generation:
             q_topk_logprobs=np.stack([s.topk_logprobs for s in w.steps]),
             q_entropy=np.asarray([s.entropy for s in w.steps]),
             p_kls=w.kls,
-            p_top1_ids=np.asarray([sc.topk.ids[0] for sc in answer.result().scores]),
+            p_top1_ids=np.asarray([sc.topk.ids[0] for sc in scores]),
         )
         decision = self.core.decide(view).checked(len(w.steps))
         w.keep = decision.keep

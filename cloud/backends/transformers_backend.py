@@ -662,8 +662,7 @@ class TransformersBackend(Backend):
         if read:
             views = self._views(hidden, rows, k)
         elif rows:  # raw_forward: the output rows' logits, computed and dropped
-            selected = hidden.index_select(0, torch.as_tensor([r.flat for r in rows], device=self.device))
-            self._lm_head(det.pad_rows(selected) if self.deterministic else selected)
+            self._row_logits(hidden, [r.flat for r in rows])
         for item, s in zip(items, seqs, strict=True):
             s.length += len(item.tokens)
         if not read:
@@ -743,6 +742,21 @@ class TransformersBackend(Backend):
             layers.append(_BufferLayer(keys, values, c_max))
         return layers
 
+    def _row_logits(self, hidden: torch.Tensor, flat: list[int]) -> torch.Tensor:
+        """The output layer on some rows of the decoder's output.
+
+        Args:
+            hidden: [rows, H] final hidden states (_run_decoder).
+            flat: [r] row indices into hidden.
+
+        Returns:
+            [r, V] logits in the model's dtype.
+        """
+        selected = hidden.index_select(0, torch.as_tensor(flat, device=self.device))  # [r, H]
+        if self.deterministic:  # a multiple of 8 rows: the same product kernel for any r
+            selected = det.pad_rows(selected)
+        return self._lm_head(selected)[: len(flat)]
+
     def _views(self, hidden: torch.Tensor | None, rows: list[_Row], k: int) -> _HostViews:
         """Top-k, gathered and full views of the output rows: computed on the device, then one transfer.
 
@@ -755,11 +769,7 @@ class TransformersBackend(Backend):
         top_vals, top_ids, gathered, full = [], [], [], {}
         for start in range(0, len(rows), _VIEW_ROWS):  # bounds the [rows, V] logits of long prefills
             chunk = rows[start : start + _VIEW_ROWS]
-            flat = torch.as_tensor([r.flat for r in chunk], device=self.device)
-            selected = hidden.index_select(0, flat)  # [r, H]
-            if self.deterministic:  # a multiple of 8 rows: the same product kernel for any r
-                selected = det.pad_rows(selected)
-            logits = self._lm_head(selected)[: len(chunk)].float()  # [r, V]
+            logits = self._row_logits(hidden, [r.flat for r in chunk]).float()  # [r, V]
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
             lp = torch.log_softmax(logits, dim=-1)  # [r, V] float32
