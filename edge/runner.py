@@ -6,7 +6,8 @@ distribution it was drawn from. Tokens produced elsewhere (the cloud's) are appe
 llama.cpp context, so a handoff never re-prefills, and a rollback truncates it.
 
 The runner keeps one invariant: after every public call that leaves tokens in the context, llama.cpp
-holds the logits of the last one, i.e. the distribution of the next position is ready to read.
+holds the logits of the last one, i.e. the distribution of the next position is ready to read; with
+`hidden` on, also Q's last hidden state there (the learned router's feature, see LlamaCppModel).
 
 The runner does not decide when to stop or whom to ask: the handoff controller does.
 """
@@ -27,7 +28,7 @@ from handoff.shared.errors import ShapeError
 from handoff.shared.llama_cpp_model import LlamaCppModel
 from handoff.shared.sampling import SamplingSettings, draw, sampling_distribution
 
-__all__ = ["EdgeRunner", "EdgeStep"]
+__all__ = ["EdgeRunner", "EdgeStep", "SequenceScores"]
 
 
 # eq=False: the fields hold numpy arrays, whose `==` is elementwise, so a generated __eq__/__hash__
@@ -46,6 +47,20 @@ class EdgeStep:
     seconds: float  # wall time of this step: distribution, sampling and evaluating the token
     # float64 [k]: the sampling distribution at topk_ids (the exact policy sends it); None unless asked
     draft_probs: np.ndarray | None = None
+    # float32 [n_embd]: Q's final-normed last hidden state at the position whose logits gave
+    # topk_logprobs (the previous token's); None unless the runner's `hidden` is on
+    hidden: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceScores:
+    """Q's view of every position of a token sequence after a prompt (EdgeRunner.score_sequence)."""
+
+    topk_ids: np.ndarray  # int32 [T, k], row t: the distribution that predicted token t
+    topk_logprobs: np.ndarray  # float64 [T, k], temperature 1
+    entropy: np.ndarray  # float64 [T], nats
+    token_logprob: np.ndarray  # float64 [T], Q's log-probability of token t
+    hidden: np.ndarray  # float32 [T, n_embd], Q's last hidden state where token t was predicted
 
 
 class EdgeRunner:
@@ -59,6 +74,7 @@ class EdgeRunner:
         n_ctx: int = 4096,
         n_threads: int = 2,
         sampling: SamplingSettings = SamplingSettings(),  # noqa: B008 (frozen, so sharing it is safe)
+        hidden: bool = False,
     ) -> None:
         """Wrap a LlamaCppModel, or load one from a GGUF path.
 
@@ -70,6 +86,7 @@ class EdgeRunner:
             n_threads: llama.cpp threads when the runner loads the model; ignored for a loaded model.
             sampling: how tokens are picked; a seeded draw is keyed by (seed, position), see
                 shared.sampling. start() can replace it for one generation.
+            hidden: steps carry Q's last hidden state (EdgeStep.hidden); see the `hidden` property.
         """
         # k's type and lower bound are checked before a model is loaded, its upper bound (V) after.
         try:
@@ -95,6 +112,8 @@ class EdgeRunner:
         self.stop_token_ids: frozenset[int] = frozenset(self.model.stop_token_ids())
         self._rng = sampling.rng()
         self._closed = False
+        self._hidden = False
+        self.hidden = hidden
 
     # -- context -------------------------------------------------------------------------------
 
@@ -111,6 +130,30 @@ class EdgeRunner:
     @property
     def n_ctx(self) -> int:
         return self.model.n_ctx
+
+    @property
+    def hidden(self) -> bool:
+        """Whether steps carry Q's last hidden state (off: no cost, llama.cpp computes none)."""
+        return self._hidden
+
+    @hidden.setter
+    def hidden(self, on: bool) -> None:
+        # Turned on mid-context, the last token's hidden state is computed now (one decode that
+        # leaves the context and its logits as they were, see LlamaCppModel.ensure_hidden).
+        self._hidden = bool(on)
+        if self._hidden and self.length:
+            self.model.ensure_hidden()
+
+    def next_hidden(self) -> np.ndarray | None:
+        """Q's last hidden state where the next token is predicted (read it before append_scored()).
+
+        Returns:
+            float32 [n_embd] (a copy), or None when `hidden` is off or the context is empty.
+        """
+        if not self._hidden or self.length == 0:
+            return None
+        self.model.ensure_hidden()  # a no-op unless the model was evaluated by someone else
+        return self.model.next_hidden()
 
     def detokenize(self, ids: Iterable[int]) -> bytes:
         """Bytes of the tokens (a token may end mid-way through a UTF-8 character).
@@ -179,7 +222,7 @@ class EdgeRunner:
             self.model.reset()
         else:
             self.model.truncate(common)
-        self.model.eval(ids[common:])
+        self.model.eval(ids[common:], hidden=self._hidden)
 
     def append(self, ids: Iterable[int]) -> None:
         """Append tokens produced elsewhere (the cloud's) in one forward pass; the next step follows them.
@@ -188,7 +231,7 @@ class EdgeRunner:
             ids: [n] token ids (n may be 0).
         """
         ids = self._check_ids(ids)
-        self.model.eval(ids)
+        self.model.eval(ids, hidden=self._hidden)
 
     def score_appended(self, ids: Iterable[int]) -> list[tuple[np.ndarray, np.ndarray, float]]:
         """Append tokens like append(), returning Q's view of the position each was predicted at.
@@ -196,6 +239,7 @@ class EdgeRunner:
         Entry i is Q's distribution before ids[i]: the first from the logits already available, the
         others from evaluating one token at a time (only the last position's logits are kept by
         llama.cpp here, see step()). The distribution after the last id is left for the next step.
+        The hidden states of these positions: append_scored() one id at a time, or score_sequence().
 
         Args:
             ids: [n] token ids (n may be 0).
@@ -212,6 +256,8 @@ class EdgeRunner:
         self, token_id: int, at_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
         """Append one token produced elsewhere, returning Q's view of the position it fills.
+
+        With `hidden` on, next_hidden() read before the call is Q's hidden state at this position.
 
         Args:
             token_id: the token (a cloud token, one at a time as it streams in).
@@ -234,7 +280,7 @@ class EdgeRunner:
     ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
         """Q's view of the next position (see logits_view), then evaluate token_id there (checked ids)."""
         view = logits_view(self.model.next_logits(), self.k, at_ids)
-        self.model.eval([token_id])
+        self.model.eval([token_id], hidden=self._hidden)
         return view
 
     def truncate(self, length: int) -> None:
@@ -259,7 +305,7 @@ class EdgeRunner:
             return
         last = self.model.tokens[length - 1]
         self.model.truncate(length - 1)
-        self.model.eval([last])
+        self.model.eval([last], hidden=self._hidden)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -278,6 +324,7 @@ class EdgeRunner:
         # built without logits_all, which would cost ~25% of the generation speed to keep logits for
         # every position we never look at again; every position's view is taken right when it is last.
         logits = self.model.next_logits()  # float32 [V]
+        hidden = self.next_hidden()  # float32 [n_embd] or None: one pointer read and a 3.5 KB copy
         top_ids, top_lp, ent, _ = logits_view(logits, self.k)  # [k], [k]: float32 work, float64 sums
         draft_probs = None
         if self.sampling.greedy:  # the argmax, ties to the lower id: the top-k's first entry
@@ -292,9 +339,11 @@ class EdgeRunner:
             token_lp = float(logprobs[token])
             if self.keep_draft_probs:  # exactly the distribution the draw used, at the top-k ids
                 draft_probs = sampling_distribution(logprobs, self.sampling)[top_ids]
-        self.model.eval([token])
+        self.model.eval([token], hidden=self._hidden)
         top_ids.setflags(write=False)
         top_lp.setflags(write=False)
+        if hidden is not None:
+            hidden.setflags(write=False)
         return EdgeStep(
             position=position,
             token_id=token,
@@ -305,7 +354,67 @@ class EdgeRunner:
             token_logprob=token_lp,
             seconds=time.perf_counter() - t0,
             draft_probs=draft_probs,
+            hidden=hidden,
         )
+
+    # -- offline scoring -----------------------------------------------------------------------
+
+    def score_sequence(
+        self, prompt_ids: Iterable[int], token_ids: Iterable[int], *, batch: int = 256
+    ) -> SequenceScores:
+        """Q's view of every position of token_ids after the prompt, in batched decodes (offline features).
+
+        The prompt is evaluated as start() does on an empty context (whatever the context held: a
+        reused prefix would change the rounding of the prompt's last rows), then token_ids `batch` at
+        a time, every position an output. The context is left as prompt_ids + token_ids, ready for
+        the next step. With batch = 1 every value is bit-identical to start() on an empty context
+        then step() / append_scored() over the same tokens (one decode per token). With batch > 1
+        llama.cpp's quantized kernels round differently than in one-token decodes, so rows 1.. differ
+        from the step path: on the 0.5B Q4_K_M by up to ~0.2 nats in log-probabilities and ~3% (L2)
+        in hidden states (docs/bench_edge.md); row 0 (the prompt's) is always the step path's.
+
+        Args:
+            prompt_ids: [n] token ids, n >= 1.
+            token_ids: [T] the tokens to score (T may be 0).
+            batch: tokens per decode, 1 <= batch <= n_batch; llama.cpp keeps an output buffer of
+                batch * (n_vocab + n_embd) floats (155 MB at 256 for a 151,936-token vocabulary).
+
+        Returns:
+            SequenceScores with T rows, row t for the distribution that predicted token_ids[t].
+        """
+        prompt = self._check_ids(prompt_ids, extra_room=False, what="prompt_ids")
+        tokens = self._check_ids(token_ids, extra_room=False, what="token_ids")
+        if not prompt:
+            raise ShapeError("prompt_ids: expected at least one token, got none")
+        if len(prompt) + len(tokens) > self.n_ctx:
+            raise ShapeError(
+                f"score_sequence: {len(prompt)} + {len(tokens)} tokens do not fit in n_ctx {self.n_ctx}"
+            )
+        if not 1 <= batch <= self.model.llm.n_batch:
+            raise ShapeError(f"batch: expected 1 <= batch <= n_batch = {self.model.llm.n_batch}, got {batch}")
+        self._rng = self.sampling.rng()
+        self.model.reset()
+        n = len(tokens)
+        self.model.eval(prompt, hidden=bool(n) or self._hidden)  # row 0's hidden state too
+        top_ids = np.empty((n, self.k), dtype=np.int32)
+        top_lp = np.empty((n, self.k), dtype=np.float64)
+        ent = np.empty(n, dtype=np.float64)
+        token_lp = np.empty(n, dtype=np.float64)
+        hidden = np.empty((n, self.model.n_embd), dtype=np.float32)
+        # The distribution (logits [V], hidden [n_embd]) before tokens[first]: the prompt's, then the
+        # last row of the previous decode (copies: eval_all overwrites llama.cpp's buffers).
+        prev = (self.model.next_logits(), self.model.next_hidden()) if n else None
+        for first in range(0, n, batch):
+            chunk = tokens[first : first + batch]
+            logits, hid = self.model.eval_all(chunk)  # [m, V], [m, n_embd]: row i after chunk[i]
+            for i, tid in enumerate(chunk):
+                row_logits, hidden[first + i] = prev if i == 0 else (logits[i - 1], hid[i - 1])
+                top_ids[first + i], top_lp[first + i], ent[first + i], at = logits_view(
+                    row_logits, self.k, np.array([tid])
+                )
+                token_lp[first + i] = at[0]
+            prev = (logits[-1], hid[-1])
+        return SequenceScores(top_ids, top_lp, ent, token_lp, hidden)
 
     # -- lifetime ------------------------------------------------------------------------------
 

@@ -13,8 +13,14 @@ tokens picked and N tokens evaluated. Then, on the same model, one token's llama
 next to the per-token view the edge adds (read the logits, float64 log-softmax + entropy, top-k).
 Target (docs/architecture.md): hybrid >= 0.95 of plain throughput.
 
+With `--hidden both`, first (before any controller thread exists, see in_fresh_thread) `--repeats`
+rounds of three runs in rotating order: plain, `EdgeRunner.step` alone with `hidden` off, and with
+`hidden` on (Q's last hidden state per step, the learned router's feature); then
+`EdgeRunner.score_sequence` over the hidden-on run's tokens, compared with its steps.
+
     python scripts/bench_edge.py                                   # the default edge model, 128 tokens
     python scripts/bench_edge.py --model tiny --json-out /tmp/bench_edge.json
+    python scripts/bench_edge.py --hidden both --json-out docs/bench_edge_hidden_0.5b.json
 """
 
 from __future__ import annotations
@@ -427,6 +433,165 @@ def plain_run(llm, prompt_ids: list[int], max_tokens: int, stop_ids: frozenset[i
     return {"tokens": tokens, "total_s": end - t0, "prefill_s": first - t0, "decode_s": end - first}
 
 
+def runner_run(runner, prompt_ids: list[int], max_tokens: int, hidden: bool) -> dict:
+    """Greedy generation with EdgeRunner.step alone (no controller, no cloud), timed like plain_run.
+
+    Args:
+        runner: an EdgeRunner (greedy sampling).
+        prompt_ids: [n] the chat-templated prompt.
+        max_tokens: steps at most; stops after a stop token as plain_run does.
+        hidden: the runner's `hidden` for this run (switched off again after it).
+
+    Returns:
+        tokens, steps (the EdgeSteps), prefill_s (start(); with hidden on it includes the decode that
+        gives the last prompt token's hidden state), decode_s (the steps: N views, picks, evaluations).
+    """
+    runner.model.reset()  # before switching hidden on: nothing to compute for an old context
+    runner.hidden = hidden
+    t0 = time.perf_counter()
+    runner.start(prompt_ids)
+    t1 = time.perf_counter()
+    steps: list = []
+    while len(steps) < max_tokens and not (steps and steps[-1].token_id in runner.stop_token_ids):
+        steps.append(runner.step())
+    end = time.perf_counter()
+    runner.hidden = False
+    tokens = [s.token_id for s in steps]
+    return {"tokens": tokens, "steps": steps, "prefill_s": t1 - t0, "decode_s": end - t1}
+
+
+def score_diffs(runner, prompt_ids: list[int], steps: list, batch: int) -> dict:
+    """EdgeRunner.score_sequence against the same positions' steps (one token per decode).
+
+    Args:
+        runner: the EdgeRunner.
+        prompt_ids: [n] the prompt the steps followed.
+        steps: [T] EdgeSteps of a hidden-on greedy run.
+        batch: score_sequence's tokens per decode.
+
+    Returns:
+        batch, seconds, rows with the same top-1 / top-k id set / top-k ids in order, max |diff| of
+        topk_logprobs (rows with the same ids in order), token_logprob, entropy and hidden, the
+        largest |hidden entry| and hidden's largest relative L2 difference.
+    """
+    import numpy as np
+
+    t0 = time.perf_counter()
+    sc = runner.score_sequence(prompt_ids, [s.token_id for s in steps], batch=batch)
+    seconds = time.perf_counter() - t0
+    same = [t for t, s in enumerate(steps) if np.array_equal(sc.topk_ids[t], s.topk_ids)]
+    h = np.stack([s.hidden for s in steps])  # [T, n_embd]
+    return {
+        "batch": batch,
+        "tokens": len(steps),
+        "seconds": seconds,
+        "top1_same": sum(int(sc.topk_ids[t, 0] == s.topk_ids[0]) for t, s in enumerate(steps)),
+        "topk_set_same": sum(set(sc.topk_ids[t].tolist()) == set(s.topk_ids.tolist()) for t, s in enumerate(steps)),
+        "topk_same": len(same),
+        "topk_logprobs_max_abs": max((float(np.abs(sc.topk_logprobs[t] - steps[t].topk_logprobs).max()) for t in same), default=0.0),
+        "token_logprob_max_abs": float(np.abs(sc.token_logprob - [s.token_logprob for s in steps]).max()),
+        "entropy_max_abs": float(np.abs(sc.entropy - [s.entropy for s in steps]).max()),
+        "hidden_max_abs": float(np.abs(sc.hidden - h).max()),
+        "hidden_abs_max": float(np.abs(h).max()),
+        "hidden_rel_l2_max": float((np.linalg.norm(sc.hidden - h, axis=1) / np.linalg.norm(h, axis=1)).max()),
+    }  # fmt: skip
+
+
+def hidden_rounds(args: argparse.Namespace, runner, llm, prompt_ids: list[int], stops) -> dict:
+    """--hidden both: plain vs the runner with hidden off vs on, interleaved; then score_diffs.
+
+    Every run decodes on a short-lived thread (in_fresh_thread), in an order rotated each round.
+
+    Args:
+        args: the command line (max_tokens, repeats).
+        runner: the EdgeRunner (greedy).
+        llm: the plain llama_cpp.Llama.
+        prompt_ids: [n] the prompt.
+        stops: the runner's stop token ids.
+
+    Returns:
+        summary (medians of tok/s, ratios, prefill ms; tokens_match, views_identical), rounds, scoring.
+    """
+    import numpy as np
+
+    runs = {
+        "plain": lambda n: plain_run(llm, prompt_ids, n, stops),
+        "hidden_off": lambda n: runner_run(runner, prompt_ids, n, False),
+        "hidden_on": lambda n: runner_run(runner, prompt_ids, n, True),
+    }
+    names = list(runs)
+    for name in names:  # warm-up
+        in_fresh_thread(runs[name], min(16, args.max_tokens))
+    rounds = []
+    for r in range(args.repeats):
+        order = names[r % 3 :] + names[: r % 3]
+        out = {name: in_fresh_thread(runs[name], args.max_tokens) for name in order}
+        row = {"order": order} | {f"{n}_tok_s": len(out[n]["tokens"]) / out[n]["decode_s"] for n in names}
+        row |= {f"{n}_prefill_ms": out[n]["prefill_s"] * 1e3 for n in names}
+        row["off_ratio"] = row["hidden_off_tok_s"] / row["plain_tok_s"]
+        row["on_ratio"] = row["hidden_on_tok_s"] / row["plain_tok_s"]
+        row["on_vs_off"] = row["hidden_on_tok_s"] / row["hidden_off_tok_s"]
+        row["tokens_match"] = (
+            out["plain"]["tokens"] == out["hidden_off"]["tokens"] == out["hidden_on"]["tokens"]
+        )
+        # Hidden on must not change Q's views: the same top-k log-probs, bit for bit, at every step.
+        row["views_identical"] = all(
+            np.array_equal(a.topk_ids, b.topk_ids) and np.array_equal(a.topk_logprobs, b.topk_logprobs)
+            for a, b in zip(out["hidden_off"]["steps"], out["hidden_on"]["steps"], strict=True)
+        )
+        rounds.append(row)
+        print(
+            f"hidden round {r + 1}/{args.repeats} ({', '.join(order)}): plain {row['plain_tok_s']:.1f}, runner "
+            f"hidden off {row['hidden_off_tok_s']:.1f}, on {row['hidden_on_tok_s']:.1f} tok/s; on/plain "
+            f"{row['on_ratio']:.3f}, off/plain {row['off_ratio']:.3f}, on/off {row['on_vs_off']:.3f}",
+            flush=True,
+        )
+    scoring = [
+        in_fresh_thread(score_diffs, runner, prompt_ids, out["hidden_on"]["steps"], b) for b in (256, 1)
+    ]
+    keys = [k for k in rounds[0] if k.endswith(("_tok_s", "_ms", "_ratio", "on_vs_off"))]
+    summary = {k: median(rounds, k) for k in keys}
+    summary["tokens_match"] = all(r["tokens_match"] for r in rounds)
+    summary["views_identical"] = all(r["views_identical"] for r in rounds)
+    return {"summary": summary, "rounds": rounds, "scoring": scoring}
+
+
+def print_hidden(h: dict, repeats: int) -> None:
+    """The --hidden both table (see hidden_rounds)."""
+    s, sc = h["summary"], h["scoring"]
+    print(
+        f"\n{'median of ' + str(repeats) + ' rounds':<28} {'plain':>10} {'hidden off':>11} {'hidden on':>10}"
+    )
+    print(
+        f"{'decode tok/s':<28} {s['plain_tok_s']:>10.1f} {s['hidden_off_tok_s']:>11.1f} {s['hidden_on_tok_s']:>10.1f}"
+    )
+    print(
+        f"{'ratio to plain':<28} {'':>10} {s['off_ratio']:>11.3f} {s['on_ratio']:>10.3f}   (target >= 0.95); "
+        f"on/off {s['on_vs_off']:.3f}"
+    )
+    print(
+        f"{'prefill ms':<28} {s['plain_prefill_ms']:>10.1f} {s['hidden_off_prefill_ms']:>11.1f} "
+        f"{s['hidden_on_prefill_ms']:>10.1f}"
+    )
+    print(
+        "tokens: plain = runner off = runner on"
+        if s["tokens_match"]
+        else "warning: the three runs' tokens differ",
+        "; views with hidden on = off, bit for bit"
+        if s["views_identical"]
+        else "; warning: hidden on changed views",
+        sep="",
+    )
+    for d in sc:
+        print(
+            f"score_sequence(batch={d['batch']}) vs steps, {d['tokens']} tokens in {d['seconds']:.2f} s: same "
+            f"top-1 / top-k set / top-k order in {d['top1_same']} / {d['topk_set_same']} / {d['topk_same']} rows; "
+            f"max |diff|: top-k log-probs {d['topk_logprobs_max_abs']:.3g}, token log-prob "
+            f"{d['token_logprob_max_abs']:.3g}, entropy {d['entropy_max_abs']:.3g}, hidden {d['hidden_max_abs']:.3g} "
+            f"(entries up to {d['hidden_abs_max']:.3g}; relative L2 <= {d['hidden_rel_l2_max']:.3g})"
+        )
+
+
 def topk_overhead(model, prompt_ids: list[int], n_tokens: int, k: int) -> dict:
     """Per-token cost of the edge's view next to one llama.cpp decode, on the runner's own context.
 
@@ -555,11 +720,14 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict:
         prompt_ids = runner.model.tokenize(text)
         policy = PolicyConfig(check_interval=args.check_interval, top_k=args.top_k)
         generator = HybridGenerator(runner, client, vocabulary, policy)
+        stops = runner.stop_token_ids
+        hidden = None
+        if args.hidden == "both":  # before the controller's thread decodes (one OpenMP team at a time)
+            hidden = hidden_rounds(args, runner, llm, prompt_ids, stops)
         probe = RunnerProbe(runner)
         # --baseline-thread main keeps this thread an OpenMP master next to the controller's (see
         # in_fresh_thread): it shows what two long-lived llama.cpp threads cost the hybrid's decodes.
         on_thread = in_fresh_thread if args.baseline_thread == "fresh" else (lambda fn, *a: fn(*a))
-        stops = runner.stop_token_ids
         print(
             f"prompt: {len(prompt_ids)} tokens; verifier on 127.0.0.1:{verifier.port} (process {verifier.pid})"
         )
@@ -668,6 +836,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict:
         if summary["tokens_match"]
         else f"warning: tokens differ (first at generated position {mismatch})"
     )
+    if hidden is not None:
+        print_hidden(hidden, args.repeats)
     return {
         "model": ref.name,
         "model_path": str(ref.path),
@@ -685,6 +855,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict:
         "summary": summary,
         "topk_overhead": view,
         "pairs": pairs,
+        "hidden": hidden,
     }
 
 
@@ -709,6 +880,13 @@ def main() -> None:
         default="fresh",
         help="where the plain runs and the view timing decode: a short-lived thread each (default), or "
         "the main thread, which then stays a second OpenMP master next to the controller's",
+    )
+    parser.add_argument(
+        "--hidden",
+        choices=["off", "both"],
+        default="off",
+        help="both: also time plain vs EdgeRunner.step with Q's hidden state off and on, and compare "
+        "score_sequence with the steps",
     )
     parser.add_argument("--json-out", type=Path, help="also write the results here")
     args = parser.parse_args()

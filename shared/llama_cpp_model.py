@@ -3,6 +3,16 @@
 Only the last position's logits are read (`llama_get_logits_ith(ctx, -1)`): `logits_all=True`
 costs about a quarter of the generation speed, and in llama-cpp-python 0.3.36 `Llama.scores` is
 not filled without it (you would read a uniform distribution).
+
+Hidden states (Q's last hidden state, the router's feature): the final-normed output of the last
+layer, i.e. the input of the output matrix, read with `llama_get_embeddings_ith`. In the llama.cpp
+that llama-cpp-python 0.3.36 bundles, a generative model's context has pooling NONE (unspecified in
+the GGUF), `llama_set_embeddings` only sets a flag read by the next decode (so it can be toggled per
+decode), and a decode with it on returns the logits too, bit-identical to one with it off (checked
+on the 0.5B). But with it on, every token of the batch becomes an output ("embeddings required but
+some input tokens were not marked as outputs -> overriding"): the output matrix and the last layer
+then run on every row, which costs and changes the last row's rounding. So only one-token decodes
+and eval_all() run with it on; see ensure_hidden() for the last token of a batch.
 """
 
 from __future__ import annotations
@@ -107,7 +117,13 @@ class LlamaCppModel:
         self.path = path
         self.n_vocab = int(self.llm.n_vocab())
         self.n_ctx = int(self.llm.n_ctx())
+        self.n_embd = int(self.llm.n_embd())
         self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self._embeddings = False  # llama.cpp's embeddings flag as last set (off at creation)
+        self.hidden_ready = False  # the last token's hidden state can be read (next_hidden)
+        # (logits [V], hidden [n_embd]) of the last token when ensure_hidden() decoded it a second time:
+        # llama.cpp's buffers then hold that decode's, the batch's logits are kept here.
+        self._kept: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -164,25 +180,119 @@ class LlamaCppModel:
 
     def reset(self) -> None:
         self.llm.reset()
+        self.hidden_ready, self._kept = False, None
 
     def truncate(self, length: int) -> None:
         """Forget tokens at positions >= length; llama-cpp-python drops their KV cells on the next eval."""
         if not 0 <= length <= self.n_past:
             raise ShapeError(f"cannot truncate a context of {self.n_past} tokens to {length}")
+        if length < self.n_past:
+            self.hidden_ready, self._kept = False, None  # they belonged to a dropped position
         self.llm.n_tokens = length
         # Remove the cells now too, so a truncate without an eval after it leaves a consistent cache.
         self.llm._ctx.kv_cache_seq_rm(-1, length, -1)
 
-    def eval(self, ids: Sequence[int]) -> None:
-        """Append tokens to the context (one forward pass in batches of n_batch)."""
+    def _checked(self, ids: Sequence[int]) -> list[int]:
+        """Token ids as ints, in range and fitting after the context."""
         ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < self.n_vocab]
         if bad:
             raise ShapeError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
         if self.n_past + len(ids) > self.n_ctx:
             raise ShapeError(f"context overflow: {self.n_past} + {len(ids)} tokens > n_ctx {self.n_ctx}")
-        if ids:
-            self.llm.eval(ids)
+        return ids
+
+    def _set_embeddings(self, on: bool) -> None:
+        """Set llama.cpp's embeddings flag for the next decodes (a call only when it changes)."""
+        if on != self._embeddings:
+            self._llama_cpp.llama_set_embeddings(self.llm.ctx, on)
+            self._embeddings = on
+
+    def eval(self, ids: Sequence[int], *, hidden: bool = False) -> None:
+        """Append tokens to the context (one forward pass in batches of n_batch).
+
+        Args:
+            ids: [n] token ids.
+            hidden: also make the last token's hidden state readable (next_hidden). One token: the
+                same decode with embeddings on (same logits and K/V, bit for bit). Several: the batch
+                as without, then ensure_hidden().
+        """
+        ids = self._checked(ids)
+        if not ids:
+            return
+        one = hidden and len(ids) == 1
+        self._set_embeddings(one)
+        self.llm.eval(ids)
+        self.hidden_ready, self._kept = one, None
+        if hidden and not one:
+            self.ensure_hidden()
+
+    def ensure_hidden(self) -> None:
+        """Make the last token's hidden state readable without changing the context or its logits.
+
+        The last token is decoded a second time, alone and with embeddings on. That decode would
+        rewrite its K/V cells with one-row kernels, whose rounding differs from a batch's by up to
+        ~0.4 nats in later log-probabilities on Q4_K models (docs/determinism.md), so the sequence's
+        KV state is saved before and restored after (~12 KB a token for the 0.5B, < 1 ms for a
+        prompt), and the batch's logits are kept for next_logits(). Costs one decode.
+        """
+        if self.hidden_ready:
+            return
+        if self.n_past == 0:
+            raise ShapeError("no tokens evaluated yet: there is no hidden state")
+        lib, ctx, llm = self._llama_cpp, self.llm.ctx, self.llm
+        logits = self.next_logits()
+        size = lib.llama_state_seq_get_size(ctx, 0)
+        state = (ctypes.c_uint8 * size)()
+        if lib.llama_state_seq_get_data(ctx, state, size, 0) != size:
+            raise ModelError("llama.cpp could not save the sequence's KV state")
+        n_past = llm.n_tokens
+        llm.n_tokens = n_past - 1  # Llama.eval removes the cells from n_tokens on first
+        try:
+            self._set_embeddings(True)
+            llm.eval([int(llm.input_ids[n_past - 1])])
+            self.hidden_ready = True
+            hidden = self.next_hidden()
+        except BaseException:
+            self.hidden_ready = False
+            raise
+        finally:  # the context as it was, even if the decode failed
+            llm.n_tokens = n_past
+            if lib.llama_state_seq_set_data(ctx, state, size, 0) != size:
+                raise ModelError("llama.cpp could not restore the sequence's KV state")
+        self._kept = (logits, hidden)
+
+    def eval_all(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Append tokens in one decode that outputs every position: logits and hidden states.
+
+        Args:
+            ids: [n] token ids, 1 <= n <= n_batch.
+
+        Returns:
+            (logits float32 [n, n_vocab], hidden float32 [n, n_embd]): row i is the next-token
+            distribution and the hidden state after ids[i] (copies). llama.cpp keeps an output buffer
+            of n * (n_vocab + n_embd) floats for the context's lifetime.
+        """
+        ids = self._checked(ids)
+        llm = self.llm
+        if not 1 <= len(ids) <= llm.n_batch:
+            raise ShapeError(f"eval_all: expected 1 to n_batch = {llm.n_batch} tokens, got {len(ids)}")
+        self._set_embeddings(True)
+        n_past, n = llm.n_tokens, len(ids)
+        # What Llama.eval does, with every position an output (logits_all for this decode only).
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        llm._batch.set_batch(batch=ids, n_past=n_past, logits_all=True)
+        try:
+            llm._ctx.decode(llm._batch)
+        except RuntimeError as e:
+            raise ModelError(f"eval_all: {e}") from None
+        llm.input_ids[n_past : n_past + n] = ids
+        llm.n_tokens = n_past + n
+        self.hidden_ready, self._kept = True, None
+        lib, ctx = self._llama_cpp, llm.ctx
+        logits = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(n, self.n_vocab)).copy()
+        hidden = np.ctypeslib.as_array(lib.llama_get_embeddings(ctx), shape=(n, self.n_embd)).copy()
+        return logits, hidden
 
     def next_logits(self) -> np.ndarray:
         """Raw logits of the next-token distribution after the last evaluated token.
@@ -192,8 +302,25 @@ class LlamaCppModel:
         """
         if self.n_past == 0:
             raise ShapeError("no tokens evaluated yet: there is no next-token distribution")
+        if self._kept is not None:
+            return self._kept[0].copy()
         ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def next_hidden(self) -> np.ndarray:
+        """Q's last hidden state (final-normed) at the last evaluated token, the input of next_logits().
+
+        Returns:
+            float32 array [n_embd] (a copy). Needs eval(hidden=True), eval_all() or ensure_hidden().
+        """
+        if not self.hidden_ready:
+            raise ShapeError("no hidden state: the last evaluated token was not evaluated with hidden=True")
+        if self._kept is not None:
+            return self._kept[1].copy()
+        ptr = self._llama_cpp.llama_get_embeddings_ith(self.llm.ctx, -1)
+        if not ptr:
+            raise ModelError("llama.cpp returned no hidden state for the last token")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
 
     def next_logprobs(self) -> np.ndarray:
         """Log-softmax of next_logits(). Returns: float64 [n_vocab]."""
