@@ -52,4 +52,9 @@ class CloudMetrics:
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
+        self.compute_seconds = Counter(
+            "handoff_cloud_compute_seconds",
+            "Forward-pass seconds attributed to sessions (a batched pass split by tokens fed).",
+            registry=r,
+        )
         self.queue_depth = Gauge("handoff_cloud_queue_depth", "Requests waiting for the model.", registry=r)

@@ -10,6 +10,11 @@ queued than sessions are open. Without it, the sessions answered by one pass are
 their next request (a network round trip) when the model frees up, the next pass takes only the
 one request that was already waiting, and the sessions split into out-of-step groups that never
 share a pass again (measured on the 1.5B on CPU: 16 sessions at 0.81 of the raw batched throughput).
+
+Compute accounting: each pass is timed on the model thread (perf_counter around `backend.forward`)
+and split among its items in proportion to the new tokens each fed: a pass's cost grows with its
+tokens (prefill, check points), and a decode batch, one token per item, splits evenly. An item's
+share is what the service reports to its session as `compute_s`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Forwarded:
     output: ForwardOutput
     seconds: float  # duration of the whole batched pass
     batch_items: int  # sessions that shared it
+    share_s: float = 0.0  # this item's share of `seconds` (by tokens fed; see the module docstring)
 
 
 @dataclass
@@ -148,19 +154,40 @@ class BatchScheduler:
                 for p in batch:
                     self.metrics.queue_wait.observe(now - p.enqueued)
                 items = [p.item for p in batch]
-                start = time.perf_counter()
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self.backend.forward, items)
+                    outputs, seconds = await loop.run_in_executor(self._executor, self._timed_forward, items)
                 except Exception as e:  # a bad item fails its batch; the sessions report it
                     logger.warning("forward pass of %d items failed: %s", len(items), e)
                     for p in batch:
                         if not p.future.done():
                             p.future.set_exception(e)
                     continue
-                seconds = time.perf_counter() - start
                 self.metrics.forward_time.observe(seconds)
                 self.metrics.batch_items.observe(len(items))
                 self.metrics.batch_tokens.observe(sum(len(i.tokens) for i in items))
-                for p, out in zip(batch, outputs, strict=True):
+                for p, out, share in zip(batch, outputs, split_seconds(seconds, items), strict=True):
                     if not p.future.done():
-                        p.future.set_result(Forwarded(out, seconds, len(items)))
+                        p.future.set_result(Forwarded(out, seconds, len(items), share))
+
+    def _timed_forward(self, items: list[ForwardItem]) -> tuple[list[ForwardOutput], float]:
+        """On the model thread: the pass and its duration, without the event loop's scheduling delays."""
+        start = time.perf_counter()
+        outputs = self.backend.forward(items)
+        return outputs, time.perf_counter() - start
+
+
+def split_seconds(seconds: float, items: list[ForwardItem]) -> list[float]:
+    """A batched pass's seconds split among its items by the tokens each fed (evenly if none fed any).
+
+    Args:
+        seconds: the pass's duration.
+        items: the batch.
+
+    Returns:
+        One share per item, summing to seconds.
+    """
+    fed = [len(i.tokens) for i in items]
+    total = sum(fed)
+    if total == 0:
+        return [seconds / len(items)] * len(items)
+    return [seconds * n / total for n in fed]

@@ -9,7 +9,13 @@ tokens [0, p). A session keeps its tokens and `fed`, the number of tokens in the
 The row for position p comes out of the forward pass that feeds token p-1, so a check point over
 [from, through] feeds tokens [fed, through) and keeps the last through-from+1 rows. Invariant:
 fed <= next_unchecked - 1, so the rows a check point needs were never computed before; at open, all
-prompt tokens but the last are prefilled.
+prompt tokens but the last are prefilled. A gated policy's check point may start past next_unchecked
+(CheckPoint.skip_unchecked): the positions in between are committed unchecked by design.
+
+Compute. Every reply that follows forward passes (SessionOpened, CheckPointResult, HandoffDone,
+VerifyResult) carries `compute_s`, this session's share of those passes (cloud/scheduler.py splits a
+batched pass by the tokens each session fed), and Closed carries the session's total, so that the
+edge can account for the cloud's compute without asking.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class _Session:
     inbox: asyncio.Queue | None = None  # the session loop's request queue, for the reaper to wake it
     scored: int = 0
     generated: int = 0
+    compute_s: float = 0.0  # this session's share of every forward pass so far
 
 
 class _Stop:
@@ -229,7 +236,10 @@ class VerifierService:
                         yield pb.CloudMessage(
                             request_id=msg.request_id,
                             opened=pb.SessionOpened(
-                                session_id=session.id, length=len(session.tokens), info=self.get_info()
+                                session_id=session.id,
+                                length=len(session.tokens),
+                                info=self.get_info(),
+                                compute_s=session.compute_s,  # the prefill: nothing else ran yet
                             ),
                         )
                     elif kind == "close":
@@ -237,7 +247,9 @@ class VerifierService:
                         yield pb.CloudMessage(
                             request_id=msg.request_id,
                             closed=pb.Closed(
-                                tokens_scored=session.scored, tokens_generated=session.generated
+                                tokens_scored=session.scored,
+                                tokens_generated=session.generated,
+                                compute_s=session.compute_s,
                             ),
                         )
                         return
@@ -379,6 +391,8 @@ class VerifierService:
         except ShapeError as e:
             raise VerifierError("INVALID_ARGUMENT", str(e)) from None
         session.fed += len(tokens)
+        session.compute_s += result.share_s
+        self.metrics.compute_seconds.inc(result.share_s)
         return result
 
     # -- requests ------------------------------------------------------------------------------
@@ -448,7 +462,7 @@ class VerifierService:
 
     async def _check(self, s: _Session, req: pb.CheckPoint) -> pb.CheckPointResult:
         first, last = req.from_position, req.through_position
-        if first != s.next_unchecked:
+        if first != s.next_unchecked and not (req.skip_unchecked and first > s.next_unchecked):
             raise VerifierError(
                 "INVALID_ARGUMENT",
                 f"check point from position {first}: positions are checked in order, the next is {s.next_unchecked}",
@@ -478,7 +492,10 @@ class VerifierService:
         s.scored += len(scores)
         self.metrics.tokens_scored.inc(len(scores))
         return pb.CheckPointResult(
-            scores=scores, forward_ms=done.seconds * 1000.0, batch_size=done.batch_items
+            scores=scores,
+            forward_ms=done.seconds * 1000.0,
+            batch_size=done.batch_items,
+            compute_s=done.share_s,
         )
 
     async def _handoff(self, s: _Session, req: pb.Handoff, rid: int, stop: _Stop):
@@ -489,6 +506,7 @@ class VerifierService:
                 f"handoff with unchecked edge tokens at [{s.next_unchecked}, {len(s.tokens)}): check or roll them back first",
             )
         reason = pb.HandoffDone.REASON_MAX_TOKENS
+        compute = 0.0
         for _ in range(limit):
             if stop.requested():
                 reason = pb.HandoffDone.REASON_STOPPED
@@ -496,8 +514,9 @@ class VerifierService:
             if len(s.tokens) >= self.max_context:
                 reason = pb.HandoffDone.REASON_CONTEXT_FULL
                 break
-            out = (await self._forward(s, s.tokens[s.fed :], n_out=1, full_last=True)).output
-            lp = out.last_logprobs
+            done = await self._forward(s, s.tokens[s.fed :], n_out=1, full_last=True)
+            compute += done.share_s
+            out, lp = done.output, done.output.last_logprobs
             token = sample_token(lp, s.sampling, s.sampling.rng_for(len(s.tokens), s.rng))
             position = len(s.tokens)
             s.tokens.append(token)
@@ -518,7 +537,8 @@ class VerifierService:
                 reason = pb.HandoffDone.REASON_STOP_TOKEN
                 break
         yield pb.CloudMessage(
-            request_id=rid, handoff_done=pb.HandoffDone(reason=reason, length=len(s.tokens))
+            request_id=rid,
+            handoff_done=pb.HandoffDone(reason=reason, length=len(s.tokens), compute_s=compute),
         )
 
     async def _verify(self, s: _Session, req: pb.VerifyDraft) -> pb.VerifyResult:
@@ -576,7 +596,8 @@ class VerifierService:
             s.fed = start - 1
         s.tokens.extend(draft)
         try:
-            out = (await self._forward(s, s.tokens[s.fed :], n_out=gamma + 1, full_rows=True)).output
+            done = await self._forward(s, s.tokens[s.fed :], n_out=gamma + 1, full_rows=True)
+            out = done.output
             assert out.full_logprobs is not None
             p_probs = np.stack([target_distribution(row, s.sampling) for row in out.full_logprobs])
             rngs = [s.sampling.rng_for(start + j, s.rng, stream=1) for j in range(gamma + 1)]
@@ -596,7 +617,9 @@ class VerifierService:
         s.last_active = time.monotonic()
         if stop_at is not None:
             s.next_unchecked = len(s.tokens)
-            return pb.VerifyResult(accepted=stop_at + 1, bonus=False, length=len(s.tokens))
+            return pb.VerifyResult(
+                accepted=stop_at + 1, bonus=False, length=len(s.tokens), compute_s=done.share_s
+            )
         token = verdict.next_token
         s.tokens.append(token)
         s.next_unchecked = len(s.tokens)
@@ -612,6 +635,7 @@ class VerifierService:
             ),
             bonus=verdict.bonus,
             length=len(s.tokens),
+            compute_s=done.share_s,
         )
 
     async def _rollback(self, s: _Session, length: int) -> None:

@@ -120,16 +120,25 @@ class CloudLink:
     def totals(self) -> tuple[int, int]:
         return (sum(s.bytes_sent for s in self._sessions), sum(s.bytes_received for s in self._sessions))
 
+    def compute_s(self) -> float:
+        """The cloud's compute for this generation: every session's replies' compute_s, summed."""
+        return sum(s.compute_s for s in self._sessions)
+
     async def close(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            await asyncio.gather(self._prober, return_exceptions=True)
-        if self.session is not None:
-            try:
-                await within(self.session.close(), self.config.open_timeout_s)
-            except TimeoutError:
-                self.session.abort()
-            self.session = None
+        """Close the session politely and record the cloud's compute in the result (whatever happens)."""
+        try:
+            if self._prober is not None:
+                self._prober.cancel()
+                await asyncio.gather(self._prober, return_exceptions=True)
+            if self.session is not None:
+                try:
+                    await within(self.session.close(), self.config.open_timeout_s)
+                except TimeoutError:
+                    self.session.abort()
+                self.session = None
+        finally:
+            # Here and not in the controller: the link is what reads the replies.
+            self.result.cloud_compute_s = self.compute_s()
 
 
 # A cloud that answers with these is busy or gone, not refusing us: retry later.

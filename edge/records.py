@@ -13,9 +13,12 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
-__all__ = ["TRACE_VERSION", "GenerationResult", "OnToken", "Source", "TokenRecord"]
+__all__ = ["TRACE_VERSION", "GenerationResult", "OnToken", "Source", "TokenRecord", "Unchecked"]
 
 Source = Literal["edge", "cloud", "corrected"]
+# Why an edge token was committed without P's check: "by_design" (a gating policy did not send it for
+# checking; P still received it) or "unreachable" (the cloud was gone or too slow).
+Unchecked = Literal["by_design", "unreachable"]
 TRACE_VERSION = 1
 
 
@@ -43,6 +46,8 @@ class TokenRecord:
     t_received: float | None = None  # a cloud token reached the edge
     t_committed: float | None = None  # handed to the caller (the edge's own costs: t_committed - t_*)
     draft_len: int | None = None  # exact: on the token after a verified draft, how long the draft was
+    unchecked: Unchecked | None = None  # an edge token committed without P's check: why (None: checked)
+    gate_score: float | None = None  # gated policies: the router's score of this position (higher: check)
 
 
 @dataclass
@@ -70,8 +75,11 @@ class GenerationResult:
     draft_accepted: int = 0  # exact: draft tokens the cloud accepted
     checked_positions: int = 0  # edge positions P scored: answered check-point windows, verified drafts
     rollbacks: int = 0  # Rollback requests sent to the cloud
+    # The cloud's compute for this generation, as its replies reported it (compute_s, summed by
+    # edge/link.py): seconds of forward passes, a batched pass shared by tokens fed. 0 for edge-only.
+    cloud_compute_s: float = 0.0
 
-    def accounting(self) -> dict[str, int]:
+    def accounting(self) -> dict[str, Any]:
         """The cloud's share, each part on its own (what a cloud bill and a latency budget depend on).
 
         Returns:
@@ -80,10 +88,15 @@ class GenerationResult:
             checked_positions: edge positions P scored (they cost P a forward each, kept or not);
             round_trips: requests that waited for the cloud's reply (session opens and resyncs,
                 check points, handoffs, rollbacks, drafts);
-            bytes_up, bytes_down: on the wire, both ways.
+            bytes_up, bytes_down: on the wire, both ways;
+            cloud_seconds: the cloud's compute seconds for this generation (its forward passes);
+            gpu_seconds_per_1k_tokens: cloud_seconds per 1,000 committed tokens (None without
+                tokens). The name says GPU because that is where the cloud runs; the figure is the
+                cloud's compute seconds whatever its device (a CPU cloud's, in the CPU evaluation).
         """
         counts = self.counts()
         opens = (self.open_bytes is not None) + self.resyncs
+        tokens = len(self.records)
         return {
             "override_tokens": counts["corrected"],
             "other_cloud_tokens": counts["cloud"],
@@ -91,6 +104,8 @@ class GenerationResult:
             "round_trips": opens + self.check_points + self.handoffs + self.rollbacks + self.drafts,
             "bytes_up": self.bytes_sent,
             "bytes_down": self.bytes_received,
+            "cloud_seconds": self.cloud_compute_s,
+            "gpu_seconds_per_1k_tokens": 1000 * self.cloud_compute_s / tokens if tokens else None,
         }
 
     def acceptance(self) -> dict[str, float | None]:
@@ -111,11 +126,17 @@ class GenerationResult:
         return "".join(r.text for r in self.records)
 
     def counts(self) -> dict[str, int]:
-        """Committed tokens by source, plus how many edge tokens P never checked."""
-        out = {"edge": 0, "cloud": 0, "corrected": 0, "unchecked": 0}
+        """Committed tokens by source, plus how many edge tokens P never checked, and why.
+
+        unchecked = unchecked_by_design (a gating policy left them unchecked) + unchecked_unreachable.
+        """
+        out = {"edge": 0, "cloud": 0, "corrected": 0, "unchecked": 0, "unchecked_by_design": 0}
         for r in self.records:
             out[r.source] += 1
-            out["unchecked"] += r.source == "edge" and not r.checked
+            if r.source == "edge" and not r.checked:
+                out["unchecked"] += 1
+                out["unchecked_by_design"] += r.unchecked == "by_design"
+        out["unchecked_unreachable"] = out["unchecked"] - out["unchecked_by_design"]
         return out
 
     def mean_kl(self) -> float | None:
@@ -137,6 +158,7 @@ class GenerationResult:
             "mean_kl": self.mean_kl(),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "cloud_compute_s": self.cloud_compute_s,
             "open_bytes": self.open_bytes,
             "skipped_uploads": self.skipped_uploads,
             "drafts": self.drafts,

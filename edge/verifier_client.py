@@ -463,6 +463,9 @@ class InProcessTransport:
 # ---------------------------------------------------------------------------------------------
 # Client
 
+# Replies that carry the cloud's compute for the request they answer (`compute_s`).
+_COMPUTE_REPLIES = frozenset({"opened", "check", "handoff_done", "verified"})
+
 
 @dataclass
 class HandoffResult:
@@ -486,6 +489,9 @@ class RemoteSession:
         self.info: pb.ServiceInfo | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        # The cloud's compute for this session: the sum of its replies' compute_s, counted as they
+        # arrive (an answer nobody awaits any more, e.g. of a discarded window, still cost it).
+        self.compute_s = 0.0
 
     async def _start(self, open_req: pb.OpenSession) -> None:
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -500,10 +506,13 @@ class RemoteSession:
         try:
             while (msg := await self._stream.recv()) is not None:
                 self.bytes_received += msg.ByteSize()
+                kind = msg.WhichOneof("body")
+                if kind in _COMPUTE_REPLIES:
+                    self.compute_s += getattr(msg, kind).compute_s
                 waiter = self._waiting.get(msg.request_id)
                 if isinstance(waiter, asyncio.Queue):
                     waiter.put_nowait(msg)
-                    if msg.WhichOneof("body") == "handoff_done":
+                    if kind == "handoff_done":
                         self._waiting.pop(msg.request_id, None)
                 elif waiter is not None:
                     self._waiting.pop(msg.request_id)
@@ -564,10 +573,13 @@ class RemoteSession:
         )
         return reply.check
 
-    async def send_check(self, from_position: int, through_position: int) -> asyncio.Future:
+    async def send_check(
+        self, from_position: int, through_position: int, *, skip_unchecked: bool = False
+    ) -> asyncio.Future:
         """Send a check point now and return the future of its CheckPointResult (pipelining).
 
         The request is on the wire when this returns, so later messages are ordered after it.
+        skip_unchecked: positions before from_position not checked yet stay unchecked (gated policies).
         """
         loop = asyncio.get_running_loop()
         reply, answer = loop.create_future(), loop.create_future()
@@ -586,7 +598,9 @@ class RemoteSession:
         # Retrieve a failure even if nobody awaits the answer any more.
         answer.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
         msg = pb.EdgeMessage(
-            check=pb.CheckPoint(from_position=from_position, through_position=through_position)
+            check=pb.CheckPoint(
+                from_position=from_position, through_position=through_position, skip_unchecked=skip_unchecked
+            )
         )
         await self._send(msg, reply)
         return answer
@@ -619,6 +633,16 @@ class RemoteSession:
         reply = await self._request(pb.EdgeMessage(rollback=pb.Rollback(length=length)))
         self.length = reply.rolled_back.length
         return self.length
+
+    async def rollback_nowait(self, length: int) -> None:
+        """Roll back without waiting for the reply: an error surfaces on the next awaited request.
+
+        Messages on a session's stream are handled in order, so what is sent next applies after it.
+        """
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+        await self._send(pb.EdgeMessage(rollback=pb.Rollback(length=length)), future)
+        self.length = length
 
     async def verify(
         self, draft: Sequence[pb.EdgeToken], distributions: Sequence[pb.TopK]

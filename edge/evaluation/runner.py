@@ -55,16 +55,20 @@ class RunSpec:
             "run": self.name,
             "mode": self.mode,
             "policy": self.family,
-            "threshold": None if self.family in ("exact", "budget", "correction") else self.policy.threshold,
+            "threshold": None
+            if self.family in ("exact", "budget", "correction", "router")
+            else self.policy.threshold,
             "check_interval": self.policy.check_interval,
         }
 
 
-VARIANTS = ("exact", "correction", "skip", "budget", "entropy")
+VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router")
 
 
 def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
-    """A run of another policy: "exact", "correction", "skip:TAU", "budget:FRACTION" or "entropy:TAU" (nats of Q's entropy).
+    """A run of another policy: "exact", "correction", "skip:TAU", "budget:FRACTION", "entropy:TAU" (nats of
+    Q's entropy), or "router" / "router:G" (the learned router of the base's router file, at its own gate
+    threshold or at G; the run is named after the file).
 
     Raises:
         ValueError: an unknown policy or a missing/bad parameter.
@@ -72,8 +76,19 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     name, _, arg = text.partition(":")
     if name not in VARIANTS:
         raise ValueError(
-            f"policy {text!r}: expected one of exact, correction, skip:TAU, budget:FRACTION, entropy:TAU"
+            f"policy {text!r}: expected one of exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
+            "router[:G]"
         )
+    if name == "router":
+        if not base.router:
+            raise ValueError(f"policy {text!r}: give the router file with --router")
+        stem = Path(base.router).name.removesuffix(".json")
+        try:
+            gate = float(arg) if arg else None
+        except ValueError:
+            raise ValueError(f"policy {text!r}: router:G needs a probability, e.g. router:0.2") from None
+        policy = replace(base, kind="router", gate_threshold=gate)
+        return RunSpec(f"router-{stem}" + ("" if gate is None else f"-g{gate:g}"), "hybrid", policy, "router")
     if name == "exact":
         return RunSpec("exact", "hybrid", replace(base, kind="exact"), "exact")
     if name == "correction":
@@ -110,7 +125,7 @@ def run_specs(
 # PolicyConfig fields added after results were first keyed: left out of a key while at their
 # defaults, so results recorded before they existed still match (and are not redone).
 _LATER_FIELDS = ("draft_tokens", "draft_tokens_max", "trigger", "skip", "skip_entropy_max", "skip_top1_min",
-                 "budget", "budget_window", "budget_gain")  # fmt: skip
+                 "budget", "budget_window", "budget_gain", "router", "gate_threshold")  # fmt: skip
 _DEFAULTS = asdict(PolicyConfig())
 
 
@@ -270,6 +285,7 @@ class Evaluation:
         # The sandbox is a blocking subprocess wait: keep it off the event loop.
         verdict = await asyncio.to_thread(check, task, text, self.limits)
         counts = result.counts()
+        acc = result.accounting()
         row = {
             **spec.describe(),
             "suite": task.suite,
@@ -283,10 +299,18 @@ class Evaluation:
             "cloud_tokens": counts["cloud"],
             "corrected_tokens": counts["corrected"],
             "unchecked_tokens": counts["unchecked"],
+            "unchecked_by_design_tokens": counts["unchecked_by_design"],
             "handoffs": result.handoffs,
             "check_points": result.check_points,
             "bytes_sent": result.bytes_sent,
             "bytes_received": result.bytes_received,
+            # The cloud's share, each part on its own (GenerationResult.accounting); rows recorded
+            # before these existed lack them, and the report shows them as unknown.
+            "override_tokens": acc["override_tokens"],
+            "other_cloud_tokens": acc["other_cloud_tokens"],
+            "checked_positions": acc["checked_positions"],
+            "round_trips": acc["round_trips"],
+            "cloud_seconds": acc["cloud_seconds"],
             "seconds": result.seconds,
             "first_token_s": result.first_token_s,
             "stop_reason": result.stop_reason,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -80,7 +81,8 @@ def simulate_command(
         else:
             edge = EdgeModel(token_s=1 / edge_tok_s)
         if edge_prefill_tok_s is not None:
-            edge = EdgeModel(edge.token_s, edge.append_s, 1 / edge_prefill_tok_s)
+            # replace() keeps the measured upload, settle and correction costs.
+            edge = replace(edge, prefill_s_per_token=1 / edge_prefill_tok_s)
         kb = 1000 / 8
         rows = run_simulation(
             traces, cloud, out_dir, rtts_ms=rtts, rtt_sigma=rtt_sigma,
@@ -91,23 +93,25 @@ def simulate_command(
         )  # fmt: skip
     except ValueError as e:
         raise HandoffError(str(e)) from None
-    table = Table(title=f"handoff simulate (edge {1 / edge.token_s:.1f} tok/s; {out_dir / 'simulate.md'})")
-    for col in (
-        "config",
-        "RTT ms",
-        "fidelity",
-        "cloud",
-        "TTFT s",
-        "tok/s",
-        "ITL p95 ms",
-        "$/1k tok",
-        "up B/tok",
-    ):
+    from handoff.edge.simulation.run import gpu_label
+
+    estimated = " — cloud profile ESTIMATED, not measured" if cloud.estimated else ""
+    title = f"handoff simulate (edge {1 / edge.token_s:.1f} tok/s; {out_dir / 'simulate.md'}){estimated}"
+    table = Table(title=title)
+    columns = ("config", "RTT ms", "fidelity", "cloud", "override", "checked", "RT/gen", "TTFT s", "tok/s",
+               "ITL p95 ms", gpu_label(rows), "$/1k tok", "up B/tok")  # fmt: skip
+    for col in columns:
         table.add_column(col)
+
+    def f(x: float | None, digits: int) -> str:
+        return "n/a" if x is None else f"{x:.{digits}f}"
+
     for r in rows:
         table.add_row(
-            r["config"], f"{r['rtt_ms']:.0f}", "exact" if r["fidelity"] == "exact replay" else "approx.",
-            f"{r['cloud_fraction']:.2f}", f"{r['ttft_mean_s']:.2f}", f"{r['tokens_per_s']:.1f}",
-            f"{1000 * (r['itl_p95_s'] or 0):.0f}", f"{r['cost_per_1k_tokens']:.4f}", f"{r['up_bytes_per_token']:.0f}",
+            r["config"], f(r["rtt_ms"], 0), "exact" if r["fidelity"] == "exact replay" else "approx.",
+            f(r["cloud_fraction"], 2), f(r["override_fraction"], 3), f(r["checked_fraction"], 2),
+            f(r["round_trips_per_generation"], 1), f(r["ttft_mean_s"], 2), f(r["tokens_per_s"], 1),
+            f(1000 * (r["itl_p95_s"] or 0), 0), f(r["gpu_s_per_1k_tokens"], 2), f(r["cost_per_1k_tokens"], 4),
+            f(r["up_bytes_per_token"], 0),
         )  # fmt: skip
-    out.print(table, width=max(out.width, 130))
+    out.print(table, width=max(out.width, 160))

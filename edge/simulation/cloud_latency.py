@@ -19,6 +19,10 @@ model work); open, check and first-token latencies here have it subtracted (floo
 cloud's own compute and serialization. A simulator adds its own network round trip on top. The
 seconds per generated token are not reduced: they are inter-arrival times of a stream, with no
 round trip in them.
+
+A profile may also be estimated rather than measured (scripts/gpu_profile.py: a GPU's latencies
+derived from its memory bandwidth and FLOPs and the model's size): it says so with
+`"estimated": true`, and every table made with it must say so too (`estimated`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class CloudLatencyModel:
         decode_curve: (sessions, seconds per generated token).
         first_token_curve: (sessions, client seconds from a handoff request to its first token).
         model, backend, device, dtype, threads: what was measured, as the benchmark recorded it.
+        estimated: the profile was derived from hardware figures, not measured.
     """
 
     rtt_s: float
@@ -63,6 +68,7 @@ class CloudLatencyModel:
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
+    estimated: bool = False
 
     @classmethod
     def from_bench(cls, source: str | Path | Mapping[str, Any]) -> CloudLatencyModel:
@@ -139,6 +145,7 @@ class CloudLatencyModel:
             device=data.get("device"),
             dtype=data.get("dtype"),
             threads=int(threads) if isinstance(threads, int | float) else None,
+            estimated=bool(data.get("estimated") or profile.get("estimated")),
         )
         logger.debug(
             "cloud latency profile of %s: %d open, %d check, %d decode points",

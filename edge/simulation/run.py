@@ -15,7 +15,7 @@ from handoff.edge.policy import PolicyConfig
 from handoff.edge.simulation.cloud_latency import CloudLatencyModel
 from handoff.edge.simulation.replay import replay_policy
 from handoff.edge.simulation.simulate import CostModel, EdgeModel, NetworkModel, Timeline, simulate
-from handoff.edge.simulation.traces import Generation
+from handoff.edge.simulation.traces import Generation, in_place
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,12 @@ def measure(config: Config, net: NetworkModel, edge: EdgeModel, cloud: CloudLate
     gpu = sum(t.gpu_seconds for t in timelines)
     money = gpu / 3600 * cost.gpu_per_hour + (up + down) / 1e9 * cost.per_gb
     per_k = 1000 / tokens if tokens else 0.0
-    cloud_tokens = sum(
-        sum(r["source"] in ("cloud", "corrected") for r in g.records) for g in config.generations
-    )
+    override = sum(sum(r["source"] == "corrected" for r in g.records) for g in config.generations)
+    other = sum(sum(r["source"] == "cloud" for r in g.records) for g in config.generations)
+
+    def per_token(x: float) -> float | None:
+        return x / tokens if tokens else None
+
     return {
         "config": config.name,
         "mode": config.mode,
@@ -134,7 +137,15 @@ def measure(config: Config, net: NetworkModel, edge: EdgeModel, cloud: CloudLate
         if tokens
         else None,
         "handoffs_per_100_tokens": 100 * sum(t.handoffs for t in timelines) / tokens if tokens else None,
-        "cloud_fraction": cloud_tokens / tokens if tokens else None,
+        "cloud_fraction": per_token(override + other),
+        # The cloud's share, each part on its own (as GenerationResult.accounting counts it).
+        "override_fraction": per_token(override),
+        "other_cloud_fraction": per_token(other),
+        "checked_fraction": per_token(sum(t.checked_positions for t in timelines)),
+        "round_trips_per_generation": sum(t.round_trips for t in timelines) / len(timelines)
+        if timelines
+        else None,
+        "gpu_estimated": cloud.estimated,  # GPU seconds from an estimated profile, not a measured one
         "accuracy": config.accuracy,
         "exact_fraction": config.exact_fraction,
     }
@@ -146,15 +157,17 @@ def edge_model_from_traces(gens: Iterable[Generation]) -> EdgeModel:
     - token_s: drafting steps inside a window (t_generated of consecutive edge tokens);
     - append_s: a cloud token's arrival to its commit (t_received -> t_committed), when recorded;
     - upload_s / settle_s: a checked window's last draft to its upload, its answer to its commit;
+    - correct_s: a gated correction in place, its check point's answer to its commit (when any);
     - prefill_s_per_token: edge-only generations' first step, less one step, per prompt token.
 
     Raises:
         ValueError: no drafting times in the traces (give the edge's speed instead).
     """
     gens = list(gens)
-    steps, scoring, upload, settle, prefill = [], [], [], [], []
+    steps, scoring, upload, settle, prefill, correct = [], [], [], [], [], []
     for g in gens:
         recs = g.records
+        gated = g.gated
         for a, b in itertools.pairwise(recs):
             if a["source"] == b["source"] == "edge" and a.get("t_uploaded") == b.get("t_uploaded"):
                 if a.get("t_generated") is not None and b["t_generated"] > a["t_generated"]:
@@ -162,6 +175,8 @@ def edge_model_from_traces(gens: Iterable[Generation]) -> EdgeModel:
         for r in recs:
             if r["source"] != "edge" and r.get("t_received") is not None and r.get("t_committed") is not None:
                 scoring.append(r["t_committed"] - r["t_received"])
+            elif in_place(r, gated) and None not in (r.get("t_answered"), r.get("t_committed")):
+                correct.append(max(0.0, r["t_committed"] - r["t_answered"]))
         windows: dict[float, list[dict[str, Any]]] = {}
         for r in recs:
             if r["source"] == "edge" and r.get("t_uploaded") is not None and r.get("t_committed") is not None:
@@ -184,13 +199,20 @@ def edge_model_from_traces(gens: Iterable[Generation]) -> EdgeModel:
         prefill_s_per_token=float(np.median(prefill)) if prefill else 0.0,
         upload_s=mean(upload),
         settle_s=mean(settle),
+        correct_s=mean(correct) if correct else None,
     )
+
+
+def gpu_label(rows: Sequence[dict[str, Any]]) -> str:
+    """The GPU-seconds column's name: it says when the figures come from an estimated profile."""
+    return "GPU s/1k tok (estimated)" if any(r.get("gpu_estimated") for r in rows) else "GPU s/1k tok"
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of the simulated figures."""
-    head = ["config", "RTT ms", "fidelity", "cloud", "TTFT s", "tok/s", "ITL p50/p95/p99 ms", "GPU s/1k tok",
-            "$/1k tok", "up B/tok", "down B/tok", "accuracy"]  # fmt: skip
+    head = ["config", "RTT ms", "fidelity", "cloud", "override", "other cloud", "checked", "RT/gen", "TTFT s",
+            "tok/s", "ITL p50/p95/p99 ms", gpu_label(rows), "$/1k tok", "up B/tok", "down B/tok",
+            "accuracy"]  # fmt: skip
 
     def f(x: Any, d: int = 2) -> str:
         return "n/a" if x is None else f"{x:.{d}f}"
@@ -201,8 +223,10 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         fid = "exact" if r["fidelity"] == "exact replay" else "approx."
         lines.append(
             "| " + " | ".join([
-                r["config"], f(r["rtt_ms"], 0), fid, f(r["cloud_fraction"]), f(r["ttft_mean_s"]),
-                f(r["tokens_per_s"], 1), itl, f(r["gpu_s_per_1k_tokens"], 1), f(r["cost_per_1k_tokens"], 4),
+                r["config"], f(r["rtt_ms"], 0), fid, f(r["cloud_fraction"]), f(r["override_fraction"], 3),
+                f(r["other_cloud_fraction"], 3), f(r["checked_fraction"]), f(r["round_trips_per_generation"], 1),
+                f(r["ttft_mean_s"]), f(r["tokens_per_s"], 1), itl, f(r["gpu_s_per_1k_tokens"], 2),
+                f(r["cost_per_1k_tokens"], 4),
                 f(r["up_bytes_per_token"], 0), f(r["down_bytes_per_token"], 0), f(r["accuracy"]),
             ]) + " |"
         )  # fmt: skip
@@ -276,7 +300,8 @@ def models_meta(
         "network": asdict(net),
         "edge": asdict(edge),
         "cloud_profile": {
-            k: getattr(cloud, k) for k in ("model", "backend", "device", "dtype", "threads", "rtt_s")
+            k: getattr(cloud, k)
+            for k in ("model", "backend", "device", "dtype", "threads", "rtt_s", "estimated")
         },
         "cost": asdict(cost),
     }
@@ -334,9 +359,20 @@ def run_simulation(
     md = ["# Handoff simulation", ""]
     md += [f"- **{k}:** `{v}`" if k == "command" else f"- **{k}:** {json.dumps(v)}" for k, v in info.items()]
     md += ["", "![latency vs RTT](latency_vs_rtt.png)", "", "![cost vs quality](cost_vs_quality.png)", ""]
-    md += ["Exact: the recorded structure replayed under the model. Approx.: a policy replayed offline on "
-           "P's text (full traces); where it keeps an edge token that is not P's, the real text would differ.",
-           "", table(rows), ""]  # fmt: skip
+    md += [
+        "Exact: the recorded structure replayed under the model. Approx.: a policy replayed offline on "
+        "P's text (full traces); where it keeps an edge token that is not P's, the real text would differ. "
+        "Override, other cloud, checked: per output token (checked positions include drafts a cut "
+        "dropped); RT/gen: round trips per generation (opens, check points, handoffs, rollbacks).",
+        "",
+    ]
+    if cloud.estimated:
+        md += [
+            "**The cloud profile is estimated** from hardware figures, not measured: its latencies and "
+            "GPU-seconds are estimates (the profile file holds the derivation).",
+            "",
+        ]
+    md += [table(rows), ""]  # fmt: skip
     (out_dir / "simulate.md").write_text("\n".join(md))
     plot_latency_vs_rtt(rows, out_dir / "latency_vs_rtt.png")
     mid = [r for r in rows if r["rtt_ms"] == sorted(rtts_ms)[len(rtts_ms) // 2]]

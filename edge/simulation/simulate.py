@@ -13,7 +13,17 @@ The replay follows the controller's loop (edge/controller.py) step by step:
   request is done (a check of a window that turns out to be dropped still costs its time);
 - a message of B bytes takes rtt/2 plus B / bandwidth, and messages one way are sent one after the
   other; the session's Close makes a last round trip.
-Cloud latencies come from a measured profile (CloudLatencyModel, scripts/bench_cloud.py --profile).
+- gated policies (a trace's tokens unchecked by design): such a token is committed as soon as it is
+  drafted (behind any check point still in flight: commits are in order), and its upload
+  (AppendTokens, ids only) costs bytes but no wait; a gated check point waits for its round trip
+  and the cloud's check. The service feeds appended tokens to P at its next forward pass, so a
+  check point's (or handoff's) cloud work covers the unchecked tokens uploaded since the last one.
+  Under greedy decoding a correction is made in place (a corrected record without t_received): no
+  round trip and no cloud pass of its own; its token is committed when the check point's answer is
+  settled (`EdgeModel.correct`), its Rollback and bare token id go up unawaited, and P feeds the token
+  with its next forward pass. A correction with t_received is a rollback and a one-token handoff.
+Cloud latencies come from a profile (CloudLatencyModel): measured (scripts/bench_cloud.py --profile)
+or estimated from hardware figures (scripts/gpu_profile.py).
 """
 
 from __future__ import annotations
@@ -28,9 +38,11 @@ from handoff.edge.simulation.traces import (
     CloudTurn,
     Generation,
     Window,
+    append_bytes,
     cloud_token_bytes,
     control_bytes,
     events,
+    in_place_bytes,
     open_bytes,
     padded,
     verify_bytes,
@@ -70,9 +82,11 @@ class EdgeModel:
     prefill_s_per_token: float = 0.0
     upload_s: float = 0.0  # per checked window: building and sending its messages
     settle_s: float = 0.0  # per checked window: from its answer to its tokens committed (KL, records)
+    # Per gated correction in place: from its check point's answer to its commit (default: settle_s).
+    correct_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.upload_s < 0 or self.settle_s < 0:
+        if self.upload_s < 0 or self.settle_s < 0 or (self.correct_s is not None and self.correct_s < 0):
             raise ValueError("edge times must be >= 0")
         if (
             self.token_s <= 0
@@ -84,6 +98,10 @@ class EdgeModel:
     @property
     def append(self) -> float:
         return self.token_s if self.append_s is None else self.append_s
+
+    @property
+    def correct(self) -> float:
+        return self.settle_s if self.correct_s is None else self.correct_s
 
 
 @dataclass(frozen=True)
@@ -110,10 +128,18 @@ class Timeline:
     bytes_down: int = 0
     check_points: int = 0
     handoffs: int = 0
+    opens: int = 0
+    rollbacks: int = 0
+    checked_positions: int = 0  # edge positions the cloud scored (dropped drafts included)
 
     @property
     def first_token_s(self) -> float | None:
         return self.commits[0] if self.commits else None
+
+    @property
+    def round_trips(self) -> int:
+        """Requests that waited for the cloud (as GenerationResult.accounting counts them; Close not)."""
+        return self.opens + self.check_points + self.handoffs + self.rollbacks
 
 
 class _Link:
@@ -151,6 +177,7 @@ class _Sim:
         self.n_check = int(gen.policy.get("check_interval") or 8)
         self.cloud_free = 0.0
         self.dropped_uploads = False
+        self.unfed = 0  # tokens uploaded unchecked by design that P has not fed yet
         self.out = Timeline()
 
     # -- the cloud --------------------------------------------------------------------------------
@@ -165,6 +192,29 @@ class _Sim:
         self.out.bytes_down += down
         return self.down.send(self.cloud_free, down)
 
+    def upload_only(self, t: float, w: Window) -> None:
+        """Tokens unchecked by design: sent at t, acknowledged, waited for by nobody; P feeds them later."""
+        b = append_bytes(list(w.records) or [{"position": w.first, "token_id": 0}] * w.drafted)
+        self.down.send(self.up.send(t, b.up), b.down)
+        self.out.bytes_up += b.up
+        self.out.bytes_down += b.down
+        self.unfed += w.drafted
+
+    def correct_in_place(self, t: float, w: Window) -> None:
+        """A correction in place, sent at t: its Rollback and token cross the link unawaited; P feeds it later."""
+        b = in_place_bytes(w.records[0])
+        self.down.send(self.up.send(t, b.up), b.down)
+        self.out.bytes_up += b.up
+        self.out.bytes_down += b.down
+        self.unfed += 1
+
+    def feed(self, tokens: int) -> tuple[float, float]:
+        """(work, device seconds) of a forward over `tokens` new tokens plus those still unfed."""
+        n, self.unfed = tokens + self.unfed, 0
+        if n == 0:
+            return 0.0, 0.0
+        return self.cloud.check_s(n, self.s), self.cloud.gpu_seconds_per_check(n, self.s)
+
     # -- the phases -------------------------------------------------------------------------------
 
     def run(self) -> Timeline:
@@ -175,6 +225,7 @@ class _Sim:
             open_up, open_down = open_bytes(gen)
             work = self.cloud.open_s(gen.prompt_len)
             t = self.request(t, open_up, open_down, work, work / self.s)
+            self.out.opens += 1
         if gen.mode == "hybrid" and gen.policy.get("kind") == "exact":
             t = self._exact(t)
             evs = []  # the draft rounds replace windows and handoffs
@@ -220,6 +271,7 @@ class _Sim:
             work = self.cloud.check_s(drafted + 1, self.s)
             t = self.request(t, up, down, work, self.cloud.gpu_seconds_per_check(drafted + 1, self.s))
             self.out.check_points += 1
+            self.out.checked_positions += drafted
             t += self.edge.settle_s
             self.out.commits.extend([t] * len(accepted))
             if nxt is not None:
@@ -232,7 +284,12 @@ class _Sim:
         return t
 
     def _edge_phase(self, windows: list[Window], t: float) -> float:
-        """Draft, upload and settle windows until the last (which may be cut); returns the edge's time."""
+        """Draft, upload and settle windows until the last (which may be cut); returns the edge's time.
+
+        A token unchecked by design is queued alone as it is drafted (committed at once unless a
+        check point ahead of it is still unanswered); only check-point windows count against the
+        lookahead.
+        """
         hybrid = self.gen.mode == "hybrid"
         pending: deque[tuple[Window, float]] = deque()  # uploaded windows and their answers' arrival
         to_draft = list(windows)
@@ -243,13 +300,16 @@ class _Sim:
             while pending and pending[0][1] <= t:
                 w, _ = pending.popleft()
                 if hybrid and w.checked:
-                    t += self.edge.settle_s
+                    t += self.edge.correct if w.in_place else self.edge.settle_s
                 self.out.commits.extend([t] * w.kept)
+                if hybrid and w.in_place:
+                    self.correct_in_place(t, w)
                 if w.cut:
                     # Drafts uploaded past the kept tokens must be rolled back on the cloud.
                     self.dropped_uploads = w.kept < w.drafted or bool(pending)
                     return t
-            may_draft = len(pending) <= self.lookahead and (to_draft or drafting is not None or cut_follows)
+            waiting = sum(not w.by_design for w, _ in pending)
+            may_draft = waiting <= self.lookahead and (to_draft or drafting is not None or cut_follows)
             if may_draft:
                 if drafting is None:
                     # Beyond the recorded windows: a speculative draft the cut will throw away.
@@ -257,6 +317,12 @@ class _Sim:
                     drafted = 0
                 t += self.edge.token_s
                 drafted += 1
+                if hybrid and drafting.by_design:
+                    pending.append((_ONE_UNCHECKED, t))  # no wait of its own
+                    if drafted >= drafting.drafted:
+                        self.upload_only(t, drafting)
+                        drafting = None
+                    continue
                 if drafted >= drafting.drafted:
                     w, drafting = drafting, None
                     if not hybrid or not w.checked:
@@ -264,10 +330,10 @@ class _Sim:
                         continue
                     t += self.edge.upload_s
                     b = window_bytes(padded(w), self.k, greedy=self.gen.greedy)
-                    work = self.cloud.check_s(w.drafted, self.s)
-                    gpu = self.cloud.gpu_seconds_per_check(w.drafted, self.s)
+                    work, gpu = self.feed(w.drafted)
                     pending.append((w, self.request(t, b.up, b.down, work, gpu)))
                     self.out.check_points += 1
+                    self.out.checked_positions += w.drafted
                 continue
             if not pending:
                 return t
@@ -277,11 +343,14 @@ class _Sim:
         c = control_bytes(turn.first)
         if after_cut and self.dropped_uploads:
             t = self.request(t, c["rollback_up"], c["rollback_down"], 0.0, 0.0)
+            self.out.rollbacks += 1
         self.out.handoffs += 1
         arrive = self.up.send(t, c["handoff_up"])
         self.out.bytes_up += c["handoff_up"]
         start = max(arrive, self.cloud_free)
-        produced = start + self.cloud.handoff_first_token_s(self.s)
+        work, gpu = self.feed(0)  # tokens uploaded unchecked before the handoff: fed first
+        self.out.gpu_seconds += gpu
+        produced = start + work + self.cloud.handoff_first_token_s(self.s)
         last_commit = t
         for n, r in enumerate(turn.records or ({"position": turn.first, "token_id": 0},) * turn.tokens):
             if n:
@@ -298,6 +367,10 @@ class _Sim:
         return max(last_commit, done)
 
 
+# One token unchecked by design, queued to be committed in order (simulate's bookkeeping only).
+_ONE_UNCHECKED = Window(0, 1, 1, False, False, by_design=True)
+
+
 def simulate(
     gen: Generation,
     net: NetworkModel,
@@ -311,8 +384,10 @@ def simulate(
 
     Args:
         gen: a recorded generation (mode edge, cloud or hybrid).
-        lookahead: windows drafted ahead of an unanswered check point (default: the trace's policy).
+        lookahead: windows drafted ahead of an unanswered check point (default: the trace's policy;
+            0 for a gated generation, as its driver waits for each check).
     """
     if lookahead is None:
-        lookahead = int(gen.policy.get("lookahead_windows", 1))
+        # The gated driver (edge/gated.py) waits for each check point before it drafts on.
+        lookahead = 0 if gen.gated else int(gen.policy.get("lookahead_windows", 1))
     return _Sim(gen, net, edge, cloud, cost or CostModel(), lookahead).run()

@@ -4,7 +4,17 @@ A trace file is JSONL: per generation a "generation" record (its settings), one 
 committed token (edge/controller.py TokenRecord), and a "summary" record. The simulator needs the
 generation's structure, not its clock: which windows the edge drafted and how many of their tokens
 were kept, where the cloud took over and for how many tokens. `events()` recovers that structure;
-`message_bytes()` rebuilds the protocol messages of each event to size them exactly.
+`window_bytes()` and its siblings rebuild the protocol messages of each event to size them exactly.
+
+Gated (router) policies commit most edge tokens unchecked by design (`unchecked: "by_design"`,
+still uploaded so that P's cache follows) and send single positions for checking (a checked record
+with its own upload time); P's disagreement there shows as a "corrected" record in the checked
+token's place. `events()` turns a run of by-design tokens into a Window with `by_design` set, and a
+checked position into a one-token window. Under greedy decoding the edge commits P's top-1 there in
+place (no handoff: no cloud token received, so the record's `t_received` is None): a one-token
+window with `in_place` set; a correction with `t_received` was a rollback and a one-token handoff.
+Records unchecked because the cloud was unreachable
+(`unchecked: "unreachable"`, or older traces' unchecked records) keep their meaning.
 """
 
 from __future__ import annotations
@@ -53,6 +63,11 @@ class Generation:
     @property
     def greedy(self) -> bool:
         return float((self.meta.get("sampling") or {}).get("temperature") or 0.0) == 0.0
+
+    @property
+    def gated(self) -> bool:
+        """A hybrid generation with edge tokens left unchecked by design (a gating policy)."""
+        return self.mode == "hybrid" and any(r.get("unchecked") == "by_design" for r in self.records)
 
     @property
     def full(self) -> bool:
@@ -111,11 +126,16 @@ class Window:
     drafted: int  # tokens the edge drafted (and uploaded) for it
     kept: int  # tokens committed from it
     cut: bool  # the cloud took over at position first + kept (a handover)
-    checked: bool = True  # False: the cloud was unreachable; committed unchecked
+    checked: bool = True  # False: committed unchecked (the cloud was unreachable, or by design)
     records: tuple[dict[str, Any], ...] = field(default=(), repr=False)
     # The record at the cut position (the cloud's correction, with Q's view there): it sizes the
     # uploaded tokens that were dropped and are not in the trace.
     dropped: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # Unchecked by design (a gating policy): uploaded, never waited for, committed as drafted.
+    by_design: bool = False
+    # Its one token is P's top-1, committed in place of the edge's (gated, greedy): no handoff; the
+    # edge sends a Rollback and the token without waiting (records[0] is the corrected record).
+    in_place: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,15 +151,37 @@ class CloudTurn:
 Event = Window | CloudTurn
 
 
+def _check_state(r: dict[str, Any]) -> tuple[bool, bool]:
+    """(checked, unchecked by design): records in one window share it."""
+    return bool(r.get("checked")), r.get("unchecked") == "by_design"
+
+
+def in_place(r: dict[str, Any] | None, gated: bool) -> bool:
+    """Whether a record is a gated correction committed in place (no cloud token was received).
+
+    Args:
+        r: a token record, or None.
+        gated: the record belongs to a gated generation.
+
+    Returns:
+        True for a "corrected" record without `t_received` in a gated generation.
+    """
+    return gated and r is not None and r["source"] == "corrected" and r.get("t_received") is None
+
+
 def events(gen: Generation) -> list[Event]:
     """The windows and cloud turns of a recorded generation, in order.
 
     A window's drafted size is not recorded when it was cut (only its kept tokens are committed):
-    it is the check interval, bounded by max_tokens, as the controller drafts it.
+    it is the check interval, bounded by max_tokens, as the controller drafts it. In a gated
+    generation a check point covers the positions the policy chose (a cut one drafted to its cut),
+    and a run of tokens unchecked by design is never cut: a correction after it answers a one-token
+    check point whose token P replaced (corrected in place: that check point's window keeps it).
     """
     recs = gen.records
     n_check = int(gen.policy.get("check_interval") or 8)
     budget = gen.max_tokens
+    gated = gen.gated
     out: list[Event] = []
     i = 0
     while i < len(recs):
@@ -151,24 +193,36 @@ def events(gen: Generation) -> list[Event]:
                 and recs[j]["source"] == "edge"
                 and j - i < n_check
                 and recs[j].get("t_uploaded") == r.get("t_uploaded")
+                and _check_state(recs[j]) == _check_state(r)
             ):
                 j += 1
-            following = recs[j]["source"] if j < len(recs) else None
+            nxt = recs[j] if j < len(recs) else None
+            # A correction in place is a check point of its own, not a cut of this window.
+            following = None if nxt is None or in_place(nxt, gated) else nxt["source"]
+            by_design = gated and _check_state(r)[1]
             drafted = j - i
-            if following == "corrected":  # rollback: the window went on past the cut
-                drafted = n_check if budget is None else max(j - i + 1, min(n_check, budget - i))
+            if following == "corrected" and not by_design:
+                if gated:  # the gated check point ended at the position P replaced
+                    drafted = j - i + 1
+                else:  # rollback: the window went on past the cut
+                    drafted = n_check if budget is None else max(j - i + 1, min(n_check, budget - i))
             # Followed by cloud tokens: a handover (seed policy: the whole window is kept).
-            cut = following in ("corrected", "cloud")
-            dropped = recs[j] if following == "corrected" else None
+            cut = following in ("corrected", "cloud") and not by_design
+            dropped = recs[j] if following == "corrected" and not by_design else None
             out.append(
-                Window(r["position"], drafted, j - i, cut, bool(r.get("checked")), tuple(recs[i:j]), dropped)
-            )
+                Window(r["position"], drafted, j - i, cut, bool(r.get("checked")), tuple(recs[i:j]), dropped,
+                       by_design=by_design)
+            )  # fmt: skip
             i = j
+            continue
+        if in_place(r, gated):
+            out.append(Window(r["position"], 1, 1, False, True, (r,), in_place=True))
+            i += 1
             continue
         corrected = r["source"] == "corrected"
         if corrected and not (out and isinstance(out[-1], Window) and out[-1].cut):
-            # Cut at the window's first position: nothing of it was kept.
-            drafted = n_check if budget is None else max(1, min(n_check, budget - i))
+            # Cut at the window's first position: nothing of it was kept (gated: a one-token check).
+            drafted = 1 if gated else n_check if budget is None else max(1, min(n_check, budget - i))
             out.append(Window(r["position"], drafted, 0, True, True, (), r))
         j = i + 1
         while j < len(recs) and recs[j]["source"] == "cloud":
@@ -215,6 +269,10 @@ def _score(r: dict[str, Any], k: int) -> pb.PositionScore:
     )
 
 
+# A typical nonzero compute_s: a double is 8 bytes on the wire whatever its value (0 is not sent).
+COMPUTE_S = 0.0125
+
+
 @dataclass(frozen=True)
 class WindowBytes:
     up: int  # AppendTokens + CheckPoint
@@ -244,9 +302,26 @@ def window_bytes(
     appended = pb.CloudMessage(request_id=request_id, appended=pb.Appended(length=last + 1))
     result = pb.CloudMessage(
         request_id=request_id + 1,
-        check=pb.CheckPointResult(scores=[_score(r, k) for r in records], forward_ms=12.5, batch_size=1),
+        check=pb.CheckPointResult(
+            scores=[_score(r, k) for r in records], forward_ms=12.5, batch_size=1, compute_s=COMPUTE_S
+        ),
     )
     return WindowBytes(append.ByteSize() + check.ByteSize(), appended.ByteSize() + result.ByteSize())
+
+
+def append_bytes(records: list[dict[str, Any]], request_id: int = 1000) -> WindowBytes:
+    """An upload that asks for no check (tokens unchecked by design) and its acknowledgement.
+
+    The tokens are sized as ids only: P never scores them, so Q's view has no use there.
+    """
+    if not records:
+        return WindowBytes(0, 0)
+    tokens = [pb.EdgeToken(position=int(r["position"]), token_id=int(r["token_id"])) for r in records]
+    append = pb.EdgeMessage(request_id=request_id, append=pb.AppendTokens(tokens=tokens))
+    appended = pb.CloudMessage(
+        request_id=request_id, appended=pb.Appended(length=int(records[-1]["position"]) + 1)
+    )
+    return WindowBytes(append.ByteSize(), appended.ByteSize())
 
 
 def cloud_token_bytes(r: dict[str, Any], request_id: int = 1000) -> int:
@@ -270,17 +345,41 @@ def control_bytes(position: int, request_id: int = 1000) -> dict[str, int]:
         "handoff_up": m(request_id=request_id, handoff=pb.Handoff(max_tokens=16)).ByteSize(),
         "handoff_down": c(
             request_id=request_id,
-            handoff_done=pb.HandoffDone(reason=pb.HandoffDone.REASON_MAX_TOKENS, length=position),
+            handoff_done=pb.HandoffDone(
+                reason=pb.HandoffDone.REASON_MAX_TOKENS, length=position, compute_s=COMPUTE_S
+            ),
         ).ByteSize(),
         "rollback_up": m(request_id=request_id, rollback=pb.Rollback(length=position)).ByteSize(),
         "rollback_down": c(request_id=request_id, rolled_back=pb.RolledBack(length=position)).ByteSize(),
         "close_up": m(request_id=request_id, close=pb.Close()).ByteSize(),
-        "close_down": c(request_id=request_id, closed=pb.Closed(tokens_scored=position)).ByteSize(),
+        "close_down": c(
+            request_id=request_id, closed=pb.Closed(tokens_scored=position, compute_s=COMPUTE_S)
+        ).ByteSize(),
     }
+
+
+def in_place_bytes(r: dict[str, Any], request_id: int = 1000) -> WindowBytes:
+    """A correction in place: the Rollback and the AppendTokens of P's token (a bare id), and their acks.
+
+    Args:
+        r: the corrected record (its position and P's token).
+        request_id: a typical request id.
+
+    Returns:
+        Both messages' sizes up, and the RolledBack and Appended replies' down.
+    """
+    position = int(r["position"])
+    c = control_bytes(position, request_id)
+    b = append_bytes([r], request_id + 1)
+    return WindowBytes(c["rollback_up"] + b.up, c["rollback_down"] + b.down)
 
 
 def padded(w: Window) -> list[dict[str, Any]]:
     """A window's uploaded tokens: the kept ones, then the dropped ones (not recorded) sized like the last."""
+    if w.in_place:  # the check point uploaded the edge's token, which P's replaced
+        r = w.records[0]
+        replaced = r.get("replaced_token_id")
+        return [r | {"token_id": r["token_id"] if replaced is None else replaced}]
     recs = list(w.records)
     if len(recs) < w.drafted:
         pad = w.dropped or (recs[-1] if recs else {"position": w.first, "token_id": 0})
@@ -304,8 +403,15 @@ def open_bytes(gen: Generation) -> tuple[int, int]:
     up = down = 0
     for ev in events(gen):
         if isinstance(ev, Window):
-            if ev.checked:
-                b = window_bytes(padded(ev), k, greedy=gen.greedy)
+            if ev.by_design or ev.checked:
+                b = (
+                    append_bytes(list(ev.records))
+                    if ev.by_design
+                    else window_bytes(padded(ev), k, greedy=gen.greedy)
+                )
+                up, down = up + b.up, down + b.down
+            if ev.in_place:
+                b = in_place_bytes(ev.records[0])
                 up, down = up + b.up, down + b.down
         else:
             c = control_bytes(ev.first)
@@ -328,7 +434,9 @@ def verify_bytes(
     up = pb.EdgeMessage(
         request_id=1000, verify=pb.VerifyDraft(draft=draft, draft_distributions=dists)
     ).ByteSize()
-    result = pb.VerifyResult(accepted=len(records), length=int(pad["position"]) + 1, bonus=True)
+    result = pb.VerifyResult(
+        accepted=len(records), length=int(pad["position"]) + 1, bonus=True, compute_s=COMPUTE_S
+    )
     if next_rec is not None:
         result.next.CopyFrom(
             pb.CloudToken(

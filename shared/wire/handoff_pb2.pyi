@@ -218,12 +218,14 @@ class AppendTokens(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[EdgeToken, _Mapping]]] = ...) -> None: ...
 
 class CheckPoint(_message.Message):
-    __slots__ = ("from_position", "through_position")
+    __slots__ = ("from_position", "through_position", "skip_unchecked")
     FROM_POSITION_FIELD_NUMBER: _ClassVar[int]
     THROUGH_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SKIP_UNCHECKED_FIELD_NUMBER: _ClassVar[int]
     from_position: int
     through_position: int
-    def __init__(self, from_position: _Optional[int] = ..., through_position: _Optional[int] = ...) -> None: ...
+    skip_unchecked: bool
+    def __init__(self, from_position: _Optional[int] = ..., through_position: _Optional[int] = ..., skip_unchecked: _Optional[bool] = ...) -> None: ...
 
 class Handoff(_message.Message):
     __slots__ = ("max_tokens",)
@@ -276,14 +278,16 @@ class CloudMessage(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., appended: _Optional[_Union[Appended, _Mapping]] = ..., check: _Optional[_Union[CheckPointResult, _Mapping]] = ..., token: _Optional[_Union[CloudToken, _Mapping]] = ..., handoff_done: _Optional[_Union[HandoffDone, _Mapping]] = ..., rolled_back: _Optional[_Union[RolledBack, _Mapping]] = ..., verified: _Optional[_Union[VerifyResult, _Mapping]] = ..., closed: _Optional[_Union[Closed, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "length", "info")
+    __slots__ = ("session_id", "length", "info", "compute_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     length: int
     info: ServiceInfo
-    def __init__(self, session_id: _Optional[str] = ..., length: _Optional[int] = ..., info: _Optional[_Union[ServiceInfo, _Mapping]] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, session_id: _Optional[str] = ..., length: _Optional[int] = ..., info: _Optional[_Union[ServiceInfo, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class Appended(_message.Message):
     __slots__ = ("length",)
@@ -304,14 +308,16 @@ class PositionScore(_message.Message):
     def __init__(self, position: _Optional[int] = ..., topk: _Optional[_Union[TopK, _Mapping]] = ..., logprobs_at_edge_topk: _Optional[_Iterable[float]] = ..., token_logprob: _Optional[float] = ...) -> None: ...
 
 class CheckPointResult(_message.Message):
-    __slots__ = ("scores", "forward_ms", "batch_size")
+    __slots__ = ("scores", "forward_ms", "batch_size", "compute_s")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[PositionScore]
     forward_ms: float
     batch_size: int
-    def __init__(self, scores: _Optional[_Iterable[_Union[PositionScore, _Mapping]]] = ..., forward_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, scores: _Optional[_Iterable[_Union[PositionScore, _Mapping]]] = ..., forward_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class CloudToken(_message.Message):
     __slots__ = ("position", "token_id", "topk", "token_logprob")
@@ -326,7 +332,7 @@ class CloudToken(_message.Message):
     def __init__(self, position: _Optional[int] = ..., token_id: _Optional[int] = ..., topk: _Optional[_Union[TopK, _Mapping]] = ..., token_logprob: _Optional[float] = ...) -> None: ...
 
 class HandoffDone(_message.Message):
-    __slots__ = ("reason", "length")
+    __slots__ = ("reason", "length", "compute_s")
     class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         REASON_UNSPECIFIED: _ClassVar[HandoffDone.Reason]
@@ -341,9 +347,11 @@ class HandoffDone(_message.Message):
     REASON_CONTEXT_FULL: HandoffDone.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     reason: HandoffDone.Reason
     length: int
-    def __init__(self, reason: _Optional[_Union[HandoffDone.Reason, str]] = ..., length: _Optional[int] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, reason: _Optional[_Union[HandoffDone.Reason, str]] = ..., length: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class RolledBack(_message.Message):
     __slots__ = ("length",)
@@ -352,21 +360,25 @@ class RolledBack(_message.Message):
     def __init__(self, length: _Optional[int] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("accepted", "next", "bonus", "length")
+    __slots__ = ("accepted", "next", "bonus", "length", "compute_s")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_FIELD_NUMBER: _ClassVar[int]
     BONUS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     next: CloudToken
     bonus: bool
     length: int
-    def __init__(self, accepted: _Optional[int] = ..., next: _Optional[_Union[CloudToken, _Mapping]] = ..., bonus: _Optional[bool] = ..., length: _Optional[int] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, accepted: _Optional[int] = ..., next: _Optional[_Union[CloudToken, _Mapping]] = ..., bonus: _Optional[bool] = ..., length: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class Closed(_message.Message):
-    __slots__ = ("tokens_scored", "tokens_generated")
+    __slots__ = ("tokens_scored", "tokens_generated", "compute_s")
     TOKENS_SCORED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     tokens_scored: int
     tokens_generated: int
-    def __init__(self, tokens_scored: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, tokens_scored: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
