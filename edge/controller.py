@@ -7,7 +7,7 @@ words: docs/architecture.md.
 - Window rounds (seed, rollback, any kind with round "window"): the edge drafts windows of N tokens;
   at each check point the policy keeps the window or hands over (keeping n of its tokens); the cloud
   then generates until M tokens or the policy's hand-back. Tokens are committed only once checked.
-- Draft rounds (exact): speculative sampling, edge/exact.py.
+- Draft rounds (exact): speculative sampling, edge/exact.py. Gated rounds (router): edge/gated.py.
 
 Check points are pipelined: a window is uploaded and checked while the edge drafts the next one
 (`lookahead_windows`). A window drafted behind a check point that hands over is thrown away on both
@@ -29,12 +29,12 @@ import inspect
 import time
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from handoff.edge.exact import DraftLength, draft_sampling, exact_round
+from handoff.edge.gated import CheckWindow, gated_round
 from handoff.edge.link import CloudLink, LinkConfig, within
 from handoff.edge.policy import (
     BudgetController,
@@ -95,6 +95,7 @@ class HybridGenerator:
         self.mode = mode
         self.link_config = link or LinkConfig()
         self.core: HandoffPolicy = make_policy(policy, scorer=scorer)
+        self.core.attach(vocabulary)  # a policy with a model file refuses another vocabulary here
 
     @property
     def budget(self) -> BudgetController | None:
@@ -138,20 +139,6 @@ class _Stop(Exception):
     """Raised inside generate() when on_token asks to stop."""
 
 
-@dataclass
-class _Window:
-    """Edge tokens uploaded together and checked by one check point."""
-
-    steps: list[EdgeStep]
-    times: list[float]
-    answer: asyncio.Future | None = None  # of pb.CheckPointResult; None: not sent (cloud unreachable)
-    t_uploaded: float | None = None
-    t_answered: float | None = None
-    deadline: float = 0.0  # loop.time() after which the cloud counts as gone
-    kls: np.ndarray | None = None  # [n] once answered
-    keep: int = 0  # tokens the policy keeps once answered
-
-
 class _Generation:
     """The state of one generate() call."""
 
@@ -169,6 +156,7 @@ class _Generation:
         self.stops = self.runner.stop_token_ids
         self.link: CloudLink | None = None
         self.drafts = g.mode == "hybrid" and self.core.round == "draft"  # rounds are speculative drafts
+        self.gated = g.mode == "hybrid" and self.core.round == "gated"  # tokens wait only where flagged
         self.draft_length = DraftLength(self.policy.draft_tokens, self.policy.draft_tokens_max)
         self._start = time.perf_counter()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-runner")
@@ -193,6 +181,7 @@ class _Generation:
         try:
             self.core.begin()
             self.runner.keep_draft_probs = self.drafts
+            self.runner.hidden = self.core.needs_hidden  # the router's feature; no cost when off
             chosen = sampling or self.runner.sampling  # what P's output must follow, whatever Q drafts from
             edge_sampling = draft_sampling(chosen, self.policy.top_k) if self.drafts else chosen
             await self.in_pool(self.runner.start, self.prompt, edge_sampling)
@@ -247,8 +236,8 @@ class _Generation:
                 min(self.policy.seed_tokens, self.max_tokens), None, early_handback=False
             )
         while not done and self.committed < self.max_tokens:
-            if self.drafts and link is not None and link.alive():
-                done = await exact_round(self)
+            if (self.drafts or self.gated) and link is not None and link.alive():
+                done = await (exact_round(self) if self.drafts else gated_round(self))
             else:  # window rounds; without a cloud the edge goes on alone, its tokens unchecked
                 done = await self._edge_phase()
         return "stop_token" if done else ended
@@ -270,9 +259,9 @@ class _Generation:
 
     async def commit_unchecked(self, steps: list[EdgeStep], times: list[float]) -> bool:
         """Commit edge tokens the cloud never checked (it is gone); True at a stop token."""
-        return await self._commit_edge(_Window(steps, times), len(steps))
+        return await self._commit_edge(CheckWindow(steps, times), len(steps))
 
-    async def _commit_edge(self, w: _Window, n: int) -> bool:
+    async def _commit_edge(self, w: CheckWindow, n: int) -> bool:
         """Commit the first n tokens of a window (checked if it has an answer); True at a stop token."""
         scores = None
         if w.kls is not None:
@@ -288,14 +277,15 @@ class _Generation:
                     q_logprob=s.token_logprob, p_logprob=None if sc is None else float(sc.token_logprob),
                     p_topk_ids=None if sc is None else list(sc.topk.ids),
                     p_topk_logprobs=None if sc is None else [float(v) for v in sc.topk.logprobs],
-                    t_generated=w.times[j], t_uploaded=w.t_uploaded, t_answered=w.t_answered,
+                    t_generated=w.times[j], t_uploaded=w.t_uploaded, t_answered=w.t_answered, unchecked=None
+                    if sc is not None else "unreachable" if self.g.mode == "hybrid" else "by_design",
                 )
             )  # fmt: skip
         return n > 0 and w.steps[n - 1].token_id in self.stops
 
     # -- the edge's turn -----------------------------------------------------------------------
 
-    async def _upload(self, w: _Window, may_resync: bool) -> None:
+    async def upload(self, w: CheckWindow, may_resync: bool) -> None:
         """Send a finished window and its check point; leaves w.answer None if there is no cloud."""
         link = self.link
         if link is None or self.g.mode != "hybrid":
@@ -314,7 +304,8 @@ class _Generation:
             self.result.skipped_uploads += int(skip.sum())
             tokens = [edge_token(s, bool(k)) for s, k in zip(w.steps, skip, strict=True)]
             await self.bounded(link.session.append_nowait(tokens))
-            w.answer = await self.bounded(link.session.send_check(w.steps[0].position, w.steps[-1].position))
+            first, last = w.steps[0].position, w.steps[-1].position
+            w.answer = await self.bounded(link.session.send_check(first, last, skip_unchecked=self.gated))
         except (VerifierError, TimeoutError) as e:
             link.fail(e)
             w.answer = None
@@ -324,8 +315,8 @@ class _Generation:
         self.result.check_points += 1
         w.answer.add_done_callback(lambda _f, w=w: self._answered(w))
 
-    def _answered(self, w: _Window) -> None:
-        """Stamp the answer's arrival once: by its done-callback, or by _settle if that runs first."""
+    def _answered(self, w: CheckWindow) -> None:
+        """Stamp the answer's arrival once: by its done-callback, or by settle if that runs first."""
         if w.t_answered is None:
             w.t_answered = self.clock()
 
@@ -335,40 +326,45 @@ class _Generation:
         Returns:
             True when a stop token was committed.
         """
-        pending: list[_Window] = []  # uploaded, answers outstanding, in order
-        current = _Window([], [])
+        pending: list[CheckWindow] = []  # uploaded, answers outstanding, in order
+        current = CheckWindow([], [])
         drafted_stop = False
         while True:
             # Settle every answered window in order; the first that hands over ends the phase.
             while pending and (pending[0].answer is None or pending[0].answer.done()):
                 w = pending.pop(0)
-                outcome = await self._settle(w)
+                outcome = await self.settle(w)
                 if outcome == "stop":
                     return True
                 if outcome == "handover":
-                    return await self._hand_over(w, pending, current)
+                    return await self.hand_over(w, pending, current)
+            back = self.gated and self.link is not None and self.link.session is not None  # resynchronised
+            if back and not pending and not current.steps:
+                return False  # gated rounds resume
             in_flight = sum(len(w.steps) for w in pending) + len(current.steps)
             may_draft = (
-                not drafted_stop
+                not back
+                and not drafted_stop
                 and self.committed + in_flight < self.max_tokens
                 and len(pending) <= self.policy.lookahead_windows
             )
-            if may_draft:
-                step = await self.in_pool(self.runner.step)
-                current.steps.append(step)
-                current.times.append(self.clock())
-                drafted_stop = step.token_id in self.stops
-                full = len(current.steps) >= self.policy.check_interval
+            if may_draft or (back and current.steps):  # a gated policy's cloud is back: check what is drafted
+                if may_draft:
+                    step = await self.in_pool(self.runner.step)
+                    current.steps.append(step)
+                    current.times.append(self.clock())
+                    drafted_stop = step.token_id in self.stops
+                full = back or len(current.steps) >= self.policy.check_interval
                 if full or drafted_stop or self.committed + in_flight + 1 >= self.max_tokens:
-                    w, current = current, _Window([], [])
-                    await self._upload(w, may_resync=not pending)
+                    w, current = current, CheckWindow([], [])
+                    await self.upload(w, may_resync=not pending)
                     pending.append(w)  # without an answer (no cloud) it is committed unchecked, in order
                 continue
             if not pending:
                 return False  # max_tokens reached, everything committed
-            await self._wait_answer(pending)
+            await self.wait_answer(pending)
 
-    async def _wait_answer(self, pending: list[_Window]) -> None:
+    async def wait_answer(self, pending: list[CheckWindow]) -> None:
         """Wait for the oldest check point; past its deadline the cloud counts as gone."""
         w = pending[0]
         assert w.answer is not None
@@ -383,7 +379,7 @@ class _Generation:
                 if p.answer is not None and not p.answer.done():
                     p.answer.cancel()
 
-    async def _settle(self, w: _Window) -> str:
+    async def settle(self, w: CheckWindow) -> str:
         """Commit what a window's answer allows: "continue", "stop" (a stop token) or "handover"."""
         answer = w.answer
         if answer is None or answer.cancelled() or answer.exception() is not None:
@@ -409,7 +405,7 @@ class _Generation:
             return "stop"
         return "handover" if decision.hand_over else "continue"
 
-    async def _hand_over(self, w: _Window, pending: list[_Window], current: _Window) -> bool:
+    async def hand_over(self, w: CheckWindow, pending: list[CheckWindow], current: CheckWindow) -> bool:
         """Throw away everything drafted after the cut, on both sides, and let the cloud generate."""
         assert w.kls is not None
         keep = w.keep

@@ -97,6 +97,13 @@ class EdgeSettings(BaseSettings):
     budget_gain: float = Field(
         _P.budget_gain, gt=0, description="budget: the gain of the control of log tau."
     )
+    router: str = Field(_P.router, description="router: the learned router's file (handoff router train).")
+    gate_threshold: float | None = Field(
+        _P.gate_threshold,
+        ge=0,
+        le=1,
+        description="router: check positions scored at or over this probability (default: the file's).",
+    )
 
     # A slow or unreachable cloud (edge/link.py LinkConfig)
     check_timeout_s: Annotated[float, Flags("--check-timeout")] = Field(

@@ -1,8 +1,8 @@
 """The `handoff` command line: the root app, its global options, and each layer's commands.
 
 Each layer owns its commands (shared/cli.py: models, divergence; cloud/cli.py: serve-cloud;
-edge/cli.py: generate, chat, serve-edge; edge/evaluation/cli.py: eval; edge/simulation/cli.py:
-simulate); this module only composes them, in the order `handoff --help` lists them.
+edge/cli.py: generate, chat, serve-edge; edge/evaluation/cli.py: eval; edge/routing/cli.py: router;
+edge/simulation/cli.py: simulate); this module only composes them, in the order `handoff --help` lists them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import typer
 from handoff.cloud import cli as cloud_cli
 from handoff.edge import cli as edge_cli
 from handoff.edge.evaluation import cli as eval_cli
+from handoff.edge.routing import cli as router_cli
 from handoff.edge.simulation import cli as simulate_cli
 from handoff.shared import cli as shared_cli
 from handoff.shared.cli import DEFAULT_PROMPT, err
@@ -49,7 +50,7 @@ def _root(*, settings: HandoffSettings) -> None:
     )
 
 
-for layer in (shared_cli, cloud_cli, edge_cli, eval_cli, simulate_cli):
+for layer in (shared_cli, cloud_cli, edge_cli, eval_cli, router_cli, simulate_cli):
     layer.register(app)
 
 

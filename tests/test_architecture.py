@@ -57,8 +57,8 @@ def test_the_import_contracts_hold(tmp_path):
     assert n >= 6 and f"Contracts: {n} kept, 0 broken." in proc.stdout, proc.stdout
 
 
-LEAVES = "evaluation and simulation are leaves: only the command line imports them"
-INDEPENDENT = "evaluation and simulation are independent"
+LEAVES = "evaluation, routing and simulation are leaves: only the command line imports them"
+INDEPENDENT = "evaluation, routing and simulation are independent"
 PER_LAYER_CLI = "the per-layer CLI modules are imported only by the command line"
 
 

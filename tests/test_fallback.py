@@ -247,3 +247,53 @@ def test_a_vocabulary_mismatch_is_not_retried(tiny_gguf_a, prompt):
     with pytest.raises(VerifierError) as e:
         run(_with_service(VerifierService, tiny_gguf_a, fn))
     assert e.value.code in ("INVALID_ARGUMENT", "FAILED_PRECONDITION")
+
+
+def test_gated_router_slow_cloud_marks_unreachable_apart_from_by_design(
+    tiny_gguf_a, prompt, async_wait_until, tmp_path
+):
+    """A gated policy (the router): tokens it leaves unchecked are "by_design"; those committed while the
+    cloud was too slow are "unreachable"; after the resync, flagged positions are checked again."""
+    from handoff.edge.policy import RouterModel
+    from handoff.edge.policy.features import SCALAR_FEATURES
+
+    # A router that flags positions where Q's entropy is at or over its median along the text.
+    with LlamaCppModel(tiny_gguf_a, n_ctx=512, n_threads=1) as m:
+        m.eval(prompt)
+        ents = []
+        for t in own_greedy(tiny_gguf_a, prompt, 60):
+            lp = m.next_logprobs()
+            ents.append(float(-(np.exp(lp) * lp).sum()))
+            m.eval([t])
+    f = len(SCALAR_FEATURES)
+    w = np.zeros((f, 1))
+    w[SCALAR_FEATURES.index("q_entropy"), 0] = 1.0
+    fp = vocabulary_of(tiny_gguf_a).fingerprint
+    router = RouterModel(
+        np.zeros(f),
+        np.ones(f),
+        ((w, np.asarray([-float(np.median(ents))])),),
+        0.5,
+        fp.digest.hex(),
+        fp.vocab_size,
+    )
+    router.save(tmp_path / "router.json")
+    link = LinkConfig(check_timeout_s=0.3, open_timeout_s=5.0, retry_initial_s=0.05, retry_max_s=0.1)
+    policy = PolicyConfig(kind="router", router=str(tmp_path / "router.json"), check_interval=4)
+
+    async def fn(client):
+        on_token = hold_while_probing(async_wait_until)
+        return await generate(tiny_gguf_a, client, prompt, policy, 120, link=link, on_token=on_token)
+
+    result = run(_with_service(_SlowFirstSession, tiny_gguf_a, fn))
+    assert result.tokens == own_greedy(tiny_gguf_a, prompt, len(result.tokens))  # nothing lost or repeated
+    assert_contiguous(result, prompt)
+    assert result.cloud_failures >= 1 and result.resyncs >= 1
+    why = [r.unchecked for r in result.records]
+    counts = result.counts()
+    assert "unreachable" in why and "by_design" in why
+    assert counts["unchecked_by_design"] == why.count("by_design")
+    assert counts["unchecked_unreachable"] == why.count("unreachable")
+    assert all(r.checked == (r.unchecked is None) for r in result.records)
+    last_unreachable = max(i for i, u in enumerate(why) if u == "unreachable")
+    assert any(r.checked for r in result.records[last_unreachable + 1 :])  # checked again after the resync

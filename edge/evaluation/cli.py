@@ -45,18 +45,29 @@ def eval_command(
         str, typer.Option(help="1..5, for all suites or per suite: '2' or 'sorting=1,arithmetic=3'.")
     ] = "2",
     task_seed: Annotated[int, typer.Option(help="Seed of the generated suites.")] = 0,
+    exclude_seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Leave out generated tasks whose prompt is among this seed's first --exclude-tasks."
+        ),
+    ] = None,
+    exclude_tasks: Annotated[
+        int, typer.Option(min=0, help="Tasks per suite of --exclude-seed held out.")
+    ] = 0,
     jsonl: Annotated[
         list[Path] | None,
         typer.Option("--jsonl", exists=True, dir_okay=False, help="An external suite (repeatable)."),
     ] = None,
-    thresholds: Annotated[str, typer.Option(help="Hybrid runs' thresholds tau (nats), comma-separated.")] = (
-        "0.1,0.3,1.0"
-    ),
+    thresholds: Annotated[
+        str,
+        typer.Option(help="Hybrid runs' thresholds tau (nats), comma-separated; none: no threshold runs."),
+    ] = "0.1,0.3,1.0",
     intervals: Annotated[str, typer.Option(help="Hybrid runs' check intervals N, comma-separated.")] = "8",
     policies: Annotated[
         str,
         typer.Option(
-            help="Other policies' runs, comma-separated: exact, correction, skip:TAU, budget:FRACTION, entropy:TAU."
+            help="Other policies' runs, comma-separated: exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
+            "router[:G] (--router FILE)."
         ),
     ] = "",
     max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Tokens per answer at most.")] = 160,
@@ -131,9 +142,11 @@ def eval_command(
         raise typer.BadParameter(str(e)) from None
     plan = EvalPlan(
         suites=chosen, tasks_per_suite=tasks, difficulty=per_suite, default_difficulty=default_level or 2,
-        seed=task_seed, jsonl=tuple(jsonl or ()), thresholds=csv_values(thresholds, float, "--thresholds"),
+        seed=task_seed, jsonl=tuple(jsonl or ()),
+        thresholds=() if thresholds.strip().lower() == "none" else csv_values(thresholds, float, "--thresholds"),
         intervals=csv_values(intervals, int, "--intervals"), max_tokens=max_tokens, baselines=baselines,
         policies=tuple(v.strip() for v in policies.split(",") if v.strip()),
+        exclude_seed=exclude_seed, exclude_tasks=exclude_tasks,
     )  # fmt: skip
     try:  # before any model loads
         for v in plan.policies:

@@ -40,6 +40,10 @@ class EvalPlan:
     policies: tuple[
         str, ...
     ] = ()  # other policies' runs: exact, correction, skip:TAU, budget:FRACTION, entropy:TAU
+    # Held-out tasks: generated tasks whose prompt is one of this seed's first exclude_tasks per suite
+    # are left out (training data for a router must not share a prompt with its test tasks).
+    exclude_seed: int | None = None
+    exclude_tasks: int = 0
 
 
 def parse_difficulty(spec: str | None) -> tuple[int | None, dict[str, int]]:
@@ -66,11 +70,21 @@ def parse_difficulty(spec: str | None) -> tuple[int | None, dict[str, int]]:
 
 
 def build_tasks(plan: EvalPlan) -> list[Task]:
-    """The plan's generated suites, then its JSONL suites."""
+    """The plan's generated suites (less the held-out prompts, each prompt once), then its JSONL suites."""
     tasks: list[Task] = []
     for suite in plan.suites:
         level = plan.difficulty.get(suite, plan.default_difficulty)
-        tasks += generate_suite(suite, plan.tasks_per_suite, seed=plan.seed, difficulty=level)
+        made = generate_suite(suite, plan.tasks_per_suite, seed=plan.seed, difficulty=level)
+        if plan.exclude_seed is not None and plan.exclude_tasks:
+            held = generate_suite(suite, plan.exclude_tasks, seed=plan.exclude_seed, difficulty=level)
+            seen = {t.prompt for t in held}
+            kept = []
+            for t in made:
+                if t.prompt not in seen:
+                    seen.add(t.prompt)
+                    kept.append(t)
+            made = kept
+        tasks += made
     for path in plan.jsonl:
         tasks += load_jsonl(path, limit=plan.tasks_per_suite)
     return tasks

@@ -6,6 +6,7 @@
 - triggers: per-token scorers (KL, Q's entropy, any function) and the cut they imply.
 - budget: the budget-holding threshold (tau tuned online).
 - skip: the uplink skip gate.
+- features, router: the learned edge router (its features, its file, the gated "router" kind).
 
 Every comparison with tau lives in this package.
 """
@@ -28,6 +29,7 @@ from handoff.edge.policy.core import (
     policy_kinds,
     register_policy,
 )
+from handoff.edge.policy.router import RouterMismatch, RouterModel, RouterPolicy, load_router
 from handoff.edge.policy.skip import GATE_KINDS, SkipGate, skipped_kl, window_divergence
 from handoff.edge.policy.triggers import (
     CUT_KINDS,
@@ -57,11 +59,15 @@ __all__ = [
     "PolicyConfig",
     "RollbackPolicy",
     "RoundKind",
+    "RouterMismatch",
+    "RouterModel",
+    "RouterPolicy",
     "SeedPolicy",
     "SkipGate",
     "TokenScorer",
     "WindowDecision",
     "WindowView",
+    "load_router",
     "make_policy",
     "policy_class",
     "policy_kinds",

@@ -54,6 +54,10 @@ class PolicyConfig:
     # Loop gain lam = budget_gain * |d cloud-share / d log tau|: a monotone approach for lam < 0.65,
     # i.e. slopes up to ~0.3 (measured: 0.15-0.25, docs/policy_defaults.md); see BudgetController.
     budget_gain: float = 2.0
+    # router: the learned router's file (handoff router train); gate_threshold replaces its threshold
+    # (a probability: positions scored at or over it are checked); None: the file's, chosen on validation.
+    router: str = ""
+    gate_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in policy_kinds():
@@ -76,6 +80,8 @@ class PolicyConfig:
         self.skip_gate()  # validates skip and its bounds
         if not 0.0 <= self.budget < 1.0:  # also rejects NaN
             raise ShapeError(f"budget: expected a cloud-token fraction in [0, 1), got {self.budget!r}")
+        if self.gate_threshold is not None and not 0.0 <= self.gate_threshold <= 1.0:
+            raise ShapeError(f"gate_threshold: expected a probability in [0, 1], got {self.gate_threshold!r}")
         if self.budget:
             _int_at_least("budget_window", self.budget_window, 1)
             self.budget_controller()  # validates budget_gain

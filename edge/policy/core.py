@@ -59,8 +59,10 @@ __all__ = [
 
 # "window": the edge drafts windows of check_interval tokens, the cloud checks each (check points).
 # "draft": speculative sampling, the cloud verifies drafts of gamma tokens (edge/exact.py).
-RoundKind = Literal["window", "draft"]
-ROUND_KINDS: tuple[str, ...] = ("window", "draft")
+# "gated": the edge commits each token at once unless the policy's gate() flags it for a check of that
+# one position (edge/gated.py; a gated policy defines gate() and checks(), and decides as correction).
+RoundKind = Literal["window", "draft", "gated"]
+ROUND_KINDS: tuple[str, ...] = ("window", "draft", "gated")
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,14 @@ class HandoffPolicy:
 
     def begin(self) -> None:
         """A generation starts: reset per-generation state (the built-in kinds have none)."""
+
+    def attach(self, vocabulary: Any) -> None:
+        """The edge's vocabulary is known (once per generator): a policy with a model file checks it."""
+
+    @property
+    def needs_hidden(self) -> bool:
+        """True when the policy reads Q's last hidden state (the runner must return it with each step)."""
+        return False
 
     # -- uploads ----------------------------------------------------------------------------------
 

@@ -1,0 +1,199 @@
+"""`handoff router train` and `handoff router evaluate`: the learned edge router from full traces."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from handoff.edge.cli import EdgeModelOpt
+from handoff.shared.cli import out
+from handoff.shared.cli_options import csv_values
+from handoff.shared.errors import HandoffError
+
+__all__ = ["register"]
+
+router_app = typer.Typer(
+    help="The learned edge router: train it on full traces, evaluate it offline.", no_args_is_help=True
+)
+
+TracesArg = Annotated[
+    list[Path],
+    typer.Argument(exists=True, dir_okay=False, help="Trace files of cloud-only runs (.jsonl[.gz])."),
+]
+FRACTIONS = "0.05,0.1,0.15,0.2,0.3"
+
+
+def register(app: typer.Typer) -> None:
+    """Add `router` to the root command."""
+    app.add_typer(router_app, name="router")
+
+
+def _load(paths: list[Path], edge: str | None, hidden: bool):
+    """(generations, RouterData, vocabulary) of trace files, hidden states recomputed with Q when asked."""
+    from handoff.edge.policy.features import token_classes
+    from handoff.edge.routing.data import read_generations, to_data
+    from handoff.edge.routing.extract import hidden_states
+    from handoff.shared.model_info import load_model_info
+    from handoff.shared.models import resolve
+    from handoff.shared.settings import get_settings
+
+    settings = get_settings()
+    ref = resolve(edge or settings.edge_model, "edge", settings)
+    vocabulary = load_model_info(ref, settings)[1]
+    generations = read_generations(paths)
+    if not generations:
+        raise HandoffError(f"no cloud-only generations in {', '.join(map(str, paths))}")
+    states = hidden_states(ref.path, generations, threads=settings.threads) if hidden else None
+    return to_data(generations, token_classes(vocabulary.tokens), states), vocabulary
+
+
+@router_app.command("train")
+def train(
+    traces: TracesArg,
+    val: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--val",
+            exists=True,
+            dir_okay=False,
+            help="Validation traces (the threshold); default: every --val-every-th training prompt.",
+        ),
+    ] = None,
+    val_every: Annotated[int, typer.Option(min=2, help="Without --val: hold out every N-th prompt.")] = 4,
+    out_path: Annotated[Path, typer.Option("--out", help="The router file to write.")] = Path("router.json"),
+    model: Annotated[str, typer.Option(help="logistic or mlp.")] = "logistic",
+    hidden_dims: Annotated[
+        int, typer.Option(min=0, help="Principal directions of Q's hidden state (0: none).")
+    ] = 16,
+    target_checked: Annotated[
+        float, typer.Option(min=0.001, max=0.999, help="Fraction of validation positions to check.")
+    ] = 0.15,
+    l2: Annotated[float, typer.Option(min=0.0, help="L2 penalty.")] = 1e-2,
+    edge: EdgeModelOpt = None,
+) -> None:
+    """Fit a router on TRACES (cloud-only runs) and choose its threshold on --val."""
+    import numpy as np
+
+    from handoff.edge.routing.metrics import at_threshold, auc
+    from handoff.edge.routing.train import TrainConfig, train_router
+
+    config = TrainConfig(model=model, hidden_dims=hidden_dims, l2=l2, target_checked=target_checked)  # type: ignore[arg-type]
+    train_data, vocabulary = _load(traces, edge, hidden_dims > 0)
+    if val:
+        val_data, _ = _load(val, edge, hidden_dims > 0)
+    else:  # hold out whole prompts: every val_every-th distinct prompt
+        prompts = sorted({g.prompt_ids for g in train_data.generations})
+        held = {p for i, p in enumerate(prompts) if i % val_every == val_every - 1}
+        is_val = np.asarray([g.prompt_ids in held for g in train_data.generations])
+        train_data, val_data = train_data.subset(~is_val), train_data.subset(is_val)
+    # A validation generation whose prompt is also a training one would flatter the threshold.
+    seen = {g.prompt_ids for g in train_data.generations}
+    val_data = val_data.subset(np.asarray([g.prompt_ids not in seen for g in val_data.generations]))
+    fp = vocabulary.fingerprint
+    router = train_router(
+        train_data, val_data, config, vocab_digest=fp.digest.hex(), vocab_size=fp.vocab_size,
+        meta={"edge_vocabulary": vocabulary.name, "train_traces": [str(p) for p in traces],
+              "val_traces": [str(p) for p in val or []], "val_every": None if val else val_every, "train_positions": len(train_data.labels),
+              "train_generations": len(train_data.generations), "val_generations": len(val_data.generations),
+              "train_disagreement_rate": float(train_data.labels.mean())},
+    )  # fmt: skip
+    scores = router.probabilities(router.rows(val_data.scalars, val_data.hidden))
+    stats = at_threshold(scores, val_data.labels, val_data.group, router.threshold)
+    router = replace(router, meta=router.meta | {"validation": stats | {"auc": auc(scores, val_data.labels)}})
+    router.save(out_path)
+    out.print(f"router: {out_path} ({len(router.layers)} layer(s), {router.n_features} features)")
+    out.print(json.dumps(router.meta["validation"], indent=1))
+
+
+@router_app.command("evaluate")
+def evaluate(
+    router_path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The router file.")],
+    traces: TracesArg,
+    fractions: Annotated[
+        str, typer.Option(help="Checked fractions of the frontier, comma-separated.")
+    ] = FRACTIONS,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    loso_train: Annotated[
+        list[Path] | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="Leave one suite out: the training traces (repeatable)."
+        ),
+    ] = None,
+    loso_val: Annotated[
+        list[Path] | None,
+        typer.Option(exists=True, dir_okay=False, help="Leave one suite out: the validation traces."),
+    ] = None,
+    edge: EdgeModelOpt = None,
+) -> None:
+    """Offline: how the router and the single-feature gates pick disagreements on TRACES (held out).
+
+    With --loso-train and --loso-val, also retrain the router (its file's settings) once per suite
+    without that suite and test it on that suite's TRACES.
+    """
+    from handoff.edge.policy.router import load_router
+    from handoff.edge.routing.report import (
+        evaluate_router,
+        leave_one_suite_out,
+        print_evaluation,
+        with_config,
+    )
+
+    router = load_router(router_path)
+    data, vocabulary = _load(traces, edge, router.hidden_dims > 0)
+    router.check_vocabulary(vocabulary)
+    result = evaluate_router(router, data, csv_values(fractions, float, "--fractions"))
+    result["router_file"] = str(router_path)
+    result["traces"] = [str(p) for p in traces]
+    if loso_train and loso_val:
+        hidden = router.hidden_dims > 0
+        train_data, val_data = _load(loso_train, edge, hidden)[0], _load(loso_val, edge, hidden)[0]
+        result["loso"] = leave_one_suite_out(
+            train_data, val_data, data, with_config(router),
+            vocab_digest=router.vocab_digest, vocab_size=router.vocab_size,
+        )  # fmt: skip
+    print_evaluation(result)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+def print_evaluation(result: dict[str, Any]) -> None:
+    """The figures as tables (stdout)."""
+    r = result["router"]
+    out.print(
+        f"{result['generations']} generations, {result['positions']} positions, "
+        f"{result['disagreement_rate']:.3f} disagreements; router at its threshold {r['threshold']:.3f}: "
+        f"checked {r['checked']:.3f}, recall {r['recall']:.3f}, reproduced {r['reproduced']:.3f}"
+    )
+    table = Table(title="gates: recall / reproduced generations at a checked fraction")
+    table.add_column("gate")
+    table.add_column("AUC")
+    fracs = [c["target"] for c in next(iter(result["gates"].values()))["curve"]]
+    for f in fracs:
+        table.add_column(f"{f:.0%} checked")
+    for name, g in result["gates"].items():
+        cells = [f"{c['recall']:.3f} / {c['reproduced']:.3f}" for c in g["curve"]]
+        table.add_row(name, "n/a" if g["auc"] is None else f"{g['auc']:.3f}", *cells)
+    out.print(table)
+    for title, rows in (
+        ("by suite", result.get("by_suite", {})),
+        ("leave one suite out", result.get("loso", {})),
+    ):
+        if not rows:
+            continue
+        t = Table(title=f"router, {title}")
+        for col in ("suite", "AUC", "checked", "recall", "reproduced"):
+            t.add_column(col)
+        for suite, m in rows.items():
+            t.add_row(
+                suite,
+                *(
+                    ("n/a" if m[k] is None else f"{m[k]:.3f}")
+                    for k in ("auc", "checked", "recall", "reproduced")
+                ),
+            )
+        out.print(t)

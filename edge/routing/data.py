@@ -1,0 +1,173 @@
+"""The router's training data: full traces of cloud-only runs, turned into feature rows and labels.
+
+A cloud-only run (`handoff eval`'s "large" run, or `handoff generate --cloud-only --trace`) has P
+write every token while Q scores each position on the way (its top-k view of P's prefix), so its
+trace holds, at every position t of P's text, what the edge would know there. The label is the
+argmax disagreement: Q's most likely token at t is not P's (greedy) token — exactly the positions the
+correction policy replaces. Along P's own text, a router that flags every such position makes the
+gated correction policy write P's text token for token.
+
+Q's hidden states are not in traces (they would be large): extract() recomputes them with one
+batched pass of Q over each generation (EdgeRunner.score_sequence).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handoff.edge.policy.features import SCALAR_FEATURES, scalar_features
+from handoff.shared.errors import ShapeError
+
+__all__ = ["Generation", "RouterData", "read_generations", "to_data"]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One cloud-only generation's positions: P's tokens and Q's view of each.
+
+    Arrays are [n] or [n, k] over the generated positions, in order.
+    """
+
+    task_id: str
+    suite: str
+    correct: bool | None
+    prompt_ids: tuple[int, ...]
+    tokens: np.ndarray  # int64 [n], P's tokens
+    q_topk_ids: np.ndarray  # int64 [n, k]
+    q_topk_logprobs: np.ndarray  # float64 [n, k]
+    q_entropy: np.ndarray  # float64 [n]
+    source: str  # file, for messages
+
+    @property
+    def labels(self) -> np.ndarray:
+        """[n] bool: Q's most likely token is not P's token (an argmax disagreement)."""
+        return self.q_topk_ids[:, 0] != self.tokens
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def read_generations(paths: Iterable[Path | str]) -> list[Generation]:
+    """The cloud-only generations in trace files (JSONL or .jsonl.gz; other modes are skipped).
+
+    Raises:
+        ShapeError: a cloud-only generation without Q's view at some position (not a full trace).
+    """
+    out: list[Generation] = []
+    for path in map(Path, paths):
+        header: dict[str, Any] | None = None
+        records: list[dict[str, Any]] = []
+        with _open(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                kind = rec.get("record")
+                if kind == "generation":
+                    header, records = rec, []
+                elif kind == "token":
+                    records.append(rec)
+                elif kind == "summary" and header is not None:
+                    if rec.get("mode") == "cloud" and records:
+                        out.append(_generation(header, records, f"{path}:{line_no}"))
+                    header = None
+    return out
+
+
+def _generation(header: dict[str, Any], records: list[dict[str, Any]], where: str) -> Generation:
+    if any(not r.get("q_topk_ids") for r in records):
+        raise ShapeError(f"{where}: a position lacks Q's view; the router needs full cloud-only traces")
+    k = min(len(r["q_topk_ids"]) for r in records)
+    return Generation(
+        task_id=str(header.get("task_id", where)),
+        suite=str(header.get("suite", "")),
+        correct=header.get("correct"),
+        prompt_ids=tuple(header["prompt_ids"]),
+        tokens=np.asarray([r["token_id"] for r in records], dtype=np.int64),
+        q_topk_ids=np.asarray([r["q_topk_ids"][:k] for r in records], dtype=np.int64),
+        q_topk_logprobs=np.asarray([r["q_topk_logprobs"][:k] for r in records], dtype=np.float64),
+        q_entropy=np.asarray([r["q_entropy"] for r in records], dtype=np.float64),
+        source=where,
+    )
+
+
+@dataclass(frozen=True)
+class RouterData:
+    """Feature rows and labels of many generations, with which generation each row came from.
+
+    scalars: [N, len(SCALAR_FEATURES)]; hidden: [N, d] or None; labels: [N] bool; group: [N] int, the
+    index of the row's generation in `generations`.
+    """
+
+    generations: tuple[Generation, ...]
+    scalars: np.ndarray
+    hidden: np.ndarray | None
+    labels: np.ndarray
+    group: np.ndarray
+
+    def subset(self, keep: np.ndarray) -> RouterData:
+        """The rows of the generations where keep [len(generations)] is True (renumbered)."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (len(self.generations),):
+            raise ShapeError(f"keep: expected [{len(self.generations)}], got {keep.shape}")
+        rows = keep[self.group]
+        renumber = np.cumsum(keep) - 1
+        return RouterData(
+            tuple(g for g, k in zip(self.generations, keep, strict=True) if k),
+            self.scalars[rows],
+            None if self.hidden is None else self.hidden[rows],
+            self.labels[rows],
+            renumber[self.group[rows]],
+        )
+
+
+def generation_scalars(g: Generation, classes: np.ndarray) -> np.ndarray:
+    """[n, len(SCALAR_FEATURES)]: the router's scalar features along one generation."""
+    n = len(g.tokens)
+    prev_entropy = np.concatenate([[0.0], g.q_entropy[:-1]])
+    prev_top1 = np.concatenate([[0.0], g.q_topk_logprobs[:-1, 0]])
+    return scalar_features(
+        g.q_topk_logprobs, g.q_entropy, classes[g.q_topk_ids[:, 0]], np.arange(n), prev_entropy, prev_top1
+    )
+
+
+def to_data(
+    generations: Sequence[Generation], classes: np.ndarray, hidden: Sequence[np.ndarray] | None = None
+) -> RouterData:
+    """Feature rows and labels of every position of the generations.
+
+    Args:
+        generations: the cloud-only generations.
+        classes: [V] token classes (features.token_classes of the pair's vocabulary).
+        hidden: per generation, [n_i, d] Q's hidden states at its positions; None: no hidden features.
+    """
+    if hidden is not None and len(hidden) != len(generations):
+        raise ShapeError(f"hidden: expected {len(generations)} arrays, got {len(hidden)}")
+    scalars, labels, groups, hid = [], [], [], []
+    for i, g in enumerate(generations):
+        scalars.append(generation_scalars(g, classes))
+        labels.append(g.labels)
+        groups.append(np.full(len(g.tokens), i))
+        if hidden is not None:
+            h = np.asarray(hidden[i], dtype=np.float32)
+            if h.shape[0] != len(g.tokens):
+                raise ShapeError(
+                    f"{g.source}: hidden states for {h.shape[0]} positions, {len(g.tokens)} tokens"
+                )
+            hid.append(h)
+    width = len(SCALAR_FEATURES)
+    return RouterData(
+        tuple(generations),
+        np.concatenate(scalars) if scalars else np.zeros((0, width)),
+        np.concatenate(hid) if hid else None,
+        np.concatenate(labels) if labels else np.zeros(0, dtype=bool),
+        np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64),
+    )

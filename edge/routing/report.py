@@ -1,0 +1,89 @@
+"""`handoff router evaluate`'s figures: the router against single-feature gates, per suite, held out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from handoff.edge.policy.router import RouterModel
+from handoff.edge.routing.data import RouterData
+from handoff.edge.routing.metrics import BASELINE_GATES, at_threshold, auc, baseline_scores, curve
+from handoff.edge.routing.train import TrainConfig, train_router
+
+__all__ = ["evaluate_router", "leave_one_suite_out", "with_config"]
+
+
+def _scores(router: RouterModel, data: RouterData) -> np.ndarray:
+    return router.probabilities(router.rows(data.scalars, data.hidden)) if len(data.labels) else np.zeros(0)
+
+
+def evaluate_router(router: RouterModel, data: RouterData, fractions: Sequence[float]) -> dict[str, Any]:
+    """The router at its threshold, and every gate's frontier (checked fraction -> recall, reproduced).
+
+    Args:
+        router: the trained router.
+        data: held-out rows (test traces).
+        fractions: checked fractions of the frontier, each in (0, 1).
+
+    Returns:
+        {"positions", "generations", "disagreement_rate", "router": {...}, "gates": {name: {...}},
+        "by_suite": {suite: {...}}}.
+    """
+    scores = _scores(router, data)
+    gates = {"router": scores} | {g: baseline_scores(data.scalars, g) for g in BASELINE_GATES}
+    out: dict[str, Any] = {
+        "positions": len(data.labels),
+        "generations": len(data.generations),
+        "disagreement_rate": float(data.labels.mean()) if len(data.labels) else None,
+        "router": at_threshold(scores, data.labels, data.group, router.threshold),
+        "gates": {
+            name: {"auc": auc(s, data.labels), "curve": curve(s, data.labels, data.group, fractions)}
+            for name, s in gates.items()
+        },
+        "by_suite": {},
+    }
+    suites = np.asarray([g.suite for g in data.generations])
+    for suite in sorted(set(suites.tolist())):
+        part = data.subset(suites == suite)
+        s = _scores(router, part)
+        out["by_suite"][suite] = at_threshold(s, part.labels, part.group, router.threshold) | {
+            "auc": auc(s, part.labels),
+            "positions": len(part.labels),
+        }
+    return out
+
+
+def leave_one_suite_out(
+    train: RouterData,
+    val: RouterData,
+    test: RouterData,
+    config: TrainConfig,
+    *,
+    vocab_digest: str,
+    vocab_size: int,
+) -> dict[str, Any]:
+    """For each suite: train on the other suites' training rows, threshold on their validation rows, test
+    on the held-out suite's test rows (how the router does on a kind of task it never saw)."""
+    out: dict[str, Any] = {}
+    suite_of = {
+        name: np.asarray([g.suite for g in d.generations])
+        for name, d in (("train", train), ("val", val), ("test", test))
+    }
+    for suite in sorted(set(suite_of["test"].tolist())):
+        router = train_router(
+            train.subset(suite_of["train"] != suite), val.subset(suite_of["val"] != suite), config,
+            vocab_digest=vocab_digest, vocab_size=vocab_size,
+        )  # fmt: skip
+        part = test.subset(suite_of["test"] == suite)
+        s = _scores(router, part)
+        out[suite] = at_threshold(s, part.labels, part.group, router.threshold) | {"auc": auc(s, part.labels)}
+    return out
+
+
+def with_config(router: RouterModel) -> TrainConfig:
+    """The TrainConfig a router was trained with (from its file's meta), for retraining it elsewhere."""
+    cfg = router.meta.get("train_config") or {}
+    return replace(TrainConfig(), **{k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__})
