@@ -337,3 +337,47 @@ def test_router_choices_pairs_are_distinct() -> None:
     pts = curve(s, y, g, [0.1, 0.2, 0.4])
     for a, b in combinations(pts, 2):
         assert a["checked"] < b["checked"] and a["recall"] <= b["recall"]
+
+
+def test_a_one_feature_router_weighs_only_that_feature(tmp_path: Path) -> None:
+    _write_synthetic_traces(tmp_path / "train.jsonl.gz", 20, 0)
+    data = to_data(read_generations([tmp_path / "train.jsonl.gz"]), np.zeros(10, dtype=np.int8))
+    router = train_router(
+        data, data, TrainConfig(hidden_dims=0, only=("q_entropy",)), vocab_digest="00" * 32, vocab_size=10
+    )
+    w = router.layers[0][0][:, 0]
+    assert w[COL["q_entropy"]] > 0 and np.count_nonzero(w) == 1
+    with pytest.raises(ShapeError, match="unknown features"):
+        TrainConfig(only=("nope",))
+
+
+def test_eval_runs_the_router_policy_by_its_file() -> None:
+    from handoff.edge.evaluation.runner import variant_spec
+
+    with pytest.raises(ValueError, match="--router"):
+        variant_spec("router", PolicyConfig())
+    spec = variant_spec("router", PolicyConfig(router="/x/gate-entropy.json"))
+    assert spec.name == "router-gate-entropy" and spec.policy.kind == "router" and spec.policy.gate_threshold is None
+    spec = variant_spec("router:0.25", PolicyConfig(router="/x/router.json"))
+    assert spec.name == "router-router-g0.25" and spec.policy.gate_threshold == 0.25
+    with pytest.raises(ValueError, match="probability"):
+        variant_spec("router:high", PolicyConfig(router="/x/router.json"))
+
+
+def test_router_commands_train_and_evaluate(tmp_path: Path, tiny_gguf_a, capsys) -> None:
+    from handoff.cli import main
+
+    _write_synthetic_traces(tmp_path / "train.jsonl.gz", 24, 0)
+    _write_synthetic_traces(tmp_path / "test.jsonl.gz", 10, 2)
+    out = tmp_path / "r.json"
+    args = ["router", "train", str(tmp_path / "train.jsonl.gz"), "--out", str(out), "--hidden-dims", "0"]
+    assert main([*args, "--target-checked", "0.4", "--edge", str(tiny_gguf_a)]) == 0
+    router = RouterModel.from_json(json.loads(out.read_text()))
+    assert router.meta["validation"]["auc"] > 0.95 and router.meta["val_every"] == 4
+    report = tmp_path / "eval.json"
+    args = ["router", "evaluate", str(out), str(tmp_path / "test.jsonl.gz"), "--json", str(report)]
+    assert main([*args, "--loso-train", str(tmp_path / "train.jsonl.gz"), "--edge", str(tiny_gguf_a)]) == 0
+    result = json.loads(report.read_text())
+    assert result["generations"] == 10 and set(result["gates"]) == {"router", "entropy", "top1", "margin"}
+    assert result["gates"]["router"]["auc"] > 0.95 and set(result["loso"]) == {"a", "b"}
+    assert "leave one suite out" in capsys.readouterr().out

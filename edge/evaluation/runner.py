@@ -130,7 +130,13 @@ _DEFAULTS = asdict(PolicyConfig())
 
 
 def _policy_key(policy: PolicyConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(policy).items() if k not in _LATER_FIELDS or v != _DEFAULTS[k]}
+    # The router's file matters only to the router policy: a base --router must not redo other runs.
+    skip = () if policy.kind == "router" else ("router", "gate_threshold")
+    return {
+        k: v
+        for k, v in asdict(policy).items()
+        if k not in skip and (k not in _LATER_FIELDS or v != _DEFAULTS[k])
+    }
 
 
 def row_key(spec: RunSpec, task: Task, fixed: dict[str, Any]) -> str:

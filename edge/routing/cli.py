@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(router_app, name="router")
 
 
-def _load(paths: list[Path], edge: str | None, hidden: bool):
+def _load(paths: list[Path], edge: str | None, hidden: bool, batch: int = 1):
     """(generations, RouterData, vocabulary) of trace files, hidden states recomputed with Q when asked."""
     from handoff.edge.policy.features import token_classes
     from handoff.edge.routing.data import read_generations, to_data
@@ -48,7 +48,7 @@ def _load(paths: list[Path], edge: str | None, hidden: bool):
     generations = read_generations(paths)
     if not generations:
         raise HandoffError(f"no cloud-only generations in {', '.join(map(str, paths))}")
-    states = hidden_states(ref.path, generations, threads=settings.threads) if hidden else None
+    states = hidden_states(ref.path, generations, threads=settings.threads, batch=batch) if hidden else None
     return to_data(generations, token_classes(vocabulary.tokens), states), vocabulary
 
 
@@ -74,23 +74,30 @@ def train(
         float, typer.Option(min=0.001, max=0.999, help="Fraction of validation positions to check.")
     ] = 0.15,
     l2: Annotated[float, typer.Option(min=0.0, help="L2 penalty.")] = 1e-2,
+    only: Annotated[
+        str, typer.Option(help="Only these features, comma-separated (e.g. q_entropy: a one-signal gate).")
+    ] = "",
+    extract_batch: Annotated[
+        int, typer.Option(min=1, help="Positions per decode when recomputing Q's hidden states (1: exact).")
+    ] = 1,
     edge: EdgeModelOpt = None,
 ) -> None:
     """Fit a router on TRACES (cloud-only runs) and choose its threshold on --val."""
     import numpy as np
 
+    from handoff.edge.routing.data import split_by_prompt
     from handoff.edge.routing.metrics import at_threshold, auc
     from handoff.edge.routing.train import TrainConfig, train_router
 
-    config = TrainConfig(model=model, hidden_dims=hidden_dims, l2=l2, target_checked=target_checked)  # type: ignore[arg-type]
-    train_data, vocabulary = _load(traces, edge, hidden_dims > 0)
+    config = TrainConfig(
+        model=model, hidden_dims=hidden_dims, l2=l2, target_checked=target_checked,
+        only=tuple(f.strip() for f in only.split(",") if f.strip()),
+    )  # fmt: skip  # type: ignore[arg-type]
+    train_data, vocabulary = _load(traces, edge, hidden_dims > 0, extract_batch)
     if val:
-        val_data, _ = _load(val, edge, hidden_dims > 0)
-    else:  # hold out whole prompts: every val_every-th distinct prompt
-        prompts = sorted({g.prompt_ids for g in train_data.generations})
-        held = {p for i, p in enumerate(prompts) if i % val_every == val_every - 1}
-        is_val = np.asarray([g.prompt_ids in held for g in train_data.generations])
-        train_data, val_data = train_data.subset(~is_val), train_data.subset(is_val)
+        val_data, _ = _load(val, edge, hidden_dims > 0, extract_batch)
+    else:  # hold out whole prompts
+        train_data, val_data = split_by_prompt(train_data, val_every)
     # A validation generation whose prompt is also a training one would flatter the threshold.
     seen = {g.prompt_ids for g in train_data.generations}
     val_data = val_data.subset(np.asarray([g.prompt_ids not in seen for g in val_data.generations]))
@@ -126,22 +133,21 @@ def evaluate(
     ] = None,
     loso_val: Annotated[
         list[Path] | None,
-        typer.Option(exists=True, dir_okay=False, help="Leave one suite out: the validation traces."),
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Leave one suite out: the validation traces (default: held-out prompts of --loso-train).",
+        ),
     ] = None,
     edge: EdgeModelOpt = None,
 ) -> None:
     """Offline: how the router and the single-feature gates pick disagreements on TRACES (held out).
 
-    With --loso-train and --loso-val, also retrain the router (its file's settings) once per suite
+    With --loso-train (and --loso-val), also retrain the router (its file's settings) once per suite
     without that suite and test it on that suite's TRACES.
     """
     from handoff.edge.policy.router import load_router
-    from handoff.edge.routing.report import (
-        evaluate_router,
-        leave_one_suite_out,
-        print_evaluation,
-        with_config,
-    )
+    from handoff.edge.routing.report import evaluate_router, leave_one_suite_out, with_config
 
     router = load_router(router_path)
     data, vocabulary = _load(traces, edge, router.hidden_dims > 0)
@@ -149,12 +155,12 @@ def evaluate(
     result = evaluate_router(router, data, csv_values(fractions, float, "--fractions"))
     result["router_file"] = str(router_path)
     result["traces"] = [str(p) for p in traces]
-    if loso_train and loso_val:
+    if loso_train:
         hidden = router.hidden_dims > 0
-        train_data, val_data = _load(loso_train, edge, hidden)[0], _load(loso_val, edge, hidden)[0]
         result["loso"] = leave_one_suite_out(
-            train_data, val_data, data, with_config(router),
-            vocab_digest=router.vocab_digest, vocab_size=router.vocab_size,
+            _load(loso_train, edge, hidden)[0], _load(loso_val, edge, hidden)[0] if loso_val else None, data,
+            with_config(router), vocab_digest=router.vocab_digest, vocab_size=router.vocab_size,
+            val_every=int(router.meta.get("val_every") or 4),
         )  # fmt: skip
     print_evaluation(result)
     if json_out is not None:

@@ -25,7 +25,7 @@ import numpy as np
 from handoff.edge.policy.features import SCALAR_FEATURES, scalar_features
 from handoff.shared.errors import ShapeError
 
-__all__ = ["Generation", "RouterData", "read_generations", "to_data"]
+__all__ = ["Generation", "RouterData", "read_generations", "split_by_prompt", "to_data"]
 
 
 @dataclass(frozen=True)
@@ -171,3 +171,16 @@ def to_data(
         np.concatenate(labels) if labels else np.zeros(0, dtype=bool),
         np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64),
     )
+
+
+def split_by_prompt(data: RouterData, every: int) -> tuple[RouterData, RouterData]:
+    """(train, validation): every `every`-th distinct prompt (in sorted order) goes to validation.
+
+    A prompt's generations stay on one side, so validation never sees a training prompt.
+    """
+    if every < 2:
+        raise ShapeError(f"every: expected >= 2, got {every}")
+    prompts = sorted({g.prompt_ids for g in data.generations})
+    held = {p for i, p in enumerate(prompts) if i % every == every - 1}
+    is_val = np.asarray([g.prompt_ids in held for g in data.generations], dtype=bool)
+    return data.subset(~is_val), data.subset(is_val)

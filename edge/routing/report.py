@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from handoff.edge.policy.router import RouterModel
-from handoff.edge.routing.data import RouterData
+from handoff.edge.routing.data import RouterData, split_by_prompt
 from handoff.edge.routing.metrics import BASELINE_GATES, at_threshold, auc, baseline_scores, curve
 from handoff.edge.routing.train import TrainConfig, train_router
 
@@ -58,26 +58,30 @@ def evaluate_router(router: RouterModel, data: RouterData, fractions: Sequence[f
 
 def leave_one_suite_out(
     train: RouterData,
-    val: RouterData,
+    val: RouterData | None,
     test: RouterData,
     config: TrainConfig,
     *,
     vocab_digest: str,
     vocab_size: int,
+    val_every: int = 4,
 ) -> dict[str, Any]:
-    """For each suite: train on the other suites' training rows, threshold on their validation rows, test
-    on the held-out suite's test rows (how the router does on a kind of task it never saw)."""
+    """For each suite: train on the other suites' training rows, threshold on their validation rows
+    (val's, or held-out prompts of theirs when val is None), test on the held-out suite's test rows:
+    how the router does on a kind of task it never saw."""
     out: dict[str, Any] = {}
-    suite_of = {
-        name: np.asarray([g.suite for g in d.generations])
-        for name, d in (("train", train), ("val", val), ("test", test))
-    }
-    for suite in sorted(set(suite_of["test"].tolist())):
-        router = train_router(
-            train.subset(suite_of["train"] != suite), val.subset(suite_of["val"] != suite), config,
-            vocab_digest=vocab_digest, vocab_size=vocab_size,
-        )  # fmt: skip
-        part = test.subset(suite_of["test"] == suite)
+
+    def suites(d: RouterData) -> np.ndarray:
+        return np.asarray([g.suite for g in d.generations])
+
+    for suite in sorted(set(suites(test).tolist())):
+        others = train.subset(suites(train) != suite)
+        if val is None:
+            fit, held = split_by_prompt(others, val_every)
+        else:
+            fit, held = others, val.subset(suites(val) != suite)
+        router = train_router(fit, held, config, vocab_digest=vocab_digest, vocab_size=vocab_size)
+        part = test.subset(suites(test) == suite)
         s = _scores(router, part)
         out[suite] = at_threshold(s, part.labels, part.group, router.threshold) | {"auc": auc(s, part.labels)}
     return out

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from handoff.edge.policy.features import SCALAR_FEATURES
 from handoff.edge.policy.router import RouterModel
 from handoff.edge.routing.data import RouterData
 from handoff.shared.errors import ShapeError
@@ -36,12 +37,18 @@ class TrainConfig:
     mlp_epochs: int = 400
     target_checked: float = 0.15
     seed: int = 0
+    # Only these scalar features (SCALAR_FEATURES names); () = all. A one-feature router is the
+    # single-signal gate (e.g. Q's entropy) with a threshold chosen the same way: a baseline.
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.model not in ("logistic", "mlp"):
             raise ShapeError(f"model: expected logistic or mlp, got {self.model!r}")
         if not 0.0 < self.target_checked < 1.0:
             raise ShapeError(f"target_checked: expected a fraction in (0, 1), got {self.target_checked}")
+        unknown = [f for f in self.only if f not in SCALAR_FEATURES]
+        if unknown:
+            raise ShapeError(f"only: unknown features {unknown}; choose from {SCALAR_FEATURES}")
         if self.hidden_dims < 0 or self.mlp_width < 1 or self.mlp_epochs < 1 or self.l2 < 0:
             raise ShapeError("hidden_dims >= 0, mlp_width >= 1, mlp_epochs >= 1 and l2 >= 0 expected")
 
@@ -182,13 +189,20 @@ def train_router(
         x_val = np.concatenate([x_val, (val.hidden - hidden_mean) @ hidden_proj], axis=1)
     mean = x_train.mean(axis=0)
     scale = np.where(x_train.std(axis=0) > 1e-9, x_train.std(axis=0), 1.0)
-    z = (x_train - mean) / scale
+    used = np.ones(x_train.shape[1], dtype=bool)  # [f] the columns the fit sees; the others weigh 0
+    if config.only:
+        used[:] = False
+        used[[SCALAR_FEATURES.index(f) for f in config.only]] = True
+    z = ((x_train - mean) / scale)[:, used]
     y = train.labels.astype(np.float64)
     if config.model == "logistic":
         w, b = fit_logistic(z, y, config.l2)
         layers: tuple[tuple[np.ndarray, np.ndarray], ...] = ((w[:, None], np.asarray([b])),)
     else:
         layers = fit_mlp(z, y, config.mlp_width, config.mlp_epochs, config.l2, config.seed)
+    first_w = np.zeros((x_train.shape[1], layers[0][0].shape[1]))
+    first_w[used] = layers[0][0]
+    layers = ((first_w, layers[0][1]), *layers[1:])
     draft = RouterModel(mean, scale, layers, 0.5, vocab_digest, vocab_size, hidden_mean, hidden_proj)
     threshold = choose_threshold(draft.probabilities(x_val), config.target_checked)
     return RouterModel(
