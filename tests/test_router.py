@@ -357,7 +357,11 @@ def test_eval_runs_the_router_policy_by_its_file() -> None:
     with pytest.raises(ValueError, match="--router"):
         variant_spec("router", PolicyConfig())
     spec = variant_spec("router", PolicyConfig(router="/x/gate-entropy.json"))
-    assert spec.name == "router-gate-entropy" and spec.policy.kind == "router" and spec.policy.gate_threshold is None
+    assert (
+        spec.name == "router-gate-entropy"
+        and spec.policy.kind == "router"
+        and spec.policy.gate_threshold is None
+    )
     spec = variant_spec("router:0.25", PolicyConfig(router="/x/router.json"))
     assert spec.name == "router-router-g0.25" and spec.policy.gate_threshold == 0.25
     with pytest.raises(ValueError, match="probability"):
