@@ -433,7 +433,7 @@ def plain_run(llm, prompt_ids: list[int], max_tokens: int, stop_ids: frozenset[i
     return {"tokens": tokens, "total_s": end - t0, "prefill_s": first - t0, "decode_s": end - first}
 
 
-def runner_run(runner, prompt_ids: list[int], max_tokens: int, hidden: bool) -> dict:
+def runner_run(runner, prompt_ids: list[int], max_tokens: int, hidden: bool, gate=None) -> dict:
     """Greedy generation with EdgeRunner.step alone (no controller, no cloud), timed like plain_run.
 
     Args:
@@ -441,6 +441,8 @@ def runner_run(runner, prompt_ids: list[int], max_tokens: int, hidden: bool) -> 
         prompt_ids: [n] the chat-templated prompt.
         max_tokens: steps at most; stops after a stop token as plain_run does.
         hidden: the runner's `hidden` for this run (switched off again after it).
+        gate: a router policy (RouterPolicy) whose gate() scores every step, timed with the decode:
+            the learned router's whole per-token cost on the edge (features, hidden state, score).
 
     Returns:
         tokens, steps (the EdgeSteps), prefill_s (start(); with hidden on it includes the decode that
@@ -452,8 +454,12 @@ def runner_run(runner, prompt_ids: list[int], max_tokens: int, hidden: bool) -> 
     runner.start(prompt_ids)
     t1 = time.perf_counter()
     steps: list = []
+    if gate is not None:
+        gate.begin()
     while len(steps) < max_tokens and not (steps and steps[-1].token_id in runner.stop_token_ids):
         steps.append(runner.step())
+        if gate is not None:
+            gate.gate(steps[-1], len(steps) - 1)
     end = time.perf_counter()
     runner.hidden = False
     tokens = [s.token_id for s in steps]
@@ -497,7 +503,7 @@ def score_diffs(runner, prompt_ids: list[int], steps: list, batch: int) -> dict:
     }  # fmt: skip
 
 
-def hidden_rounds(args: argparse.Namespace, runner, llm, prompt_ids: list[int], stops) -> dict:
+def hidden_rounds(args: argparse.Namespace, runner, llm, prompt_ids: list[int], stops, gate=None) -> dict:
     """--hidden both: plain vs the runner with hidden off vs on, interleaved; then score_diffs.
 
     Every run decodes on a short-lived thread (in_fresh_thread), in an order rotated each round.
@@ -508,6 +514,7 @@ def hidden_rounds(args: argparse.Namespace, runner, llm, prompt_ids: list[int], 
         llm: the plain llama_cpp.Llama.
         prompt_ids: [n] the prompt.
         stops: the runner's stop token ids.
+        gate: --router's policy: the hidden-on run also scores every step with it.
 
     Returns:
         summary (medians of tok/s, ratios, prefill ms; tokens_match, views_identical), rounds, scoring.
@@ -517,7 +524,7 @@ def hidden_rounds(args: argparse.Namespace, runner, llm, prompt_ids: list[int], 
     runs = {
         "plain": lambda n: plain_run(llm, prompt_ids, n, stops),
         "hidden_off": lambda n: runner_run(runner, prompt_ids, n, False),
-        "hidden_on": lambda n: runner_run(runner, prompt_ids, n, True),
+        "hidden_on": lambda n: runner_run(runner, prompt_ids, n, True, gate),
     }
     names = list(runs)
     for name in names:  # warm-up
@@ -723,7 +730,13 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict:
         stops = runner.stop_token_ids
         hidden = None
         if args.hidden == "both":  # before the controller's thread decodes (one OpenMP team at a time)
-            hidden = hidden_rounds(args, runner, llm, prompt_ids, stops)
+            gate = None
+            if args.router is not None:
+                from handoff.edge.policy import make_policy
+
+                gate = make_policy(PolicyConfig(kind="router", router=str(args.router)))
+                gate.attach(vocabulary)
+            hidden = hidden_rounds(args, runner, llm, prompt_ids, stops, gate)
         probe = RunnerProbe(runner)
         # --baseline-thread main keeps this thread an OpenMP master next to the controller's (see
         # in_fresh_thread): it shows what two long-lived llama.cpp threads cost the hybrid's decodes.
@@ -841,6 +854,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict:
     return {
         "model": ref.name,
         "model_path": str(ref.path),
+        "router": None if args.router is None else str(args.router),
         "model_name": model_info.name,
         "vocab_size": model_info.vocab_size,
         "threads": args.threads,
@@ -887,6 +901,12 @@ def main() -> None:
         default="off",
         help="both: also time plain vs EdgeRunner.step with Q's hidden state off and on, and compare "
         "score_sequence with the steps",
+    )
+    parser.add_argument(
+        "--router",
+        type=Path,
+        help="with --hidden both: the hidden-on run also scores every step with this router file "
+        "(the learned router's features and score on the edge)",
     )
     parser.add_argument("--json-out", type=Path, help="also write the results here")
     args = parser.parse_args()
