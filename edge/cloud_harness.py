@@ -90,6 +90,33 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def generate_with_server(cloud_path: Path, edge_path: Path, policy, max_tokens: int, *, mode: str = "hybrid",
+                         prompt: str = "Sort a list."):  # fmt: skip
+    """One greedy generation: Q (edge_path) under `policy`, P (cloud_path) in a server on port 0.
+
+    Args:
+        policy: the PolicyConfig; prompt: the user message (the edge model's chat template applied).
+
+    Returns:
+        The GenerationResult.
+    """
+    from handoff.edge.controller import HybridGenerator
+    from handoff.edge.runner import EdgeRunner
+    from handoff.shared.sampling import SamplingSettings
+
+    async def go():
+        runner = EdgeRunner(edge_path, k=policy.top_k, n_ctx=1024, n_threads=1)
+        try:
+            ids = runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": prompt}]))
+            async with running_server(llama_backend_factory(cloud_path)) as (_, client):
+                gen = HybridGenerator(runner, client, vocabulary_of(edge_path), policy, mode=mode)
+                return await gen.generate(ids, max_tokens, sampling=SamplingSettings())
+        finally:
+            runner.close()
+
+    return run(go())
+
+
 def start_server(
     model, *extra: str, env: dict[str, str] | None = None, port: int = 0
 ) -> tuple[subprocess.Popen, int]:

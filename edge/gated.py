@@ -17,15 +17,14 @@ alone, probes and resynchronises with the committed text, and gated rounds resum
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from handoff.edge.link import CloudLink
-from handoff.edge.records import GenerationResult, TokenRecord
-from handoff.edge.runner import EdgeRunner, EdgeStep
+from handoff.edge.exact import Driver
+from handoff.edge.records import TokenRecord
+from handoff.edge.runner import EdgeStep
 from handoff.edge.wire import edge_token
 from handoff.shared.errors import VerifierError
 
@@ -46,27 +45,11 @@ class CheckWindow:
     keep: int = 0  # tokens the policy keeps once answered
 
 
-class GatedDriver(Protocol):
-    """What gated_round needs of the controller's generation (edge/controller.py)."""
+class GatedDriver(Driver, Protocol):
+    """What gated_round needs of the controller's generation (edge/controller.py), beyond exact_round's."""
 
-    runner: EdgeRunner
-    link: CloudLink | None
-    result: GenerationResult
     core: Any  # a HandoffPolicy with gate(step, offset) -> float and checks(score) -> bool
     prompt: list[int]
-    stops: frozenset[int] | set[int]
-    max_tokens: int
-
-    @property
-    def committed(self) -> int: ...
-
-    def clock(self) -> float: ...
-
-    async def bounded(self, request: Awaitable) -> Any: ...
-
-    async def in_pool(self, fn: Callable, *args: Any) -> Any: ...
-
-    async def commit(self, record: TokenRecord) -> None: ...
 
     async def upload(self, w: CheckWindow, may_resync: bool) -> None: ...
 
@@ -132,9 +115,10 @@ async def gated_round(gen: GatedDriver) -> bool:
         elif outcome == "handover":
             done = await gen.hand_over(w, [], CheckWindow([], []))
         for r in reversed(gen.result.records):  # the trace keeps the score of the checked position
-            if r.position < step.position:
+            if r.position == step.position:
+                r.gate_score = score
+            if r.position <= step.position:
                 break
-            r.gate_score = score if r.position == step.position else r.gate_score
         if done:
             return True
         if outcome == "handover":

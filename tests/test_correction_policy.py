@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from handoff.edge.cloud_harness import generate_with_server
 from handoff.edge.policy import CorrectionPolicy, PolicyConfig, WindowView, make_policy
 from handoff.shared.errors import ShapeError
-from handoff.shared.sampling import SamplingSettings
 
 
 def view(tokens, p_top1, kls=None) -> WindowView:
@@ -59,32 +59,14 @@ def test_needs_the_clouds_answer() -> None:
         view([5, 6], [5])  # one per position
 
 
-def _generate(cloud_path, edge_path, policy, max_tokens, mode="hybrid", prompt="Sort a list."):
-    from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
-    from handoff.edge.controller import HybridGenerator
-    from handoff.edge.runner import EdgeRunner
-
-    async def go():
-        runner = EdgeRunner(edge_path, k=policy.top_k, n_ctx=1024, n_threads=1)
-        try:
-            ids = runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": prompt}]))
-            async with running_server(llama_backend_factory(cloud_path)) as (_, client):
-                gen = HybridGenerator(runner, client, vocabulary_of(edge_path), policy, mode=mode)
-                return await gen.generate(ids, max_tokens, sampling=SamplingSettings())
-        finally:
-            runner.close()
-
-    return run(go())
-
-
 @pytest.mark.parametrize("prompt", ["Sort a list.", "Write a poem about the sea.", "Explain recursion."])
 def test_greedy_correction_reproduces_cloud_only_text_with_one_cloud_token_per_disagreement(
     tiny_gguf_a, tiny_gguf_a_near, prompt
 ) -> None:
     # P = A, Q = A with a little noise: they mostly agree, and disagree now and then.
     policy = PolicyConfig(kind="correction", check_interval=8)
-    cloud = _generate(tiny_gguf_a, tiny_gguf_a_near, policy, 200, mode="cloud", prompt=prompt)
-    r = _generate(tiny_gguf_a, tiny_gguf_a_near, policy, 200, prompt=prompt)
+    cloud = generate_with_server(tiny_gguf_a, tiny_gguf_a_near, policy, 200, mode="cloud", prompt=prompt)
+    r = generate_with_server(tiny_gguf_a, tiny_gguf_a_near, policy, 200, prompt=prompt)
     assert r.tokens == cloud.tokens
     counts = r.counts()
     acc = r.summary()["accounting"]
@@ -105,9 +87,9 @@ def test_correction_uses_fewer_cloud_tokens_than_rollback_at_the_same_text(
 ) -> None:
     rollback = PolicyConfig(kind="rollback", threshold=0.0, handback_tokens=4)  # every window handed over
     correction = PolicyConfig(kind="correction")
-    cloud = _generate(tiny_gguf_a, tiny_gguf_a_near, correction, 120, mode="cloud")
-    a = _generate(tiny_gguf_a, tiny_gguf_a_near, rollback, 120)
-    b = _generate(tiny_gguf_a, tiny_gguf_a_near, correction, 120)
+    cloud = generate_with_server(tiny_gguf_a, tiny_gguf_a_near, correction, 120, mode="cloud")
+    a = generate_with_server(tiny_gguf_a, tiny_gguf_a_near, rollback, 120)
+    b = generate_with_server(tiny_gguf_a, tiny_gguf_a_near, correction, 120)
     assert a.tokens == b.tokens == cloud.tokens  # both give P's greedy text here
     cloud_a = a.counts()["cloud"] + a.counts()["corrected"]
     cloud_b = b.counts()["cloud"] + b.counts()["corrected"]

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from handoff.edge.cloud_harness import generate_with_server
 from handoff.edge.policy import PolicyConfig, RouterMismatch, RouterModel, make_policy
 from handoff.edge.policy.features import SCALAR_FEATURES, TOKEN_CLASSES, scalar_features, token_classes
 from handoff.edge.routing.data import read_generations, to_data
 from handoff.edge.routing.metrics import at_threshold, auc, curve
 from handoff.edge.routing.train import TrainConfig, fit_logistic, pca, train_router
 from handoff.shared.errors import ShapeError
-from handoff.shared.sampling import SamplingSettings
 
 F = len(SCALAR_FEATURES)
 COL = {name: i for i, name in enumerate(SCALAR_FEATURES)}
@@ -244,24 +244,6 @@ def test_a_generation_without_qs_view_is_refused(tmp_path: Path) -> None:
 # -- gated rounds on tiny models ----------------------------------------------------------------
 
 
-def _generate(cloud_path, edge_path, policy, max_tokens, mode="hybrid", prompt="Sort a list."):
-    from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
-    from handoff.edge.controller import HybridGenerator
-    from handoff.edge.runner import EdgeRunner
-
-    async def go():
-        runner = EdgeRunner(edge_path, k=policy.top_k, n_ctx=1024, n_threads=1)
-        try:
-            ids = runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": prompt}]))
-            async with running_server(llama_backend_factory(cloud_path)) as (_, client):
-                gen = HybridGenerator(runner, client, vocabulary_of(edge_path), policy, mode=mode)
-                return await gen.generate(ids, max_tokens, sampling=SamplingSettings())
-        finally:
-            runner.close()
-
-    return run(go())
-
-
 def _router_file(tmp_path: Path, edge_path, feature: str, offset: float, name: str) -> str:
     from handoff.edge.cloud_harness import vocabulary_of
 
@@ -278,8 +260,8 @@ def test_a_router_that_checks_everything_writes_ps_greedy_text(
         tmp_path, tiny_gguf_a_near, "q_top1_prob", -1e6, "all.json"
     )  # logit huge: check all
     policy = PolicyConfig(kind="router", router=router)
-    cloud = _generate(tiny_gguf_a, tiny_gguf_a_near, policy, 120, mode="cloud")
-    r = _generate(tiny_gguf_a, tiny_gguf_a_near, policy, 120)
+    cloud = generate_with_server(tiny_gguf_a, tiny_gguf_a_near, policy, 120, mode="cloud")
+    r = generate_with_server(tiny_gguf_a, tiny_gguf_a_near, policy, 120)
     assert r.tokens == cloud.tokens
     counts = r.counts()
     assert counts["unchecked"] == 0 and counts["cloud"] == 0 and counts["corrected"] > 0
@@ -293,8 +275,8 @@ def test_a_router_that_checks_nothing_streams_qs_text_unchecked_by_design(
 ) -> None:
     router = _router_file(tmp_path, tiny_gguf_a_near, "q_top1_prob", 1e6, "none.json")  # never checks
     policy = PolicyConfig(kind="router", router=router)
-    edge = _generate(tiny_gguf_a, tiny_gguf_a_near, policy, 80, mode="edge")
-    r = _generate(tiny_gguf_a, tiny_gguf_a_near, policy, 80)
+    edge = generate_with_server(tiny_gguf_a, tiny_gguf_a_near, policy, 80, mode="edge")
+    r = generate_with_server(tiny_gguf_a, tiny_gguf_a_near, policy, 80)
     assert r.tokens == edge.tokens  # Q's own greedy text
     assert r.check_points == 0 and r.accounting()["checked_positions"] == 0
     assert r.bytes_sent > 0  # P still received every token
@@ -307,10 +289,10 @@ def test_a_partial_gate_checks_only_flagged_positions_against_ps_own_prefix(
     tmp_path, tiny_gguf_a, tiny_gguf_b
 ) -> None:
     # Q = B, P = A: they disagree often. Check where Q's entropy is in its upper half.
-    edge = _generate(tiny_gguf_a, tiny_gguf_b, PolicyConfig(), 60, mode="edge")
+    edge = generate_with_server(tiny_gguf_a, tiny_gguf_b, PolicyConfig(), 60, mode="edge")
     median = float(np.median([rec.q_entropy for rec in edge.records]))
     router = _router_file(tmp_path, tiny_gguf_b, "q_entropy", median, "half.json")
-    r = _generate(tiny_gguf_a, tiny_gguf_b, PolicyConfig(kind="router", router=router), 60)
+    r = generate_with_server(tiny_gguf_a, tiny_gguf_b, PolicyConfig(kind="router", router=router), 60)
     checked = [rec for rec in r.records if rec.checked]
     unchecked = [rec for rec in r.records if not rec.checked]
     assert checked and unchecked
