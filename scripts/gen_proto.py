@@ -25,6 +25,10 @@ GENERATED = ("handoff_pb2.py", "handoff_pb2.pyi", "handoff_pb2_grpc.py")
 # protoc writes absolute imports from the proto package path; ours live in shared.wire.
 ABSOLUTE_IMPORT = "from handoff.v1 import handoff_pb2 as"
 RELATIVE_IMPORT = "from . import handoff_pb2 as"
+# The message classes' __module__ (what pickle imports them by, e.g. between Ray Serve's processes)
+# must be the module they live in, not the proto package's path.
+PROTO_MODULE = "'handoff.v1.handoff_pb2'"
+PYTHON_MODULE = "'handoff.shared.wire.handoff_pb2'"
 
 
 def generate() -> dict[str, bytes]:
@@ -50,6 +54,10 @@ def generate() -> dict[str, bytes]:
     if ABSOLUTE_IMPORT not in grpc_code:
         raise SystemExit("generated gRPC code no longer imports its messages the expected way")
     files["handoff_pb2_grpc.py"] = grpc_code.replace(ABSOLUTE_IMPORT, RELATIVE_IMPORT).encode()
+    msg_code = files["handoff_pb2.py"].decode()
+    if PROTO_MODULE not in msg_code:
+        raise SystemExit("generated message code no longer names its module the expected way")
+    files["handoff_pb2.py"] = msg_code.replace(PROTO_MODULE, PYTHON_MODULE).encode()
     return files
 
 

@@ -33,3 +33,7 @@ class VerifierError(HandoffError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+    def __reduce__(self):
+        # Pickled whole (e.g. from a Ray Serve replica to its proxy): the default pickles only args.
+        return (type(self), (self.code, str(self)))

@@ -337,3 +337,11 @@ def test_raw_forward_advances_the_cache_like_forward(tiny_gguf_a):
         np.testing.assert_array_equal(out_a.topk_ids, out_b.topk_ids)
     finally:
         backend.close()
+
+
+def test_verifier_errors_survive_pickling_with_their_code():
+    """Errors cross process boundaries whole (Ray Serve pickles a replica's exception to its proxy)."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(VerifierError("RESOURCE_EXHAUSTED", "full")))
+    assert isinstance(e, VerifierError) and e.code == "RESOURCE_EXHAUSTED" and str(e) == "full"

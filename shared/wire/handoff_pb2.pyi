@@ -278,16 +278,20 @@ class CloudMessage(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., appended: _Optional[_Union[Appended, _Mapping]] = ..., check: _Optional[_Union[CheckPointResult, _Mapping]] = ..., token: _Optional[_Union[CloudToken, _Mapping]] = ..., handoff_done: _Optional[_Union[HandoffDone, _Mapping]] = ..., rolled_back: _Optional[_Union[RolledBack, _Mapping]] = ..., verified: _Optional[_Union[VerifyResult, _Mapping]] = ..., closed: _Optional[_Union[Closed, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "length", "info", "compute_s")
+    __slots__ = ("session_id", "length", "info", "compute_s", "reused_tokens", "server_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     length: int
     info: ServiceInfo
     compute_s: float
-    def __init__(self, session_id: _Optional[str] = ..., length: _Optional[int] = ..., info: _Optional[_Union[ServiceInfo, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    reused_tokens: int
+    server_id: str
+    def __init__(self, session_id: _Optional[str] = ..., length: _Optional[int] = ..., info: _Optional[_Union[ServiceInfo, _Mapping]] = ..., compute_s: _Optional[float] = ..., reused_tokens: _Optional[int] = ..., server_id: _Optional[str] = ...) -> None: ...
 
 class Appended(_message.Message):
     __slots__ = ("length",)
