@@ -57,4 +57,9 @@ class CloudMetrics:
             "Forward-pass seconds attributed to sessions (a batched pass split by tokens fed).",
             registry=r,
         )
+        self.resumed_tokens = Counter(
+            "handoff_cloud_resumed_tokens",
+            "Prompt tokens a new session took from a broken session's kept cache instead of prefilling them.",
+            registry=r,
+        )
         self.queue_depth = Gauge("handoff_cloud_queue_depth", "Requests waiting for the model.", registry=r)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +33,7 @@ import numpy as np
 
 from handoff.cloud.backend import Backend, ForwardItem
 from handoff.cloud.metrics import CloudMetrics
+from handoff.cloud.resume import RetainedSequences
 from handoff.cloud.scheduler import BatchScheduler, Forwarded
 from handoff.cloud.settings import CloudSettings
 from handoff.shared.errors import CapacityError, ShapeError, VerifierError, VocabularyMismatch
@@ -72,6 +75,7 @@ class _Session:
     scored: int = 0
     generated: int = 0
     compute_s: float = 0.0  # this session's share of every forward pass so far
+    reused: int = 0  # prompt tokens taken from a broken session's kept cache
 
 
 class _Stop:
@@ -126,6 +130,8 @@ class VerifierService:
         self.max_context = min(settings.max_context, backend.info.context_length or settings.max_context)
         self._sessions: dict[str, _Session] = {}
         self._reaper: asyncio.Task | None = None
+        self._retained = RetainedSequences(settings.resume_sessions, settings.resume_ttl_s)
+        self.server_id = settings.server_id or f"{socket.gethostname()}/{os.getpid()}"
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -137,6 +143,7 @@ class VerifierService:
         if self._reaper:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
+        await self._free(self._retained.drain())
         await self.scheduler.stop()
 
     @property
@@ -148,6 +155,7 @@ class VerifierService:
         while True:
             await asyncio.sleep(min(timeout / 4, 5.0))
             now = time.monotonic()
+            await self._free(self._retained.expired(now))
             for s in list(self._sessions.values()):
                 if now - s.last_active > timeout and not s.expired:
                     logger.info("session %s idle for %.0f s: closing it", s.id, now - s.last_active)
@@ -240,6 +248,8 @@ class VerifierService:
                                 length=len(session.tokens),
                                 info=self.get_info(),
                                 compute_s=session.compute_s,  # the prefill: nothing else ran yet
+                                reused_tokens=session.reused,
+                                server_id=self.server_id,
                             ),
                         )
                     elif kind == "close":
@@ -289,10 +299,10 @@ class VerifierService:
         self._sessions.pop(session.id, None)
         self.metrics.sessions.set(len(self._sessions))
         self.metrics.sessions_closed.labels(reason).inc()
-        try:
-            await asyncio.shield(self.scheduler.call(self.backend.release, session.seq))
-        except Exception as e:  # the service is stopping; nothing to keep
-            logger.debug("release of session %s: %s", session.id, e)
+        if reason in ("cancelled", "half-closed"):  # ended without a Close: its edge may resynchronise
+            await self._free(self._retained.put(session.seq, session.tokens[: session.fed]))
+        else:
+            await self._free([session.seq])
         logger.info(
             "session %s ended (%s): %d scored, %d generated",
             session.id,
@@ -300,6 +310,35 @@ class VerifierService:
             session.scored,
             session.generated,
         )
+
+    async def _free(self, seqs: list[object]) -> None:
+        for seq in seqs:
+            try:
+                await asyncio.shield(self.scheduler.call(self.backend.release, seq))
+            except Exception as e:  # the service is stopping; nothing to keep
+                logger.debug("release of a sequence: %s", e)
+
+    async def _new_sequence(self, prompt: list[int]) -> tuple[object, int]:
+        """A sequence for a new session: a broken session's kept cache sharing the prompt's longest
+        prefix (cut to it; returns how many tokens it holds), else a new one, evicting kept caches for room.
+        """
+        hit = self._retained.take(prompt[:-1])  # the open prefills all but the prompt's last token
+        if hit is not None:
+            seq, matched = hit
+            try:
+                await self.scheduler.call(self.backend.truncate, seq, matched)
+                return seq, matched
+            except Exception as e:
+                logger.info("a kept cache could not be reused (%s): prefilling", e)
+                await self._free([seq])
+        while True:
+            try:
+                return await self.scheduler.call(self.backend.new_sequence), 0
+            except CapacityError as e:
+                oldest = self._retained.pop_oldest()
+                if oldest is None:
+                    raise VerifierError("RESOURCE_EXHAUSTED", str(e)) from None
+                await self._free([oldest])
 
     async def _open(self, req: pb.OpenSession) -> _Session:
         if req.protocol_version and req.protocol_version != PROTOCOL_VERSION:
@@ -336,10 +375,7 @@ class VerifierService:
                 "RESOURCE_EXHAUSTED",
                 f"the service is full ({self.settings.max_sessions} sessions); retry later",
             )
-        try:
-            seq = await self.scheduler.call(self.backend.new_sequence)
-        except CapacityError as e:
-            raise VerifierError("RESOURCE_EXHAUSTED", str(e)) from None
+        seq, reused = await self._new_sequence(prompt)
         session = _Session(
             id=uuid.uuid4().hex[:16],
             seq=seq,
@@ -350,16 +386,25 @@ class VerifierService:
             rng=sampling.rng(),
             stop_ids=frozenset(req.sampling.stop_token_ids),
             next_unchecked=len(prompt),
+            fed=reused,
+            reused=reused,
         )
         self._sessions[session.id] = session
         self.metrics.sessions.set(len(self._sessions))
         self.metrics.sessions_opened.inc()
         try:
-            await self._forward(session, session.tokens[: session.prompt_len - 1], n_out=0)
+            await self._forward(session, session.tokens[reused : session.prompt_len - 1], n_out=0)
         except BaseException:
             await self._release(session, "error")
             raise
-        logger.info("session %s opened: %d prompt tokens, k=%d", session.id, session.prompt_len, k)
+        self.metrics.resumed_tokens.inc(reused)
+        logger.info(
+            "session %s opened: %d prompt tokens (%d from a kept cache), k=%d",
+            session.id,
+            session.prompt_len,
+            reused,
+            k,
+        )
         return session
 
     def _sampling(self, msg: pb.SamplingParams) -> SamplingSettings:
@@ -385,7 +430,13 @@ class VerifierService:
         """Feed tokens to the session's cache through the batch scheduler."""
         item = ForwardItem(session.seq, tokens, n_out=n_out, k=session.k, **kw)
         try:
-            result = await self.scheduler.forward(item)
+            try:
+                result = await self.scheduler.forward(item)
+            except CapacityError:
+                if not len(self._retained):
+                    raise
+                await self._free(self._retained.drain())  # kept caches give way to live sessions
+                result = await self.scheduler.forward(item)
         except CapacityError as e:
             raise VerifierError("RESOURCE_EXHAUSTED", str(e)) from None
         except ShapeError as e:

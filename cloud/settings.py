@@ -27,6 +27,11 @@ class CloudSettings(BaseSettings):
     )
     threads: int = Field(2, ge=1, description="CPU threads for the model.")
 
+    ray: bool = Field(
+        False,
+        description="Run replicas on Ray Serve behind its gRPC proxy on --port (the `ray` extra; docs/ray.md).",
+    )
+
     # Network
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(50051, ge=0, le=65535, description="Port; 0 picks a free one.")
@@ -78,3 +83,13 @@ class CloudSettings(BaseSettings):
         description="llama.cpp: KV cells shared by all sessions (allocated up front); None = sessions x context.",
     )
     session_idle_timeout_s: float = Field(300.0, gt=0, description="Sessions idle this long are closed.")
+    resume_sessions: int = Field(
+        8,
+        ge=0,
+        description="Caches of sessions whose stream broke kept for a resynchronising edge (a new session "
+        "adopts the longest common prefix instead of prefilling it again); 0 turns this off.",
+    )
+    resume_ttl_s: float = Field(60.0, gt=0, description="How long a broken session's cache is kept.")
+    server_id: str | None = Field(
+        None, description="This server's name in SessionOpened (default host/pid; Ray replicas set theirs)."
+    )
