@@ -114,6 +114,7 @@ class HybridGenerator:
         *,
         sampling: SamplingSettings | None = None,
         on_token: OnToken | None = None,
+        routing_key: str | None = None,
     ) -> GenerationResult:
         """Generate up to max_tokens tokens after the prompt; stops at an end-of-turn token.
 
@@ -123,6 +124,8 @@ class HybridGenerator:
             sampling: sampling settings for this generation (default: the runner's).
             on_token: called with each token as it is committed, in order (may be async); returning
                 True stops the generation there (stop_reason "stopped").
+            routing_key: keeps the generation's cloud sessions, resyncs included, on one replica of a
+                scaled-out cloud (Ray Serve); default: a fresh random key.
 
         Returns:
             The committed tokens with their trace records and the generation's counters.
@@ -132,7 +135,7 @@ class HybridGenerator:
                 session for a reason retrying cannot fix (a different vocabulary, a bad argument).
         """
         gen = _Generation(self, list(prompt_ids), max_tokens, on_token)
-        return await gen.run(sampling)
+        return await gen.run(sampling, routing_key)
 
 
 class _Stop(Exception):
@@ -176,7 +179,7 @@ class _Generation:
     def committed(self) -> int:
         return len(self.result.records)
 
-    async def run(self, sampling: SamplingSettings | None) -> GenerationResult:
+    async def run(self, sampling: SamplingSettings | None, routing_key: str | None) -> GenerationResult:
         result, g = self.result, self.g
         try:
             self.core.begin()
@@ -197,6 +200,7 @@ class _Generation:
                     ),
                     g.link_config,
                     result,
+                    routing_key=routing_key,
                 )
                 if not await self.link.open(self.prompt, first=True) and g.mode == "cloud":
                     raise VerifierError("UNAVAILABLE", "cloud-only generation: the cloud cannot be reached")

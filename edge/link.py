@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,8 @@ class CloudLink:
         open_kwargs: dict[str, Any],
         config: LinkConfig,
         result: GenerationResult,
+        *,
+        routing_key: str | None = None,
     ) -> None:
         self.client = client
         self.open_kwargs = open_kwargs
@@ -65,6 +68,8 @@ class CloudLink:
         self.reachable = asyncio.Event()
         self._prober: asyncio.Task | None = None
         self._sessions: list[RemoteSession] = []
+        # One key for the generation's sessions: a resync goes back to the replica holding its cache.
+        self.routing_key = routing_key or uuid.uuid4().hex
 
     def alive(self) -> bool:
         """True while the session is usable; a session found broken starts the fallback."""
@@ -76,7 +81,8 @@ class CloudLink:
         """Open a session whose prompt is `context` (prompt + committed tokens); False if that failed."""
         try:
             session = await within(
-                self.client.open_session(context, **self.open_kwargs), self.config.open_timeout_s
+                self.client.open_session(context, routing_key=self.routing_key, **self.open_kwargs),
+                self.config.open_timeout_s,
             )
         except (VerifierError, TimeoutError, OSError) as e:
             if not isinstance(e, VerifierError) or e.code in TRANSIENT:
@@ -85,12 +91,19 @@ class CloudLink:
             raise  # a refusal retrying cannot fix: a different vocabulary, a bad argument
         self.session = session
         self._sessions.append(session)
+        self.result.servers.append(session.server_id)
         if first:  # for the latency simulator: the open carries the vocabulary fingerprint
             self.result.open_bytes = (session.bytes_sent, session.bytes_received)
         self.reachable.clear()
         if not first:
             self.result.resyncs += 1
-            logger.info("cloud back: session resynchronised at %d tokens", len(context))
+            self.result.resync_reused_tokens += session.reused_tokens
+            logger.info(
+                "cloud back: session resynchronised at %d tokens on %s (%d from its kept cache)",
+                len(context),
+                session.server_id,
+                session.reused_tokens,
+            )
         return True
 
     def fail(self, error: BaseException) -> None:

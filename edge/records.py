@@ -63,6 +63,8 @@ class GenerationResult:
     discarded_drafts: int = 0  # edge tokens drafted behind a check point that handed over
     cloud_failures: int = 0  # times the cloud was found unreachable or too slow
     resyncs: int = 0  # sessions reopened with the committed text
+    servers: list[str] = field(default_factory=list)  # server_id of each session opened, in order
+    resync_reused_tokens: int = 0  # of those sessions' prompts, tokens the cloud kept cached (no re-prefill)
     stop_reason: str = ""
     seconds: float = 0.0
     first_token_s: float | None = None  # time to the first committed token
@@ -155,6 +157,8 @@ class GenerationResult:
             "discarded_drafts": self.discarded_drafts,
             "cloud_failures": self.cloud_failures,
             "resyncs": self.resyncs,
+            "resync_reused_tokens": self.resync_reused_tokens,
+            "servers": self.servers,
             "mean_kl": self.mean_kl(),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,

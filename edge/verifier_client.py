@@ -32,6 +32,11 @@ from handoff.shared.wire import PROTOCOL_VERSION, fingerprint_from_proto, finger
 
 logger = logging.getLogger(__name__)
 
+# gRPC metadata carrying a session's routing key. Ray Serve's gRPC proxy hands this key to the
+# deployment's request router (the consistent-hash router keeps a key on one replica); a plain
+# `serve-cloud` ignores it.
+ROUTING_KEY_METADATA = "session_id"
+
 
 class MessageStream(Protocol):
     async def send(self, msg: pb.EdgeMessage) -> None: ...
@@ -42,7 +47,7 @@ class MessageStream(Protocol):
 
 class Transport(Protocol):
     async def get_info(self, request: pb.GetInfoRequest) -> pb.ServiceInfo: ...
-    def open_stream(self) -> MessageStream: ...
+    def open_stream(self, routing_key: str | None = None) -> MessageStream: ...
     async def close(self) -> None: ...
 
 
@@ -386,8 +391,12 @@ class GrpcTransport:
         except grpc.aio.AioRpcError as e:
             raise _from_rpc_error(e) from None
 
-    def open_stream(self) -> MessageStream:
-        stream = _GrpcStream(self.stub.Session(metadata=self.metadata))
+    def open_stream(self, routing_key: str | None = None) -> MessageStream:
+        """A session stream; `routing_key` rides along as `session_id` metadata (see ROUTING_KEY_METADATA)."""
+        metadata = self.metadata
+        if routing_key:
+            metadata = (*metadata, (ROUTING_KEY_METADATA, routing_key))
+        stream = _GrpcStream(self.stub.Session(metadata=metadata))
         if self.delay is None:
             return stream
         delayed = _DelayedStream(stream, self._uplink, self._downlink)
@@ -453,7 +462,7 @@ class InProcessTransport:
     async def get_info(self, request: pb.GetInfoRequest) -> pb.ServiceInfo:
         return self.service.get_info(request)
 
-    def open_stream(self) -> MessageStream:
+    def open_stream(self, routing_key: str | None = None) -> MessageStream:
         return _InProcessStream(self.service)
 
     async def close(self) -> None:
@@ -485,6 +494,8 @@ class RemoteSession:
         self._error: VerifierError | None = None
         self._reader: asyncio.Task | None = None
         self.session_id = ""
+        self.server_id = ""
+        self.reused_tokens = 0
         self.length = 0
         self.info: pb.ServiceInfo | None = None
         self.bytes_sent = 0
@@ -501,6 +512,8 @@ class RemoteSession:
             reply.opened.length,
             reply.opened.info,
         )
+        self.reused_tokens = reply.opened.reused_tokens  # prompt tokens the cloud did not prefill again
+        self.server_id = reply.opened.server_id
 
     async def _read(self) -> None:
         try:
@@ -728,8 +741,10 @@ class VerifierClient:
         sampling: pb.SamplingParams | None = None,
         policy: pb.Policy | None = None,
         client: str = "handoff-edge",
+        routing_key: str | None = None,
     ) -> RemoteSession:
-        session = RemoteSession(self.transport.open_stream())
+        """Open a session; `routing_key` (stable across a generation's resyncs) keeps it on one replica."""
+        session = RemoteSession(self.transport.open_stream(routing_key))
         req = pb.OpenSession(
             prompt_token_ids=list(prompt_ids),
             vocab=fingerprint_to_proto(vocabulary.fingerprint),
