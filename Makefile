@@ -17,6 +17,9 @@ models: setup
 run: models
 	$(HANDOFF) generate --max-tokens 512
 
+# The tests also cover `serve-cloud --ray`: Ray Serve is an extra that only they install.
+test test-fast test-unit: export HANDOFF_EXTRAS ?= cloud,test,ray
+
 test: models
 	$(VENV)/bin/python -m pytest
 

@@ -62,11 +62,11 @@ def _lenient(deserializer: Callable[[bytes], object], type_name: str) -> Callabl
     return deserialize
 
 
-class _HandlerCapture:
-    """Stands in for a server to collect the method handlers the generated code registers."""
+class HandlerCapture:
+    """Stands in for a server to collect the method handlers generated code registers, by service."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         pass  # the same handlers also come through add_registered_method_handlers
@@ -74,7 +74,22 @@ class _HandlerCapture:
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
-        self.handlers.update(handlers)
+        self.services.setdefault(service, {}).update(handlers)
+
+
+def verifier_handlers(servicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The Verifier's method handlers as the generated code makes them, with lenient request
+    deserializers: the servicer's methods receive a MalformedMessage where the bytes did not parse.
+    """
+    capture = HandlerCapture()
+    pb_grpc.add_VerifierServicer_to_server(servicer, capture)
+    methods = pb.DESCRIPTOR.services_by_name["Verifier"].methods_by_name
+    return {
+        name: handler._replace(
+            request_deserializer=_lenient(handler.request_deserializer, methods[name].input_type.full_name)
+        )
+        for name, handler in capture.services[SERVICE_NAME].items()
+    }
 
 
 def add_verifier_to_server(servicer: VerifierServicer, server: grpc.aio.Server) -> None:
@@ -84,15 +99,7 @@ def add_verifier_to_server(servicer: VerifierServicer, server: grpc.aio.Server) 
         servicer: the servicer; its methods receive a MalformedMessage where the bytes did not parse.
         server: the grpc.aio server to register on.
     """
-    capture = _HandlerCapture()
-    pb_grpc.add_VerifierServicer_to_server(servicer, capture)
-    methods = pb.DESCRIPTOR.services_by_name["Verifier"].methods_by_name
-    handlers = {
-        name: handler._replace(
-            request_deserializer=_lenient(handler.request_deserializer, methods[name].input_type.full_name)
-        )
-        for name, handler in capture.handlers.items()
-    }
+    handlers = verifier_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 

@@ -7,7 +7,7 @@
 #
 # Environment:
 #   PYTHON            interpreter for the venv (default: python3.11, else python3; needs >= 3.11)
-#   HANDOFF_EXTRAS    extras to install (default: cloud,test)
+#   HANDOFF_EXTRAS    extras to install (default: cloud,test; `make test` adds ray)
 #   TORCH_INDEX_URL   where pip finds torch (e.g. a CPU-only wheel index on a machine without a GPU
 #                     whose pip would otherwise take the CUDA build); default: pip's own configuration
 set -euo pipefail
