@@ -119,10 +119,18 @@ class VerifierReplica:
         from handoff.cloud.loader import load_backend
 
         settings = CloudSettings.model_validate_json(cloud_json)
-        replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        replica = context.replica_id.unique_id
         self.settings = settings.model_copy(update={"server_id": f"ray-replica-{replica}/{os.getpid()}"})
         self.backend = load_backend(self.settings)
         self.service = VerifierService(self.backend, self.settings)
+        if settings.metrics_port is not None:
+            # One Prometheus endpoint per replica: --metrics-port + the replica's rank on its node.
+            from prometheus_client import start_http_server
+
+            port = settings.metrics_port + context.rank.local_rank
+            start_http_server(port, addr=settings.host, registry=self.service.metrics.registry)
+            logger.info("replica %s: metrics on %s:%d", self.settings.server_id, settings.host, port)
         self._started: asyncio.Task | None = None
         self._reflection = reflection.aio.ReflectionServicer(
             (

@@ -67,9 +67,12 @@ def ray_cloud(model, *flags: str, env: dict[str, str] | None = None):
     return start_server(model, "--ray", "--cpus-per-replica", "0.5", *flags, port=free_port(), env=env)
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def two_replicas(tiny_gguf_a):
-    proc, port = ray_cloud(tiny_gguf_a, "--replicas", "2")
+    proc, port = ray_cloud(tiny_gguf_a, "--replicas", "2", "--metrics-port", str(METRICS_PORT))
     yield proc, port
     stop(proc)
 
@@ -132,6 +135,17 @@ def test_sessions_spread_over_replicas_and_a_key_sticks_to_one(two_replicas, tin
     spread, stuck = run(scenario())
     assert len(spread) == 2  # 20 random keys on a ring of two: all on one has probability 2e-6
     assert len(stuck) == 1
+
+
+def test_each_replica_serves_its_metrics(two_replicas):
+    """--metrics-port P: replica i (its rank on the node) serves Prometheus metrics on P + i."""
+    import urllib.request
+
+    texts = [
+        urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT + i}/metrics", timeout=10).read().decode()
+        for i in range(2)
+    ]
+    assert all("handoff_cloud_sessions_opened_total" in t for t in texts)
 
 
 def test_a_full_replica_passes_new_sessions_to_the_next_one(two_replicas, tiny_gguf_a):
@@ -278,39 +292,66 @@ def test_malformed_bytes_through_the_proxy_are_invalid_argument(two_replicas, ti
     assert run(server_of(port, vocabulary_of(tiny_gguf_a), uuid.uuid4().hex)).startswith("ray-replica-")
 
 
-def test_autoscales_from_one_replica_to_two_under_load_with_a_bearer_token(tiny_gguf_a):
+def test_autoscales_up_under_load_and_drains_on_the_way_down_with_a_bearer_token(tiny_gguf_a):
+    """1 -> 2 replicas under 5 sessions (target 2 per replica); with 2 sessions left, one on each
+    replica, Ray removes one: it takes no new sessions but serves its open one until it closes."""
+    token = "secret"
     proc, port = ray_cloud(
-        tiny_gguf_a, "--min-replicas", "1", "--max-replicas", "2", "--target-sessions", "1", "--upscale-delay-s", "0",
-        env={"HANDOFF_CLOUD_AUTH_TOKEN": "secret"},
+        tiny_gguf_a, "--min-replicas", "1", "--max-replicas", "2", "--target-sessions", "2",
+        "--upscale-delay-s", "0", "--downscale-delay-s", "1", "--grace-s", "60",
+        env={"HANDOFF_CLOUD_AUTH_TOKEN": token},
     )  # fmt: skip
     vocab = vocabulary_of(tiny_gguf_a)
+
+    async def sample(n: int) -> set[str]:
+        return {await server_of(port, vocab, uuid.uuid4().hex, token=token) for _ in range(n)}
+
+    async def until(what, timeout: float = 120.0):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (result := await what()) and loop.time() < deadline:
+            await asyncio.sleep(1.0)
+        return result
 
     async def scenario():
         with pytest.raises(VerifierError) as refused:
             await server_of(port, vocab, "no-token")
         assert refused.value.code == "UNAUTHENTICATED"
-        before = {await server_of(port, vocab, uuid.uuid4().hex, token="secret") for _ in range(4)}
-        client = VerifierClient(GrpcTransport(f"127.0.0.1:{port}", auth_token="secret"))
-        held = [
-            await client.open_session([5 + i] * 8, vocab, top_k=4, routing_key=f"load-{i}") for i in range(3)
-        ]
-        seen = set(before)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 120
-        while len(seen) < 2 and loop.time() < deadline:
-            await asyncio.sleep(1.0)
-            seen.add(await server_of(port, vocab, uuid.uuid4().hex, token="secret"))
-        for s in held:
-            await s.close()
-        await client.close()
-        return before, seen
+        out = {"before": await sample(4)}
+        client = VerifierClient(GrpcTransport(f"127.0.0.1:{port}", auth_token=token))
+        try:
+            # 4 sessions fill the one replica (--max-sessions 4); the fifth waits for the second.
+            load = [
+                await client.open_session([5 + i] * 8, vocab, top_k=4, routing_key=f"load-{i}")
+                for i in range(5)
+            ]
+            out["load"] = [s.server_id for s in load]
+            # Keep one session on each replica: 2 sessions at a target of 2 per replica: Ray removes
+            # one replica, and new sessions then all land on the other.
+            held = [load[0], load[4]]
+            for s in load[1:4]:
+                await s.close()
+            out["down"] = await until(lambda: _one(sample(6)))
+            # The removed replica drains: its session still answers check points, then closes cleanly.
+            for session in held:
+                await score_all(session, 8, [11, 12, 13, 14], [4])
+                assert (await session.close()) is not None
+            return out
+        finally:
+            await client.close()
 
     try:
-        before, seen = run(scenario())
+        out = run(scenario())
     finally:
         stop(proc)
-    assert len(before) == 1  # one replica before the load
-    assert len(seen) == 2  # a second one came up under it
+    assert len(out["before"]) == 1  # one replica before the load
+    assert len(set(out["load"][:4])) == 1 and out["load"][4] != out["load"][0]  # a second came up under it
+    assert out["down"] is not None and len(out["down"]) == 1  # then one was removed: both sessions finished
+
+
+async def _one(servers) -> set[str] | None:
+    found = await servers
+    return found if len(found) == 1 else None
 
 
 @pytest.mark.real_models
