@@ -392,7 +392,7 @@ class _Generation:
             return "stop" if await self._commit_edge(w, len(w.steps)) else "continue"
         self._answered(w)  # the done-callback runs a loop turn after the answer: settling may come first
         scores = answer.result().scores
-        w.kls = window_kl(w.steps, scores)
+        w.kls = window_kl(w.steps, scores, self.core.concept_of)
         self.result.checked_positions += len(w.steps)
         view = WindowView(
             token_ids=np.asarray([s.token_id for s in w.steps]),
@@ -469,7 +469,7 @@ class _Generation:
                 p_ids, p_lp = topk_from_proto(tok.topk)
                 at = np.append(p_ids, tok.token_id)  # P's top-k, and the token itself
                 q_ids, q_lp, ent, q_at = await self.in_pool(self.runner.append_scored, tok.token_id, at)
-                kl = cloud_token_kl(p_ids, p_lp, q_ids, q_lp, q_at[:-1])
+                kl = cloud_token_kl(p_ids, p_lp, q_ids, q_lp, q_at[:-1], self.core.concept_of)
                 first = last is None and corrected is not None
                 await self.commit(TokenRecord(
                     position=tok.position, token_id=tok.token_id, source="corrected" if first else "cloud",

@@ -97,6 +97,12 @@ class EdgeSettings(BaseSettings):
     budget_gain: float = Field(
         _P.budget_gain, gt=0, description="budget: the gain of the control of log tau."
     )
+    divergence: Literal["token", "surface", "concept"] = Field(
+        _P.divergence,
+        description="KL over tokens, over surface forms (case and leading space folded) or over concepts "
+        "(clusters of P's output embeddings); each a lower bound of the token KL.",
+    )
+    concepts: int = Field(_P.concepts, ge=2, description="divergence concept: the number of clusters.")
     router: str = Field(_P.router, description="router: the learned router's file (handoff router train).")
     gate_threshold: float | None = Field(
         _P.gate_threshold,

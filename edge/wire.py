@@ -63,12 +63,15 @@ def sampling_to_proto(s: SamplingSettings, stop_ids: Sequence[int]) -> pb.Sampli
     )
 
 
-def window_kl(steps: Sequence[EdgeStep], scores: Sequence[pb.PositionScore]) -> np.ndarray:
+def window_kl(
+    steps: Sequence[EdgeStep], scores: Sequence[pb.PositionScore], concept_of: np.ndarray | None = None
+) -> np.ndarray:
     """Top-k KL(P || Q) at each position of a window, from Q's views and the cloud's answer.
 
     Args:
         steps: [n] the window's edge tokens with Q's views.
         scores: [n] the check point's answer, at the same positions.
+        concept_of: [V] concept ids: the KL over concepts (shared.concepts); None: over tokens.
 
     Returns:
         [n] nats, each a lower bound of the full-vocabulary KL; NaN where no distribution was uploaded.
@@ -91,12 +94,18 @@ def window_kl(steps: Sequence[EdgeStep], scores: Sequence[pb.PositionScore]) -> 
             st.topk_logprobs[None],
             p_at_q[None],
             rest_margin=WIRE_REST_MARGIN,
+            concept_of=concept_of,
         )[0]
     return out
 
 
 def cloud_token_kl(
-    p_ids: np.ndarray, p_lp: np.ndarray, q_ids: np.ndarray, q_lp: np.ndarray, q_at_p: np.ndarray
+    p_ids: np.ndarray,
+    p_lp: np.ndarray,
+    q_ids: np.ndarray,
+    q_lp: np.ndarray,
+    q_at_p: np.ndarray,
+    concept_of: np.ndarray | None = None,
 ) -> float:
     """Top-k KL(P || Q) at a cloud token's position; Q is known everywhere on the edge.
 
@@ -106,11 +115,12 @@ def cloud_token_kl(
         q_ids: [k] Q's top-k ids.
         q_lp: [k] Q's log-probabilities there.
         q_at_p: [k] Q's log-probabilities at p_ids (P's top-k with Q's values there gives the bound).
+        concept_of: [V] concept ids: the KL over concepts; None: over tokens.
 
     Returns:
         nats, a lower bound of the full-vocabulary KL.
     """
     return float(
         topk_kl(p_ids[None], p_lp[None], q_ids[None], q_lp[None],
-                q_logprobs_at_p_ids=q_at_p[None], rest_margin=WIRE_REST_MARGIN)[0]
+                q_logprobs_at_p_ids=q_at_p[None], rest_margin=WIRE_REST_MARGIN, concept_of=concept_of)[0]
     )  # fmt: skip

@@ -370,6 +370,7 @@ def topk_kl(
     q_logprobs_at_p_ids: Any | None = None,
     rest_floor: float = 1e-12,
     rest_margin: float = 1e-8,
+    concept_of: Any | None = None,
 ) -> np.ndarray:
     """Coarse-grained KL(P || Q) per position from top-k views; a lower bound of the full KL.
 
@@ -404,6 +405,16 @@ def topk_kl(
     Where an id's value is known twice on one side (P's top-k and p_logprobs_at_q_ids, or Q's top-k
     and q_logprobs_at_p_ids), the model's own top-k value is used.
 
+    Over concepts (concept_of given: a concept id per token id, handoff.shared.concepts): the ids of
+    S that share a concept form one bucket instead of one each, so " The" and "the" stop counting as
+    a disagreement when both are in S. The buckets {S ∩ c} and the rest still partition the
+    vocabulary, and they merge the token buckets above, so by the same inequality
+
+        concept KL <= top-k KL <= full KL(P || Q).
+
+    It is not a bound on the KL between the two models' complete concept distributions, which top-k
+    views cannot give (a concept's ids outside S are in the rest bucket).
+
     Args:
         p_ids: [n, kp] integer ids of P's top-k, distinct within a row.
         p_logprobs: [n, kp] P's log-probabilities at p_ids.
@@ -415,6 +426,8 @@ def topk_kl(
             Q's known ids hold all of Q's mass but not all of P's (only binds if above rest_margin).
         rest_margin: added to rest_q before flooring, in [0, 1]; see above. 0 gives the plain formula
             with max(rest_q, rest_floor), which can exceed the full KL by rounding.
+        concept_of: [V] integer concept id of every token id (V > every id in the views), or None:
+            one bucket per id.
 
     Returns:
         [n] float64 KL estimates in nats, >= 0, +inf where a known q is 0 and its p is not.
@@ -474,6 +487,8 @@ def topk_kl(
     p_s = np.where(known, np.concatenate([p_lp, p_for_q], axis=1), -np.inf)  # [n, kp + kq]
     q_s = np.where(known, np.concatenate([q_for_p, q_lp], axis=1), -np.inf)  # [n, kp + kq]
 
+    if concept_of is not None:
+        p_s, q_s = _merge_by_concept(p_s, q_s, np.concatenate([p_ids_a, q_ids_a], axis=1), concept_of)
     inside = np.sum(_kl_terms(p_s, q_s), axis=1)  # [n]
 
     # 1 - sum(p) loses everything below 1e-16 when sum(p) ~ 1; -expm1(logsumexp) keeps it.
@@ -483,6 +498,37 @@ def topk_kl(
         rest = rest_p * (np.log(rest_p) - np.log(np.maximum(rest_q + margin, floor)))
     rest = np.where(rest_p > 0.0, rest, 0.0)  # 0 log 0 = 0
     return np.maximum(inside + rest, 0.0)
+
+
+def _merge_by_concept(
+    p_s: np.ndarray, q_s: np.ndarray, slot_ids: np.ndarray, concept_of: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """S's log-masses summed per concept: [n, m] arrays with each concept's mass in one slot, -inf elsewhere.
+
+    Args:
+        p_s, q_s: [n, m] log-probabilities of S's slots (-inf where a slot is not in S).
+        slot_ids: [n, m] the token id of each slot.
+        concept_of: [V] concept id of each token id.
+    """
+    concepts = np.asarray(concept_of)
+    if concepts.ndim != 1 or concepts.dtype.kind not in "iu":
+        raise ShapeError(
+            f"concept_of: expected integer concept ids of shape [V], got {concepts.shape} {concepts.dtype}"
+        )
+    if slot_ids.size and int(slot_ids.max()) >= concepts.shape[0]:
+        raise ShapeError(
+            f"concept_of: has {concepts.shape[0]} entries; the views hold id {int(slot_ids.max())}"
+        )
+    groups = concepts[slot_ids]  # [n, m]
+    out_p = np.full_like(p_s, -np.inf)
+    out_q = np.full_like(q_s, -np.inf)
+    for r in range(p_s.shape[0]):  # n is a window (~8-16 rows): a loop is clearer than a segmented sum
+        uniq, inverse = np.unique(groups[r], return_inverse=True)
+        for out, src in ((out_p, p_s), (out_q, q_s)):
+            merged = np.full(uniq.shape[0], -np.inf)
+            np.logaddexp.at(merged, inverse, src[r])
+            out[r, : uniq.shape[0]] = merged
+    return out_p, out_q
 
 
 # --------------------------------------------------------------------------------------------------

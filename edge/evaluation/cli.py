@@ -67,7 +67,7 @@ def eval_command(
         str,
         typer.Option(
             help="Other policies' runs, comma-separated: exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
-            "router[:G] (--router FILE)."
+            "surface:TAU, concept:TAU (KL over surface forms / concepts), router[:G] (--router FILE)."
         ),
     ] = "",
     max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Tokens per answer at most.")] = 160,

@@ -66,7 +66,9 @@ def _hybrid_by_interval(summary: Mapping[str, Any]) -> dict[int | None, list[Map
     return groups
 
 
-POLICY_MARKERS = {"exact": "D", "correction": "P", "skip": "s", "budget": "^", "entropy": "v"}
+POLICY_MARKERS = {
+    "exact": "D", "correction": "P", "skip": "s", "budget": "^", "entropy": "v", "surface": "<", "concept": ">",
+}  # fmt: skip
 
 
 def _other_policies(summary: Mapping[str, Any]) -> list[Mapping[str, Any]]:

@@ -62,13 +62,14 @@ class RunSpec:
         }
 
 
-VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router")
+VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router", "surface", "concept")
 
 
 def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     """A run of another policy: "exact", "correction", "skip:TAU", "budget:FRACTION", "entropy:TAU" (nats of
-    Q's entropy), or "router" / "router:G" (the learned router of the base's router file, at its own gate
-    threshold or at G; the run is named after the file).
+    Q's entropy), "surface:TAU" / "concept:TAU" (the KL over surface forms / over concepts against TAU),
+    or "router" / "router:G" (the learned router of the base's router file, at its own gate threshold or
+    at G; the run is named after the file).
 
     Raises:
         ValueError: an unknown policy or a missing/bad parameter.
@@ -77,7 +78,7 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     if name not in VARIANTS:
         raise ValueError(
             f"policy {text!r}: expected one of exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
-            "router[:G]"
+            "surface:TAU, concept:TAU, router[:G]"
         )
     if name == "router":
         if not base.router:
@@ -101,6 +102,9 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
         return RunSpec(f"skip-tau{value:g}", "hybrid", replace(base, threshold=value, skip="top1"), "skip")
     if name == "budget":
         return RunSpec(f"budget{value:g}", "hybrid", replace(base, budget=value), "budget")
+    if name in ("surface", "concept"):
+        policy = replace(base, threshold=value, divergence=name)
+        return RunSpec(f"{name}-tau{value:g}", "hybrid", policy, name)
     return RunSpec(
         f"entropy-tau{value:g}", "hybrid", replace(base, threshold=value, trigger="entropy"), "entropy"
     )
@@ -125,7 +129,8 @@ def run_specs(
 # PolicyConfig fields added after results were first keyed: left out of a key while at their
 # defaults, so results recorded before they existed still match (and are not redone).
 _LATER_FIELDS = ("draft_tokens", "draft_tokens_max", "trigger", "skip", "skip_entropy_max", "skip_top1_min",
-                 "budget", "budget_window", "budget_gain", "router", "gate_threshold")  # fmt: skip
+                 "budget", "budget_window", "budget_gain", "router", "gate_threshold", "divergence",
+                 "concepts")  # fmt: skip
 _DEFAULTS = asdict(PolicyConfig())
 
 

@@ -11,6 +11,7 @@ from handoff.edge.policy.budget import BudgetConfig, BudgetController
 from handoff.edge.policy.core import policy_class, policy_kinds
 from handoff.edge.policy.skip import SkipGate
 from handoff.edge.policy.triggers import EntropyScorer, KLScorer, TokenScorer
+from handoff.shared.concepts import DIVERGENCES
 from handoff.shared.divergence import AGGREGATIONS
 from handoff.shared.errors import ShapeError
 from handoff.shared.wire import pb
@@ -58,6 +59,11 @@ class PolicyConfig:
     # (a probability: positions scored at or over it are checked); None: the file's, chosen on validation.
     router: str = ""
     gate_threshold: float | None = None
+    # What the KL is over: "token" (each id its own bucket), "surface" (ids equal up to case and
+    # leading whitespace share one) or "concept" (k-means clusters of P's output embeddings, `concepts`
+    # of them); handoff.shared.concepts. Always a lower bound of the token KL.
+    divergence: str = "token"
+    concepts: int = 1024
 
     def __post_init__(self) -> None:
         if self.kind not in policy_kinds():
@@ -75,6 +81,9 @@ class PolicyConfig:
         if self.draft_tokens > self.draft_tokens_max:
             limit = self.draft_tokens_max
             raise ShapeError(f"draft_tokens: expected <= draft_tokens_max ({limit}), got {self.draft_tokens}")
+        if self.divergence not in DIVERGENCES:
+            raise ShapeError(f"divergence: expected one of {DIVERGENCES}, got {self.divergence!r}")
+        _int_at_least("concepts", self.concepts, 2)
         if self.trigger not in TRIGGERS:
             raise ShapeError(f"trigger: expected one of {TRIGGERS}, got {self.trigger!r}")
         self.skip_gate()  # validates skip and its bounds

@@ -34,6 +34,7 @@ import numpy as np
 from handoff.edge.policy.budget import BudgetController
 from handoff.edge.policy.checks import count
 from handoff.edge.policy.triggers import CutKind, TokenScorer, WindowView, checked_scores, cut_checked
+from handoff.shared.concepts import concept_map_for
 from handoff.shared.errors import ShapeError
 from handoff.shared.wire import pb
 
@@ -148,6 +149,8 @@ class HandoffPolicy:
         self.skip_gate = config.skip_gate()
         # Per generator: a budget is a share of all the tokens the generator produces.
         self.budget: BudgetController | None = config.budget_controller()
+        # [V] concept ids for the divergence over concepts (set by attach); None: over tokens.
+        self.concept_of: np.ndarray | None = None
 
     @property
     def threshold(self) -> float:
@@ -158,7 +161,10 @@ class HandoffPolicy:
         """A generation starts: reset per-generation state (the built-in kinds have none)."""
 
     def attach(self, vocabulary: Any) -> None:
-        """The edge's vocabulary is known (once per generator): a policy with a model file checks it."""
+        """The edge's vocabulary is known (once per generator): the concept map of the policy's
+        divergence is loaded; a policy with a model file checks it (overrides call this first).
+        """
+        self.concept_of = concept_map_for(self.config.divergence, vocabulary, self.config.concepts)
 
     @property
     def needs_hidden(self) -> bool:

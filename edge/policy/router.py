@@ -263,6 +263,7 @@ class RouterPolicy(CorrectionPolicy):
 
     def attach(self, vocabulary: Vocabulary) -> None:
         """Check the router against the edge's vocabulary; learn its token classes."""
+        super().attach(vocabulary)
         self.model.check_vocabulary(vocabulary)
         self._classes = _classes(vocabulary)
 

@@ -54,6 +54,13 @@ def simulate_command(
         str, typer.Option(help="Thresholds to replay offline on full (cloud-only) traces; '' for none.")
     ] = "0.1,0.2,0.3,0.5,1.0",
     replay_intervals: Annotated[str, typer.Option(help="Check intervals to replay offline.")] = "8",
+    replay_divergences: Annotated[
+        str,
+        typer.Option(
+            help="Divergences to replay (token, surface, concept; concept maps of the default edge "
+            "model's vocabulary), comma-separated."
+        ),
+    ] = "token",
     lookahead: Annotated[
         int | None, typer.Option(min=0, help="Windows drafted ahead (default: each trace's policy).")
     ] = None,
@@ -76,6 +83,7 @@ def simulate_command(
             csv_values(replay_thresholds, float, "--replay-thresholds") if replay_thresholds.strip() else ()
         )
         intervals = csv_values(replay_intervals, int, "--replay-intervals")
+        divergences = _divergence_maps(list(csv_values(replay_divergences, str, "--replay-divergences")))
         if edge_tok_s is None:
             edge = edge_model_from_traces(iter_generations(list(traces)))
         else:
@@ -89,7 +97,7 @@ def simulate_command(
             uplink_bytes_per_s=uplink_kbps * kb if uplink_kbps else None,
             downlink_bytes_per_s=downlink_kbps * kb if downlink_kbps else None,
             edge=edge, cost=CostModel(gpu_per_hour, per_gb, sessions), thresholds=taus, intervals=intervals,
-            lookahead=lookahead, meta={"command": "handoff " + " ".join(sys.argv[1:])},
+            lookahead=lookahead, meta={"command": "handoff " + " ".join(sys.argv[1:])}, divergences=divergences,
         )  # fmt: skip
     except ValueError as e:
         raise HandoffError(str(e)) from None
@@ -115,3 +123,19 @@ def simulate_command(
             f(r["up_bytes_per_token"], 0),
         )  # fmt: skip
     out.print(table, width=max(out.width, 160))
+
+
+def _divergence_maps(names: list[str]) -> dict:
+    """divergence -> its concept map over the default edge model's vocabulary (None for token)."""
+    from handoff.shared.concepts import DIVERGENCES, concept_map_for
+    from handoff.shared.model_info import load_model_info
+    from handoff.shared.models import resolve
+    from handoff.shared.settings import DEFAULT_EDGE_MODEL, get_settings
+
+    bad = [n for n in names if n not in DIVERGENCES]
+    if bad:
+        raise ValueError(f"--replay-divergences: expected some of {DIVERGENCES}, got {bad}")
+    if names == ["token"]:
+        return {"token": None}
+    vocabulary = load_model_info(resolve(DEFAULT_EDGE_MODEL, "edge", get_settings()))[1]
+    return {n: concept_map_for(n, vocabulary) for n in names}

@@ -22,6 +22,7 @@ import numpy as np
 
 from handoff.edge.policy import PolicyConfig, make_policy
 from handoff.edge.simulation.traces import Generation, open_bytes
+from handoff.shared.divergence import topk_kl
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,30 @@ class ReplayInfo:
     first_departure: int | None  # index (in the output) of the first one
 
 
-def replay_policy(gen: Generation, policy: PolicyConfig) -> tuple[Generation, ReplayInfo]:
+def record_kls(recs: list[dict], concept_of: np.ndarray | None) -> np.ndarray:
+    """[n] top-k KL(P || Q) recomputed from each record's two top-k views (over concepts when given).
+
+    Without P's log-probabilities at Q's ids (traces do not keep them) this is a looser lower bound
+    than the live one; use it to compare divergences with each other, each from the same views.
+    """
+    p_ids = np.asarray([r["p_topk_ids"] for r in recs], dtype=np.int64)  # [n, k]
+    p_lp = np.asarray([r["p_topk_logprobs"] for r in recs], dtype=np.float64)  # [n, k]
+    q_ids = np.asarray([r["q_topk_ids"] for r in recs], dtype=np.int64)  # [n, k]
+    q_lp = np.asarray([r["q_topk_logprobs"] for r in recs], dtype=np.float64)  # [n, k]
+    return topk_kl(p_ids, p_lp, q_ids, q_lp, rest_margin=1e-5, concept_of=concept_of)
+
+
+def replay_policy(
+    gen: Generation, policy: PolicyConfig, concept_of: np.ndarray | None = None
+) -> tuple[Generation, ReplayInfo]:
     """A hybrid generation under `policy`, built from a full trace of P's text.
 
     Args:
         gen: a full trace (Generation.full), normally of a cloud-only run.
         policy: the policy to replay (kind, threshold, check_interval, handback_tokens,
             agree_tokens, aggregation, seed_tokens are used).
+        concept_of: [V] concept ids when policy.divergence is not "token": the KLs are then recomputed
+            from the records' views (record_kls) instead of read from them.
 
     Returns:
         The synthetic generation (records re-labelled edge / corrected / cloud, with the policy in
@@ -51,7 +69,12 @@ def replay_policy(gen: Generation, policy: PolicyConfig) -> tuple[Generation, Re
     if not gen.full:
         raise ValueError(f"{gen.source}: not a full trace (a position lacks P's or Q's view, or its KL)")
     recs = gen.records
-    kls = np.asarray([float(r["kl"]) for r in recs])  # [n]
+    if policy.divergence == "token":
+        kls = np.asarray([float(r["kl"]) for r in recs])  # [n]
+    else:
+        if concept_of is None:
+            raise ValueError(f"replaying divergence {policy.divergence!r} needs its concept map")
+        kls = record_kls(recs, concept_of)  # [n]
     # The live controller's policy object; without a budget, so tau is the threshold throughout.
     core = make_policy(replace(policy, budget=0.0))
     core.begin()

@@ -63,17 +63,33 @@ def recorded_configs(gens: Iterable[Generation]) -> list[Config]:
 
 
 def replayed_configs(
-    gens: Sequence[Generation], thresholds: Sequence[float], intervals: Sequence[int], base: PolicyConfig
+    gens: Sequence[Generation],
+    thresholds: Sequence[float],
+    intervals: Sequence[int],
+    base: PolicyConfig,
+    divergences: dict[str, np.ndarray | None] | None = None,
 ) -> list[Config]:
-    """Hybrid configurations replayed offline on the full traces among gens (P's text, both views)."""
+    """Hybrid configurations replayed offline on the full traces among gens (P's text, both views).
+
+    Args:
+        divergences: divergence name -> its concept map (None for "token"); default token only.
+    """
     full = [g for g in gens if g.full and g.mode == "cloud"]
     if not full:
         return []
     out = []
+    for name, concept_of in (divergences or {"token": None}).items():
+        out += _replayed(full, thresholds, intervals, replace(base, divergence=name), concept_of)
+    return out
+
+
+def _replayed(full, thresholds, intervals, base: PolicyConfig, concept_of) -> list[Config]:
+    prefix = "replay" if base.divergence == "token" else f"replay-{base.divergence}"
+    out = []
     for n in intervals:
         for tau in thresholds:
             policy = replace(base, threshold=float(tau), check_interval=int(n))
-            replays = [replay_policy(g, policy) for g in full]
+            replays = [replay_policy(g, policy, concept_of) for g in full]
             exact = sum(info.exact for _, info in replays)
             fidelity = "exact replay" if exact == len(replays) else (
                 f"approximate ({len(replays) - exact} of {len(replays)} generations keep an edge token "
@@ -81,7 +97,7 @@ def replayed_configs(
             )  # fmt: skip
             out.append(
                 Config(
-                    f"replay-tau{tau:g}-n{n}", "hybrid", tuple(g for g, _ in replays), fidelity,
+                    f"{prefix}-tau{tau:g}-n{n}", "hybrid", tuple(g for g, _ in replays), fidelity,
                     threshold=float(tau), check_interval=int(n), exact_fraction=exact / len(replays),
                 )
             )  # fmt: skip
@@ -322,6 +338,7 @@ def run_simulation(
     intervals: Sequence[int] = (8,),
     lookahead: int | None = None,
     meta: dict[str, Any] | None = None,
+    divergences: dict[str, np.ndarray | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Simulate every recorded run (and offline replays of other policies) at each RTT; write the report.
 
@@ -339,7 +356,7 @@ def run_simulation(
     base = PolicyConfig(
         **{k: v for k, v in (gens[0].policy or {}).items() if k in PolicyConfig.__dataclass_fields__}
     )
-    configs = recorded_configs(gens) + replayed_configs(gens, thresholds, intervals, base)
+    configs = recorded_configs(gens) + replayed_configs(gens, thresholds, intervals, base, divergences)
     rows = []
     for rtt in rtts_ms:
         net = NetworkModel(rtt_s=rtt / 1000, rtt_sigma=rtt_sigma, uplink_bytes_per_s=uplink_bytes_per_s,
