@@ -108,21 +108,29 @@ def add_verifier_to_server(servicer: VerifierServicer, server: grpc.aio.Server) 
 _EOF_GRACE_S = 0.05
 
 
+async def well_formed(
+    request_iterator: AsyncIterator[pb.EdgeMessage | MalformedMessage],
+) -> AsyncIterator[pb.EdgeMessage]:
+    """The stream's messages; a malformed one ends it with INVALID_ARGUMENT (counting from 1)."""
+    count = 0
+    async for msg in request_iterator:
+        count += 1
+        if isinstance(msg, MalformedMessage):
+            raise VerifierError("INVALID_ARGUMENT", f"message {count} on the stream: {msg.describe()}")
+        yield msg
+
+
 async def _checked(
     request_iterator: AsyncIterator[pb.EdgeMessage | MalformedMessage], context: grpc.aio.ServicerContext
 ) -> AsyncIterator[pb.EdgeMessage]:
-    """The stream's messages; a malformed one ends it with INVALID_ARGUMENT (counting from 1).
+    """well_formed(), and a clean end of stream told apart from a vanished client.
 
     grpc.aio ends the request stream of a call the client cancelled with a clean end of stream and
     cancels the handler a moment later (a few event-loop turns, measured). Ending at once would make
     the session loop take a vanished client for a half-close; waiting up to _EOF_GRACE_S lets the
     cancellation land first. A real half-close (no Close message before it) ends that much later.
     """
-    count = 0
-    async for msg in request_iterator:
-        count += 1
-        if isinstance(msg, MalformedMessage):
-            raise VerifierError("INVALID_ARGUMENT", f"message {count} on the stream: {msg.describe()}")
+    async for msg in well_formed(request_iterator):
         yield msg
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _EOF_GRACE_S

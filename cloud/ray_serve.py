@@ -27,7 +27,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from handoff.cloud.grpc_server import SERVICE_NAME, HandlerCapture, MalformedMessage, verifier_handlers
+from handoff.cloud.grpc_server import (
+    SERVICE_NAME,
+    HandlerCapture,
+    MalformedMessage,
+    verifier_handlers,
+    well_formed,
+)
 from handoff.cloud.ray_settings import RaySettings
 from handoff.cloud.service import VerifierService
 from handoff.cloud.settings import CloudSettings
@@ -175,7 +181,7 @@ class VerifierReplica:
             raise self._fail(grpc_context, "UNAUTHENTICATED", "missing or wrong bearer token")
         service = await self._service()
         try:
-            async for reply in service.session(_checked(request_stream)):
+            async for reply in service.session(well_formed(request_stream)):
                 yield reply
         except VerifierError as e:
             logger.info("session aborted: %s %s", e.code, e)
@@ -204,16 +210,6 @@ class VerifierReplica:
         if self._started is not None:
             await self.service.stop()
         self.backend.close()
-
-
-async def _checked(stream: AsyncIterator[pb.EdgeMessage | MalformedMessage]) -> AsyncIterator[pb.EdgeMessage]:
-    """The stream's messages; a malformed one ends the session with INVALID_ARGUMENT (counting from 1)."""
-    count = 0
-    async for msg in stream:
-        count += 1
-        if isinstance(msg, MalformedMessage):
-            raise VerifierError("INVALID_ARGUMENT", f"message {count} on the stream: {msg.describe()}")
-        yield msg
 
 
 def deployment_options(cloud: CloudSettings, ray_settings: RaySettings) -> dict[str, Any]:
