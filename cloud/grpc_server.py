@@ -260,6 +260,7 @@ class CloudServer:
             raise HandoffError(f"could not listen on {address}")
         self.backend: Backend | None = None
         self.service: VerifierService | None = None
+        self._metrics_http = None  # the Prometheus HTTP server, with --metrics-port
 
     async def start(self) -> None:
         """Listen at once (health NOT_SERVING), load the model off the event loop, then serve."""
@@ -268,7 +269,10 @@ class CloudServer:
         if self.settings.metrics_port is not None:
             from prometheus_client import start_http_server
 
-            start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
+            # On --host, like the gRPC port (the library would listen on every interface).
+            self._metrics_http, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+            )
         logger.info("listening on %s:%d; loading the model", self.settings.host, self.port)
         try:
             self.backend = await asyncio.get_running_loop().run_in_executor(None, self._load_backend)
@@ -295,6 +299,9 @@ class CloudServer:
             await self.service.stop()
         if self.backend is not None:
             self.backend.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         logger.info("stopped")
 
     async def wait(self) -> None:

@@ -408,3 +408,30 @@ def test_transformers_backend_through_the_service_equals_a_direct_forward(
         full -= np.log(np.exp(full).sum())
         assert kl_divergence(full, direct[j]) < 1e-4
     assert greedy[0] == int(np.argmax(direct[0]))
+
+
+def test_metrics_listen_on_the_servers_host_only(tiny_gguf_a):
+    """--metrics-port serves Prometheus text on --host (127.0.0.1 here), not on every interface."""
+    import socket
+    import urllib.request
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def scenario():
+        async with running_server(llama_backend_factory(tiny_gguf_a), metrics_port=port):
+            text = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            )
+            bound = {c.laddr.ip for c in psutil.Process().net_connections("inet") if c.laddr.port == port}
+            return text, bound
+
+    text, bound = run(scenario())
+    assert "handoff_cloud_sessions" in text
+    assert bound == {"127.0.0.1"}
+    # Stopping the server closes its metrics port too.
+    listening = psutil.Process().net_connections("inet")
+    assert not any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in listening)
