@@ -57,7 +57,9 @@ def _serve_on_ray(settings: CloudSettings, ray_settings: RaySettings) -> None:
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
-        raise HandoffError("--ray needs Ray Serve: pip install 'handoff[ray]' (or `make setup-ray`)")
+        raise HandoffError(
+            "--ray needs Ray Serve: pip install 'handoff[ray]' (or HANDOFF_EXTRAS=cloud,test,ray make setup)"
+        )
     from handoff.cloud import ray_serve
 
     def ready(port: int, replicas: int) -> None:

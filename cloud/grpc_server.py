@@ -173,24 +173,31 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             await context.abort(_status(e.code), str(e))
 
 
+UNAUTHENTICATED_MESSAGE = "missing or wrong bearer token (metadata `authorization: Bearer <token>`)"
+
+
+def has_bearer_token(metadata, token: str) -> bool:
+    """True when the call's metadata ((key, value) pairs) carries `authorization: Bearer <token>`."""
+    return dict(metadata or ()).get("authorization") == f"Bearer {token}"
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Reject calls without `authorization: Bearer <token>` (health checks stay open for probes)."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
+        self._token = token
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_HEALTH_PREFIX):
             return handler
-        metadata = dict(details.invocation_metadata or ())
-        if metadata.get("authorization") == self._expected:
+        if has_bearer_token(details.invocation_metadata, self._token):
             return handler
         return _deny(handler)
 
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    message = "missing or wrong bearer token (metadata `authorization: Bearer <token>`)"
+    message = UNAUTHENTICATED_MESSAGE
 
     async def unary(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

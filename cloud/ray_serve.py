@@ -29,8 +29,10 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from handoff.cloud.grpc_server import (
     SERVICE_NAME,
+    UNAUTHENTICATED_MESSAGE,
     HandlerCapture,
     MalformedMessage,
+    has_bearer_token,
     verifier_handlers,
     well_formed,
 )
@@ -51,7 +53,6 @@ SERVICER_FUNCTIONS = [
     "handoff.cloud.ray_serve.add_health",
     "handoff.cloud.ray_serve.add_reflection",
 ]
-_HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 def _generic_only(add_to_server):
@@ -156,9 +157,7 @@ class VerifierReplica:
 
     def _authorized(self, grpc_context) -> bool:
         token = self.settings.auth_token
-        if not token:
-            return True
-        return dict(grpc_context.invocation_metadata()).get("authorization") == f"Bearer {token}"
+        return not token or has_bearer_token(grpc_context.invocation_metadata(), token)
 
     @staticmethod
     def _fail(grpc_context, code: str, message: str) -> VerifierError:
@@ -168,7 +167,7 @@ class VerifierReplica:
 
     async def GetInfo(self, request: pb.GetInfoRequest | MalformedMessage, grpc_context) -> pb.ServiceInfo:
         if not self._authorized(grpc_context):
-            raise self._fail(grpc_context, "UNAUTHENTICATED", "missing or wrong bearer token")
+            raise self._fail(grpc_context, "UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
         if isinstance(request, MalformedMessage):
             raise self._fail(grpc_context, "INVALID_ARGUMENT", f"GetInfo: {request.describe()}")
         try:
@@ -178,7 +177,7 @@ class VerifierReplica:
 
     async def Session(self, request_stream: AsyncIterator[pb.EdgeMessage], grpc_context):
         if not self._authorized(grpc_context):
-            raise self._fail(grpc_context, "UNAUTHENTICATED", "missing or wrong bearer token")
+            raise self._fail(grpc_context, "UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
         service = await self._service()
         try:
             async for reply in service.session(well_formed(request_stream)):
@@ -267,11 +266,11 @@ def start_ray(cloud: CloudSettings, ray_settings: RaySettings) -> None:
     import ray
     from ray._private import ray_constants
 
-    if local:  # read when Ray was imported: this process may have imported it before
-        ray_constants.ENABLE_RAY_CLUSTER = False
     if not local:
         ray.init(address=ray_settings.address, runtime_env={"env_vars": env}, log_to_driver=False)
         return
+    # Read when Ray was imported, which this process may have done before the variable was set.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         _node_ip_address="127.0.0.1",
         include_dashboard=False,

@@ -331,13 +331,24 @@ class VerifierService:
             except Exception as e:
                 logger.info("a kept cache could not be reused (%s): prefilling", e)
                 await self._free([seq])
+        try:
+            return await self._making_room(lambda: self.scheduler.call(self.backend.new_sequence)), 0
+        except CapacityError as e:
+            raise VerifierError("RESOURCE_EXHAUSTED", str(e)) from None
+
+    async def _making_room(self, attempt):
+        """await attempt(); while the backend is full, kept caches give way (oldest first) and it is retried.
+
+        Raises:
+            CapacityError: still full with no kept cache left.
+        """
         while True:
             try:
-                return await self.scheduler.call(self.backend.new_sequence), 0
-            except CapacityError as e:
+                return await attempt()
+            except CapacityError:
                 oldest = self._retained.pop_oldest()
                 if oldest is None:
-                    raise VerifierError("RESOURCE_EXHAUSTED", str(e)) from None
+                    raise
                 await self._free([oldest])
 
     async def _open(self, req: pb.OpenSession) -> _Session:
@@ -430,13 +441,7 @@ class VerifierService:
         """Feed tokens to the session's cache through the batch scheduler."""
         item = ForwardItem(session.seq, tokens, n_out=n_out, k=session.k, **kw)
         try:
-            try:
-                result = await self.scheduler.forward(item)
-            except CapacityError:
-                if not len(self._retained):
-                    raise
-                await self._free(self._retained.drain())  # kept caches give way to live sessions
-                result = await self.scheduler.forward(item)
+            result = await self._making_room(lambda: self.scheduler.forward(item))
         except CapacityError as e:
             raise VerifierError("RESOURCE_EXHAUSTED", str(e)) from None
         except ShapeError as e:

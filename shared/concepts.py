@@ -131,7 +131,6 @@ def cluster_concepts(
         emb = emb @ proj  # [V, dims]
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     centers = _kmeans_pp(emb, k, rng)  # [k, dims]
-    assign = np.zeros(emb.shape[0], dtype=np.int64)
     for _ in range(iters):
         assign = _nearest(emb, centers)
         sums = np.zeros_like(centers)

@@ -148,9 +148,9 @@ def test_surface_divergence_through_real_grpc(tiny_gguf_a, tiny_gguf_b):
     )
     for result in (token, surface):
         assert len(result.tokens) == 24 and result.check_points > 0
-        kls = [r.kl for r in result.records if r.kl is not None]
-        assert kls and all(np.isfinite(kls)) and min(kls) >= 0.0
-    # The first window is the same context in both runs: position by position, surface <= token.
-    first = [(a.kl, b.kl) for a, b in zip(token.records[:4], surface.records[:4], strict=True)]
-    if all(a is not None and b is not None for a, b in first):
-        assert all(b <= a + 1e-9 for a, b in first)
+    # These two models never agree within tau, so both texts are P's greedy one: the same positions
+    # in the same contexts, where the surface KL is at most the token KL and below it somewhere.
+    assert surface.tokens == token.tokens
+    pairs = [(a.kl, b.kl) for a, b in zip(token.records, surface.records, strict=True)]
+    assert all(a is not None and b is not None and np.isfinite(a) and 0.0 <= b <= a + 1e-9 for a, b in pairs)
+    assert any(b < a - 1e-3 for a, b in pairs)
