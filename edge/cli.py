@@ -81,15 +81,22 @@ def stats_line(result, cloud_info: dict[str, str]) -> str:
         if result.drafts
         else ""
     )
+    ens = f", {counts['ensembled']} ensembled" if counts["ensembled"] else ""
     return (
         f"{len(result.records)} tokens ({result.mode}): {counts['edge']} edge, {counts['cloud']} cloud, "
-        f"{counts['corrected']} corrected{unchecked}; {result.check_points} check points, "
+        f"{counts['corrected']} corrected{ens}{unchecked}; {result.check_points} check points, "
         f"{result.handoffs} handoffs; mean KL {mean_kl}; {human_bytes(result.bytes_sent)} up, "
         f"{human_bytes(result.bytes_received)} down; {result.seconds:.1f} s, {rate:.1f} tok/s{exact}"
     )
 
 
-SOURCE_STYLES = {"edge": "default", "cloud": "cyan", "corrected": "magenta", "unchecked": "yellow"}
+SOURCE_STYLES = {
+    "edge": "default",
+    "cloud": "cyan",
+    "corrected": "magenta",
+    "ensembled": "green",
+    "unchecked": "yellow",
+}
 
 
 def _style(record) -> str:
@@ -119,7 +126,7 @@ def generate(
     """Hybrid generation: Q drafts on the edge, P checks at check points and takes over where they diverge.
 
     Tokens are coloured by source: edge (plain), cloud (cyan), corrected by the cloud (magenta),
-    unchecked because the cloud was unreachable (yellow). The answer ends at the model's end of turn
+    ensembled by the safe policy (green), unchecked because the cloud was unreachable (yellow). The answer ends at the model's end of turn
     or after --max-tokens.
     """
     import asyncio
@@ -178,8 +185,8 @@ def chat(
 ) -> None:
     """Interactive chat in the terminal: answers stream as they are committed, coloured by source.
 
-    Edge tokens are plain, cloud tokens cyan, corrected ones magenta, unchecked ones yellow; a stats
-    line follows each answer. Commands: /reset forgets the conversation, /exit (or Ctrl-D) quits.
+    Edge tokens are plain, cloud tokens cyan, corrected ones magenta, ensembled ones green, unchecked
+    ones yellow; a stats line follows each answer. Commands: /reset forgets the conversation, /exit (or Ctrl-D) quits.
     """
     import asyncio
     import codecs

@@ -35,19 +35,19 @@ import numpy as np
 
 from handoff.edge.exact import DraftLength, draft_sampling, exact_round
 from handoff.edge.gated import CheckWindow, gated_round
+from handoff.edge.in_place import place_in_place
 from handoff.edge.link import CloudLink, LinkConfig, within
 from handoff.edge.policy import (
     BudgetController,
     HandoffPolicy,
     PolicyConfig,
     TokenScorer,
-    WindowView,
     make_policy,
 )
 from handoff.edge.records import GenerationResult, OnToken, TokenRecord
 from handoff.edge.runner import EdgeRunner, EdgeStep
 from handoff.edge.verifier_client import VerifierClient
-from handoff.edge.wire import cloud_token_kl, edge_token, sampling_to_proto, window_kl
+from handoff.edge.wire import cloud_token_kl, edge_token, sampling_to_proto, window_kl, window_view
 from handoff.shared.errors import ShapeError, VerifierError
 from handoff.shared.sampling import SamplingSettings
 from handoff.shared.vocab import Vocabulary
@@ -160,6 +160,7 @@ class _Generation:
         self.link: CloudLink | None = None
         self.drafts = g.mode == "hybrid" and self.core.round == "draft"  # rounds are speculative drafts
         self.gated = g.mode == "hybrid" and self.core.round == "gated"  # tokens wait only where flagged
+        self.skips = self.gated or self.core.places_tokens  # checks may skip tokens sent without one
         self.draft_length = DraftLength(self.policy.draft_tokens, self.policy.draft_tokens_max)
         self._start = time.perf_counter()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-runner")
@@ -309,7 +310,7 @@ class _Generation:
             tokens = [edge_token(s, bool(k)) for s, k in zip(w.steps, skip, strict=True)]
             await self.bounded(link.session.append_nowait(tokens))
             first, last = w.steps[0].position, w.steps[-1].position
-            w.answer = await self.bounded(link.session.send_check(first, last, skip_unchecked=self.gated))
+            w.answer = await self.bounded(link.session.send_check(first, last, skip_unchecked=self.skips))
         except (VerifierError, TimeoutError) as e:
             link.fail(e)
             w.answer = None
@@ -394,16 +395,12 @@ class _Generation:
         scores = answer.result().scores
         w.kls = window_kl(w.steps, scores, self.core.concept_of)
         self.result.checked_positions += len(w.steps)
-        view = WindowView(
-            token_ids=np.asarray([s.token_id for s in w.steps]),
-            q_topk_ids=np.stack([s.topk_ids for s in w.steps]),
-            q_topk_logprobs=np.stack([s.topk_logprobs for s in w.steps]),
-            q_entropy=np.asarray([s.entropy for s in w.steps]),
-            p_kls=w.kls,
-            p_top1_ids=np.asarray([sc.topk.ids[0] for sc in scores]),
-        )
-        decision = self.core.decide(view).checked(len(w.steps))
-        w.keep = decision.keep
+        decision = self.core.decide(window_view(w.steps, w.kls, scores)).checked(len(w.steps))
+        if decision.token is not None and not self.core.places_tokens:
+            raise ShapeError(
+                f"policy {self.core.kind!r} returned a token to place but has places_tokens False"
+            )
+        w.keep, w.token = decision.keep, decision.token
         self.core.on_committed(w.keep, 0)
         if await self._commit_edge(w, w.keep) and w.keep == len(w.steps):
             return "stop"
@@ -419,6 +416,8 @@ class _Generation:
         for p in pending:
             if p.answer is not None and not p.answer.done():
                 p.answer.cancel()  # its reply still comes, and is ignored
+        if w.token is not None:  # the policy's own token (an ensemble's): no cloud turn
+            return await place_in_place(self, w, keep, w.token, "ensembled")
         if self.runner.length > cut:
             await self.in_pool(self.runner.truncate, cut)
         link = self.link

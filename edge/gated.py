@@ -17,12 +17,13 @@ alone, probes and resynchronises with the committed text, and gated rounds resum
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from handoff.edge.exact import Driver
+from handoff.edge.in_place import place_in_place
 from handoff.edge.records import TokenRecord
 from handoff.edge.runner import EdgeStep
 from handoff.edge.wire import edge_token
@@ -43,6 +44,7 @@ class CheckWindow:
     deadline: float = 0.0  # loop.time() after which the cloud counts as gone
     kls: np.ndarray | None = None  # [n] once answered
     keep: int = 0  # tokens the policy keeps once answered
+    token: int | None = None  # the token the policy places at position `keep` itself (WindowDecision)
 
 
 class GatedDriver(Driver, Protocol):
@@ -111,7 +113,10 @@ async def gated_round(gen: GatedDriver) -> bool:
         outcome = await gen.settle(w)
         done = outcome == "stop"
         if outcome == "handover" and runner.sampling.greedy:
-            done = await _correct_in_place(gen, w, score)
+            # P's token is its view's top-1, the argmax it would generate (ties to the lower id as
+            # in shared.sampling): placed without asking P to generate it.
+            sc = w.answer.result().scores[0]  # type: ignore[union-attr]
+            done = await place_in_place(gen, w, 0, int(sc.topk.ids[0]), "corrected", score)
         elif outcome == "handover":
             done = await gen.hand_over(w, [], CheckWindow([], []))
         for r in reversed(gen.result.records):  # the trace keeps the score of the checked position
@@ -125,41 +130,3 @@ async def gated_round(gen: GatedDriver) -> bool:
             return False  # the controller's loop starts the next round
     await flush()
     return False
-
-
-async def _correct_in_place(gen: GatedDriver, w: CheckWindow, score: float) -> bool:
-    """Greedy: P's token at the checked position is its view's top-1 (the argmax P would generate,
-    ties to the lower id as in shared.sampling); commit it without asking P to generate it.
-
-    Saves the handoff's forward pass and two round trips (rollback, handoff): the rollback and the
-    token are sent without waiting, in order on the session's stream. Returns True at a stop token.
-    """
-    link, runner, step = gen.link, gen.runner, w.steps[0]
-    assert link is not None and link.session is not None and w.answer is not None and w.kls is not None
-    sc = w.answer.result().scores[0]
-    token = int(sc.topk.ids[0])
-    await gen.in_pool(runner.truncate, step.position)
-    await gen.in_pool(runner.append, [token])
-    try:
-        await gen.bounded(link.session.rollback_nowait(step.position))
-        await gen.bounded(link.session.append_nowait([edge_token(replace(step, token_id=token), True)]))
-    except (VerifierError, TimeoutError) as e:
-        link.fail(e)  # a resync sends the committed text, this token too
-    await gen.commit(
-        TokenRecord(
-            position=step.position, token_id=token, source="corrected", checked=True,
-            kl=None if np.isnan(w.kls[0]) else float(w.kls[0]), q_entropy=step.entropy,
-            q_topk_ids=step.topk_ids.tolist(), q_topk_logprobs=step.topk_logprobs.tolist(),
-            q_logprob=_q_logprob(step, token), p_logprob=float(sc.topk.logprobs[0]),
-            p_topk_ids=list(sc.topk.ids), p_topk_logprobs=[float(v) for v in sc.topk.logprobs],
-            replaced_token_id=step.token_id, gate_score=score, t_generated=w.times[0],
-            t_uploaded=w.t_uploaded, t_answered=w.t_answered,
-        )
-    )  # fmt: skip
-    return token in gen.stops
-
-
-def _q_logprob(step: EdgeStep, token: int) -> float | None:
-    """Q's log-probability of a token at the step's position, when it is in Q's top-k."""
-    hit = np.flatnonzero(step.topk_ids == token)
-    return float(step.topk_logprobs[hit[0]]) if hit.size else None

@@ -15,7 +15,9 @@ import numpy as np
 
 __all__ = ["TRACE_VERSION", "GenerationResult", "OnToken", "Source", "TokenRecord", "Unchecked"]
 
-Source = Literal["edge", "cloud", "corrected"]
+# "ensembled": a token the edge placed itself, the argmax of an ensemble of P's and Q's views where
+# they lacked consensus (the safe policy); P generated nothing for it.
+Source = Literal["edge", "cloud", "corrected", "ensembled"]
 # Why an edge token was committed without P's check: "by_design" (a gating policy did not send it for
 # checking; P still received it) or "unreachable" (the cloud was gone or too slow).
 Unchecked = Literal["by_design", "unreachable"]
@@ -87,6 +89,8 @@ class GenerationResult:
         Returns:
             override_tokens: P's token replaced Q's (source "corrected");
             other_cloud_tokens: every other token P generated (handoff runs, seed and bonus tokens);
+            ensembled_tokens: the edge replaced Q's token by the ensemble's argmax (safe; P's views
+                decided it, P generated nothing);
             checked_positions: edge positions P scored (they cost P a forward each, kept or not);
             round_trips: requests that waited for the cloud's reply (session opens and resyncs,
                 check points, handoffs, rollbacks, drafts);
@@ -102,6 +106,7 @@ class GenerationResult:
         return {
             "override_tokens": counts["corrected"],
             "other_cloud_tokens": counts["cloud"],
+            "ensembled_tokens": counts["ensembled"],
             "checked_positions": self.checked_positions,
             "round_trips": opens + self.check_points + self.handoffs + self.rollbacks + self.drafts,
             "bytes_up": self.bytes_sent,
@@ -132,7 +137,14 @@ class GenerationResult:
 
         unchecked = unchecked_by_design (a gating policy left them unchecked) + unchecked_unreachable.
         """
-        out = {"edge": 0, "cloud": 0, "corrected": 0, "unchecked": 0, "unchecked_by_design": 0}
+        out = {
+            "edge": 0,
+            "cloud": 0,
+            "corrected": 0,
+            "ensembled": 0,
+            "unchecked": 0,
+            "unchecked_by_design": 0,
+        }
         for r in self.records:
             out[r.source] += 1
             if r.source == "edge" and not r.checked:

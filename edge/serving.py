@@ -56,7 +56,7 @@ class ServeMetrics:
         )
         self.tokens = Counter(
             "handoff_edge_tokens",
-            "Generated tokens, by source (edge, cloud, corrected).",
+            "Generated tokens, by source (edge, cloud, corrected, ensembled).",
             ["source"],
             registry=r,
         )
@@ -307,7 +307,7 @@ class GenerationQueue:
         assert task is not None and done is not None and task.done()
         m = self.metrics
         counts = collections.Counter(r.source for r in job.records)
-        for source in ("edge", "cloud", "corrected"):
+        for source in ("edge", "cloud", "corrected", "ensembled"):
             m.tokens.labels(source).inc(counts.get(source, 0))
         m.unchecked.inc(sum(r.source == "edge" and not r.checked for r in job.records))
         elapsed = time.perf_counter() - (job.t_started or job.t_arrival)

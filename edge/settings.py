@@ -103,6 +103,15 @@ class EdgeSettings(BaseSettings):
         "(clusters of P's output embeddings); each a lower bound of the token KL.",
     )
     concepts: int = Field(_P.concepts, ge=2, description="divergence concept: the number of clusters.")
+    ensemble_weight: float = Field(
+        _P.ensemble_weight, ge=0, le=1, description="safe: P's weight in the ensemble of P and Q."
+    )
+    sharpen_below: float = Field(
+        _P.sharpen_below,
+        ge=0,
+        le=1,
+        description="safe: sharpen the ensemble when its top probability is below this (0: never).",
+    )
     router: str = Field(_P.router, description="router: the learned router's file (handoff router train).")
     gate_threshold: float | None = Field(
         _P.gate_threshold,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from handoff.edge.policy.triggers import WindowView
 from handoff.edge.runner import EdgeStep
 from handoff.shared.divergence import topk_kl
 from handoff.shared.errors import ShapeError
@@ -23,6 +24,7 @@ __all__ = [
     "edge_token",
     "sampling_to_proto",
     "window_kl",
+    "window_view",
 ]
 
 # Float32 views on the wire are exact to ~1e-7: see topk_kl's rest_margin.
@@ -124,3 +126,36 @@ def cloud_token_kl(
         topk_kl(p_ids[None], p_lp[None], q_ids[None], q_lp[None],
                 q_logprobs_at_p_ids=q_at_p[None], rest_margin=WIRE_REST_MARGIN, concept_of=concept_of)[0]
     )  # fmt: skip
+
+
+def window_view(steps: Sequence[EdgeStep], kls: np.ndarray, scores: Sequence[pb.PositionScore]) -> WindowView:
+    """What the policy judges an answered window on: Q's views, the KLs and P's views.
+
+    Args:
+        steps: [n] the window's edge tokens with Q's top-k views (k each).
+        kls: [n] window_kl's KLs.
+        scores: [n] the check point's answer, at the same positions.
+
+    Returns:
+        The WindowView, with P's top-1 [n], top-k [n, kp] and P's values at Q's ids [n, k] (NaN rows
+        where the edge skipped the upload).
+    """
+    q_ids = np.stack([s.topk_ids for s in steps])  # [n, k]
+    k = q_ids.shape[1]
+    ids = np.stack([np.asarray(sc.topk.ids, dtype=np.int64) for sc in scores])  # [n, kp]
+    lps = np.stack([np.asarray(sc.topk.logprobs, dtype=np.float64) for sc in scores])  # [n, kp]
+    at_q = np.full((len(scores), k), np.nan)  # [n, k]
+    for j, sc in enumerate(scores):
+        if len(sc.logprobs_at_edge_topk) == k:
+            at_q[j] = sc.logprobs_at_edge_topk
+    return WindowView(
+        token_ids=np.asarray([s.token_id for s in steps]),
+        q_topk_ids=q_ids,
+        q_topk_logprobs=np.stack([s.topk_logprobs for s in steps]),
+        q_entropy=np.asarray([s.entropy for s in steps]),
+        p_kls=kls,
+        p_top1_ids=ids[:, 0],
+        p_topk_ids=ids,
+        p_topk_logprobs=np.minimum(lps, 0.0),
+        p_logprobs_at_q=np.minimum(at_q, 0.0),
+    )

@@ -57,8 +57,10 @@ def test_new_rows_give_each_part_of_the_clouds_share():
     assert o["gpu_seconds_per_1k_tokens"] == pytest.approx(1000 * 4 * 0.05 / 20)
     text = markdown(s)
     assert "### Cloud accounting (all suites pooled)" in text
-    assert "| h | 10.0% | 20.0% | 120.0% | 4.0 | 0 | 0 | 20.0 |" in text
-    assert "| oracle (P's answer where only P is right) | 20.0% | 0.0% | — | — | — | — | ≥ 10.0 |" in text
+    assert "| h | 10.0% | 20.0% | 0.0% | 120.0% | 4.0 | 0 | 0 | 20.0 |" in text
+    assert (
+        "| oracle (P's answer where only P is right) | 20.0% | 0.0% | 0.0% | — | — | — | — | ≥ 10.0 |" in text
+    )
 
 
 def test_rows_recorded_before_the_fields_still_load_with_unknowns(tmp_path: Path):
@@ -73,7 +75,7 @@ def test_rows_recorded_before_the_fields_still_load_with_unknowns(tmp_path: Path
         is None
     )
     s = write_report(old, tmp_path, {"command": "test"})
-    assert "| h | 10.0% | 20.0% | — | — | 0 | 0 | — |" in (tmp_path / "report.md").read_text()
+    assert "| h | 10.0% | 20.0% | 0.0% | — | — | 0 | 0 | — |" in (tmp_path / "report.md").read_text()
     doc = json.loads((tmp_path / "summary.json").read_text())
     assert doc["by_suite"][ALL_SUITES]["oracle"]["accounting"]["gpu_seconds_per_1k_tokens"] is None
     for name in ("frontier_override.png", "frontier_gpu.png"):

@@ -45,26 +45,30 @@ def run_accounting(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         rows: result rows (edge/evaluation/runner.py), old or new.
 
     Returns:
-        override_tokens, other_cloud_tokens, checked_positions, round_trips, cloud_seconds (totals;
-        None where a row lacks the field), and override_fraction, other_cloud_fraction,
-        checked_fraction (per output token; checked positions include drafts a cut dropped, so this
-        can pass 1), round_trips_per_task, gpu_seconds_per_1k_tokens (the cloud's compute seconds per
+        override_tokens, other_cloud_tokens, ensembled_tokens (the edge placed the ensemble's token:
+        safe), checked_positions, round_trips, cloud_seconds (totals; None where a row lacks the
+        field), and override_fraction, other_cloud_fraction, ensembled_fraction, checked_fraction (per
+        output token; checked positions include drafts a cut dropped, so this can pass 1),
+        round_trips_per_task, gpu_seconds_per_1k_tokens (the cloud's compute seconds per
         1,000 output tokens: GPU-seconds on a GPU cloud, CPU-seconds on the CPU one).
     """
     tokens = sum(int(r["tokens"]) for r in rows)
     override = sum(int(r.get("override_tokens", r["corrected_tokens"])) for r in rows)
     other = sum(int(r.get("other_cloud_tokens", r["cloud_tokens"])) for r in rows)
+    ensembled = sum(int(r.get("ensembled_tokens", 0)) for r in rows)  # rows before safe existed: none
     checked = _known_sum(rows, "checked_positions")
     trips = _known_sum(rows, "round_trips")
     seconds = _known_sum(rows, "cloud_seconds")
     return {
         "override_tokens": override,
         "other_cloud_tokens": other,
+        "ensembled_tokens": ensembled,
         "checked_positions": None if checked is None else int(checked),
         "round_trips": None if trips is None else int(trips),
         "cloud_seconds": seconds,
         "override_fraction": _per(override, tokens),
         "other_cloud_fraction": _per(other, tokens),
+        "ensembled_fraction": _per(ensembled, tokens),
         "checked_fraction": _per(checked, tokens),
         "round_trips_per_task": _per(trips, len(rows)),
         "gpu_seconds_per_1k_tokens": _per(seconds, tokens, 1000.0),

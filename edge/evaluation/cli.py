@@ -67,7 +67,8 @@ def eval_command(
         str,
         typer.Option(
             help="Other policies' runs, comma-separated: exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
-            "surface:TAU, concept:TAU (KL over surface forms / concepts), router[:G] (--router FILE)."
+            "surface:TAU, concept:TAU (KL over surface forms / concepts), router[:G] (--router FILE), "
+            "safe:W[:S] (selective ensembling: P's weight, sharpen below S; --threshold's tau for consensus)."
         ),
     ] = "",
     max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Tokens per answer at most.")] = 160,

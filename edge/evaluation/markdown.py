@@ -107,6 +107,7 @@ ACCOUNTING_COLUMNS = (
     "run",
     "override tokens",
     "other cloud tokens",
+    "ensembled tokens",
     "checked positions",
     "round trips/task",
     "up B/tok",
@@ -134,6 +135,7 @@ def _accounting_table(summary: Mapping[str, Any], suite: str) -> list[str]:
                     info["run"],
                     _pct(a["override_fraction"]),
                     _pct(a["other_cloud_fraction"]),
+                    _pct(a["ensembled_fraction"]),
                     _known(a["checked_fraction"], _pct(a["checked_fraction"])),
                     _known(a["round_trips_per_task"], _num(a["round_trips_per_task"], 1)),
                     _num(m["up_bytes_per_token"], 0),
@@ -147,7 +149,12 @@ def _accounting_table(summary: Mapping[str, Any], suite: str) -> list[str]:
         if o is not None:
             a = o["accounting"]
             gpu = a["gpu_seconds_per_1k_tokens"]
-            cells = [_pct(a["override_fraction"]), _pct(a["other_cloud_fraction"]), *[DASH] * 4]
+            cells = [
+                _pct(a["override_fraction"]),
+                _pct(a["other_cloud_fraction"]),
+                _pct(a["ensembled_fraction"]),
+            ]
+            cells += [DASH] * 4
             lines.append(_row([label, *cells, DASH if gpu is None else f"≥ {gpu:.1f}"]))
     return lines
 
@@ -216,7 +223,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
                 "### Cloud accounting (all suites pooled)",
                 "",
                 "Each part of the cloud's share on its own, per output token: override tokens (P's token "
-                "replaced Q's), other cloud tokens (handoff runs, seed and bonus tokens), checked positions "
+                "replaced Q's), other cloud tokens (handoff runs, seed and bonus tokens), ensembled tokens (the "
+                "edge placed the argmax of P's and Q's ensemble: safe), checked positions "
                 "(edge positions P scored, drafts a cut dropped included); round trips per task (opens, "
                 "check points, handoffs, rollbacks, drafts); bytes per output token each way; the cloud's "
                 "compute seconds per 1,000 output tokens (GPU-seconds on a GPU cloud; on this report's "

@@ -67,7 +67,7 @@ def _hybrid_by_interval(summary: Mapping[str, Any]) -> dict[int | None, list[Map
 
 
 POLICY_MARKERS = {
-    "exact": "D", "correction": "P", "skip": "s", "budget": "^", "entropy": "v", "surface": "<", "concept": ">",
+    "exact": "D", "correction": "P", "skip": "s", "budget": "^", "entropy": "v", "surface": "<", "concept": ">", "safe": "*",
 }  # fmt: skip
 
 

@@ -263,6 +263,7 @@ def _oracle(
         "accounting": {
             "override_fraction": _ratio(cloud, tokens),
             "other_cloud_fraction": 0.0 if tokens else None,
+            "ensembled_fraction": 0.0 if tokens else None,
             "gpu_seconds_per_1k_tokens": None if seconds is None else _ratio(seconds, tokens, 1000.0),
         },
     }

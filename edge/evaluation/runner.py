@@ -30,6 +30,7 @@ from handoff.edge.evaluation.sandbox import SandboxLimits
 from handoff.edge.evaluation.tasks import Task
 from handoff.edge.policy import PolicyConfig
 from handoff.edge.records import GenerationResult
+from handoff.shared.errors import ShapeError
 from handoff.shared.quality import oracle_positions
 from handoff.shared.sampling import SamplingSettings
 
@@ -62,14 +63,15 @@ class RunSpec:
         }
 
 
-VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router", "surface", "concept")
+VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router", "surface", "concept", "safe")
 
 
 def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     """A run of another policy: "exact", "correction", "skip:TAU", "budget:FRACTION", "entropy:TAU" (nats of
     Q's entropy), "surface:TAU" / "concept:TAU" (the KL over surface forms / over concepts against TAU),
-    or "router" / "router:G" (the learned router of the base's router file, at its own gate threshold or
-    at G; the run is named after the file).
+    "router" / "router:G" (the learned router of the base's router file, at its own gate threshold or
+    at G; the run is named after the file), or "safe:W" / "safe:W:S" (selective ensembling with P's
+    weight W, sharpening below S; the base's tau is the consensus KL).
 
     Raises:
         ValueError: an unknown policy or a missing/bad parameter.
@@ -78,7 +80,7 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     if name not in VARIANTS:
         raise ValueError(
             f"policy {text!r}: expected one of exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
-            "surface:TAU, concept:TAU, router[:G]"
+            "surface:TAU, concept:TAU, router[:G], safe:W[:S]"
         )
     if name == "router":
         if not base.router:
@@ -94,6 +96,8 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
         return RunSpec("exact", "hybrid", replace(base, kind="exact"), "exact")
     if name == "correction":
         return RunSpec("correction", "hybrid", replace(base, kind="correction"), "correction")
+    if name == "safe":
+        return _safe_spec(text, arg, base)
     try:
         value = float(arg)
     except ValueError:
@@ -108,6 +112,19 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     return RunSpec(
         f"entropy-tau{value:g}", "hybrid", replace(base, threshold=value, trigger="entropy"), "entropy"
     )
+
+
+def _safe_spec(text: str, arg: str, base: PolicyConfig) -> RunSpec:
+    weight, _, sharpen = arg.partition(":")
+    try:
+        w = float(weight)
+        s = float(sharpen) if sharpen else base.sharpen_below
+        policy = replace(base, kind="safe", ensemble_weight=w, sharpen_below=s)
+    except (ValueError, ShapeError) as e:
+        raise ValueError(
+            f"policy {text!r}: safe:W[:S] needs P's weight W and S in [0, 1], e.g. safe:0.5 ({e})"
+        ) from None
+    return RunSpec(f"safe-w{w:g}-s{s:g}", "hybrid", policy, "safe")
 
 
 def run_specs(
@@ -130,7 +147,7 @@ def run_specs(
 # defaults, so results recorded before they existed still match (and are not redone).
 _LATER_FIELDS = ("draft_tokens", "draft_tokens_max", "trigger", "skip", "skip_entropy_max", "skip_top1_min",
                  "budget", "budget_window", "budget_gain", "router", "gate_threshold", "divergence",
-                 "concepts")  # fmt: skip
+                 "concepts", "ensemble_weight", "sharpen_below")  # fmt: skip
 _DEFAULTS = asdict(PolicyConfig())
 
 
@@ -319,6 +336,7 @@ class Evaluation:
             # before these existed lack them, and the report shows them as unknown.
             "override_tokens": acc["override_tokens"],
             "other_cloud_tokens": acc["other_cloud_tokens"],
+            "ensembled_tokens": acc["ensembled_tokens"],
             "checked_positions": acc["checked_positions"],
             "round_trips": acc["round_trips"],
             "cloud_seconds": acc["cloud_seconds"],

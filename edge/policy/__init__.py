@@ -7,6 +7,7 @@
 - budget: the budget-holding threshold (tau tuned online).
 - skip: the uplink skip gate.
 - features, router: the learned edge router (its features, its file, the gated "router" kind).
+- ensemble: selective ensembling (SAFE, the "safe" kind): the edge places the ensemble's token.
 
 Every comparison with tau lives in this package.
 """
@@ -29,6 +30,7 @@ from handoff.edge.policy.core import (
     policy_kinds,
     register_policy,
 )
+from handoff.edge.policy.ensemble import SafePolicy
 from handoff.edge.policy.router import RouterMismatch, RouterModel, RouterPolicy, load_router
 from handoff.edge.policy.skip import GATE_KINDS, SkipGate, skipped_kl, window_divergence
 from handoff.edge.policy.triggers import (
@@ -62,6 +64,7 @@ __all__ = [
     "RouterMismatch",
     "RouterModel",
     "RouterPolicy",
+    "SafePolicy",
     "SeedPolicy",
     "SkipGate",
     "TokenScorer",

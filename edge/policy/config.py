@@ -64,6 +64,10 @@ class PolicyConfig:
     # of them); handoff.shared.concepts. Always a lower bound of the token KL.
     divergence: str = "token"
     concepts: int = 1024
+    # safe (selective ensembling, edge/policy/ensemble.py): P's weight in the average of P and Q, and
+    # sharpen the average when its largest probability is below sharpen_below (0: never).
+    ensemble_weight: float = 0.5
+    sharpen_below: float = 0.5
 
     def __post_init__(self) -> None:
         if self.kind not in policy_kinds():
@@ -84,6 +88,10 @@ class PolicyConfig:
         if self.divergence not in DIVERGENCES:
             raise ShapeError(f"divergence: expected one of {DIVERGENCES}, got {self.divergence!r}")
         _int_at_least("concepts", self.concepts, 2)
+        for name in ("ensemble_weight", "sharpen_below"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ShapeError(f"{name}: expected a number in [0, 1], got {value!r}")
         if self.trigger not in TRIGGERS:
             raise ShapeError(f"trigger: expected one of {TRIGGERS}, got {self.trigger!r}")
         self.skip_gate()  # validates skip and its bounds

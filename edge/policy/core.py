@@ -72,14 +72,20 @@ class WindowDecision:
 
     keep: its first `keep` tokens are committed as the edge's, 0 <= keep <= n.
     hand_over: the cloud generates next, from the window's position `keep` (a rollback when keep < n).
+    token: with hand_over and keep < n, the token the edge itself places at position `keep` instead
+        of asking the cloud to generate one (an ensembled token, edge/policy/ensemble.py); the edge
+        then goes on drafting. None: the cloud generates.
     """
 
     keep: int
     hand_over: bool
+    token: int | None = None
 
     def __post_init__(self) -> None:
         if count("keep", self.keep) < 0:
             raise ShapeError(f"keep: expected tokens >= 0, got {self.keep}")
+        if self.token is not None and (count("token", self.token) < 0 or not self.hand_over):
+            raise ShapeError(f"token: expected a token id >= 0 with hand_over, got {self.token!r}")
 
     def checked(self, n: int) -> WindowDecision:
         """self, after checking that it fits a window of n tokens (a policy may be anyone's code)."""
@@ -89,6 +95,8 @@ class WindowDecision:
             raise ShapeError(
                 f"keep: a window that is not handed over keeps all its {n} tokens, not {self.keep}"
             )
+        if self.token is not None and self.keep >= n:
+            raise ShapeError(f"token: a window of {n} tokens has no position {self.keep} to place it at")
         return self
 
 
@@ -138,6 +146,7 @@ class HandoffPolicy:
     round: ClassVar[RoundKind] = "window"  # the round type the driver runs (ROUND_KINDS)
     cut_kind: ClassVar[CutKind] = "rollback"  # where a window over tau is cut
     proto_kind: ClassVar[int] = pb.POLICY_KIND_UNSPECIFIED  # what OpenSession tells the cloud
+    places_tokens: ClassVar[bool] = False  # decide() may return a token for the edge to place itself
 
     def __init__(self, config: PolicyConfig, *, scorer: TokenScorer | None = None) -> None:
         if config.kind != self.kind:

@@ -48,6 +48,10 @@ class WindowView:
         upload), or None when the cloud has not scored the window.
     p_top1_ids: [n] int, P's most likely token at each position (from the check point's top-k), or
         None when the cloud has not scored the window.
+    p_topk_ids: [n, kp] int, P's top-k ids at each position (the check point's answer), or None.
+    p_topk_logprobs: [n, kp] float, P's log-probabilities at p_topk_ids (<= 0), or None.
+    p_logprobs_at_q: [n, k] float, P's log-probabilities at q_topk_ids (NaN rows where the edge
+        skipped the upload), or None.
     """
 
     token_ids: np.ndarray
@@ -56,6 +60,9 @@ class WindowView:
     q_entropy: np.ndarray
     p_kls: np.ndarray | None = None
     p_top1_ids: np.ndarray | None = None
+    p_topk_ids: np.ndarray | None = None
+    p_topk_logprobs: np.ndarray | None = None
+    p_logprobs_at_q: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         ids = int_array("token_ids", self.token_ids, 1, "[n]")  # [n]
@@ -88,6 +95,7 @@ class WindowView:
         if self.p_top1_ids is not None:
             p_top1 = int_array("p_top1_ids", self.p_top1_ids, 1, "[n]")  # [n]
             same_length("p_top1_ids", p_top1, "token_ids", n)
+        p_ids, p_lp, p_at_q = self._p_views(n, topk_ids.shape)
         # Frozen: store the checked arrays (read-only, so a scorer cannot change what the next sees).
         for name, arr in (
             ("token_ids", ids),
@@ -96,15 +104,41 @@ class WindowView:
             ("q_entropy", ent),
             ("p_kls", kls),
             ("p_top1_ids", p_top1),
+            ("p_topk_ids", p_ids),
+            ("p_topk_logprobs", p_lp),
+            ("p_logprobs_at_q", p_at_q),
         ):
             if arr is not None:
                 arr = arr.copy()
                 arr.flags.writeable = False
             object.__setattr__(self, name, arr)
 
+    def _p_views(self, n: int, q_shape: tuple[int, ...]) -> tuple[np.ndarray | None, ...]:
+        """The checked P views (None where not given)."""
+        p_ids = p_lp = p_at_q = None
+        if (self.p_topk_ids is None) != (self.p_topk_logprobs is None):
+            raise ShapeError("p_topk_ids, p_topk_logprobs: give both or neither")
+        if self.p_topk_ids is not None:
+            p_ids = int_array("p_topk_ids", self.p_topk_ids, 2, "[n, kp]")  # [n, kp]
+            same_length("p_topk_ids", p_ids, "token_ids", n)
+            p_lp = _logprob_array("p_topk_logprobs", self.p_topk_logprobs, p_ids.shape, False)  # [n, kp]
+        if self.p_logprobs_at_q is not None:
+            p_at_q = _logprob_array("p_logprobs_at_q", self.p_logprobs_at_q, q_shape, True)  # [n, k]
+        return p_ids, p_lp, p_at_q
+
     @property
     def n(self) -> int:
         return int(self.token_ids.shape[0])
+
+
+def _logprob_array(name: str, values: Any, shape: tuple[int, ...], allow_nan: bool) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "biuf" or arr.shape != shape:
+        raise ShapeError(f"{name}: expected real values of shape {shape}, got {arr.shape} {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if (not allow_nan and np.isnan(arr).any()) or (arr[~np.isnan(arr)] > 0.0).any():
+        raise ShapeError(f"{name}: expected log-probabilities <= 0" + ("" if allow_nan else " without NaN"))
+    return arr
 
 
 @runtime_checkable

@@ -66,6 +66,11 @@ def replay_policy(
     Raises:
         ValueError: the trace lacks a view at some position.
     """
+    if policy.kind == "safe":
+        raise ValueError(
+            "the safe policy places tokens neither model wrote along the trace, so a replay of P's text "
+            "cannot show where it goes: run it live (handoff eval --policies safe:W) and simulate its traces"
+        )
     if not gen.full:
         raise ValueError(f"{gen.source}: not a full trace (a position lacks P's or Q's view, or its KL)")
     recs = gen.records

@@ -191,7 +191,10 @@ def edge_model_from_traces(gens: Iterable[Generation]) -> EdgeModel:
         for r in recs:
             if r["source"] != "edge" and r.get("t_received") is not None and r.get("t_committed") is not None:
                 scoring.append(r["t_committed"] - r["t_received"])
-            elif in_place(r, gated) and None not in (r.get("t_answered"), r.get("t_committed")):
+            elif (in_place(r, gated) or r["source"] == "ensembled") and None not in (
+                r.get("t_answered"),
+                r.get("t_committed"),
+            ):
                 correct.append(max(0.0, r["t_committed"] - r["t_answered"]))
         windows: dict[float, list[dict[str, Any]]] = {}
         for r in recs:

@@ -200,9 +200,10 @@ class _Sim:
         self.out.bytes_down += b.down
         self.unfed += w.drafted
 
-    def correct_in_place(self, t: float, w: Window) -> None:
-        """A correction in place, sent at t: its Rollback and token cross the link unawaited; P feeds it later."""
-        b = in_place_bytes(w.records[0])
+    def correct_in_place(self, t: float, r: dict) -> None:
+        """A token placed in place (record r), sent at t: its Rollback and token cross the link unawaited;
+        P feeds it later."""
+        b = in_place_bytes(r)
         self.down.send(self.up.send(t, b.up), b.down)
         self.out.bytes_up += b.up
         self.out.bytes_down += b.down
@@ -303,7 +304,13 @@ class _Sim:
                     t += self.edge.correct if w.in_place else self.edge.settle_s
                 self.out.commits.extend([t] * w.kept)
                 if hybrid and w.in_place:
-                    self.correct_in_place(t, w)
+                    self.correct_in_place(t, w.records[0])
+                if w.placed is not None:  # the edge places its own token at the cut: no cloud turn
+                    t += self.edge.correct
+                    self.out.commits.append(t)
+                    self.correct_in_place(t, w.placed)
+                    self.dropped_uploads = False  # the in-place Rollback dropped them
+                    return t
                 if w.cut:
                     # Drafts uploaded past the kept tokens must be rolled back on the cloud.
                     self.dropped_uploads = w.kept < w.drafted or bool(pending)

@@ -13,6 +13,9 @@ token's place. `events()` turns a run of by-design tokens into a Window with `by
 checked position into a one-token window. Under greedy decoding the edge commits P's top-1 there in
 place (no handoff: no cloud token received, so the record's `t_received` is None): a one-token
 window with `in_place` set; a correction with `t_received` was a rollback and a one-token handoff.
+The safe policy (selective ensembling) cuts a window where the ensemble of P's and Q's views picks
+another token, and the edge places that token itself ("ensembled" records): a cut window with
+`placed` set, followed by no cloud turn (the Rollback and the token go up without waiting).
 Records unchecked because the cloud was unreachable
 (`unchecked: "unreachable"`, or older traces' unchecked records) keep their meaning.
 """
@@ -136,6 +139,8 @@ class Window:
     # Its one token is P's top-1, committed in place of the edge's (gated, greedy): no handoff; the
     # edge sends a Rollback and the token without waiting (records[0] is the corrected record).
     in_place: bool = False
+    # The token the edge placed at the cut itself (safe: an "ensembled" record), sent like in_place.
+    placed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,10 @@ def events(gen: Generation) -> list[Event]:
             following = None if nxt is None or in_place(nxt, gated) else nxt["source"]
             by_design = gated and _check_state(r)[1]
             drafted = j - i
+            if following == "ensembled":
+                out.append(_placed_window(r["position"], j - i, tuple(recs[i:j]), nxt, n_check, budget, i))
+                i = j + 1
+                continue
             if following == "corrected" and not by_design:
                 if gated:  # the gated check point ended at the position P replaced
                     drafted = j - i + 1
@@ -219,6 +228,10 @@ def events(gen: Generation) -> list[Event]:
             out.append(Window(r["position"], 1, 1, False, True, (r,), in_place=True))
             i += 1
             continue
+        if r["source"] == "ensembled":  # placed at a window's first position: none of it was kept
+            out.append(_placed_window(r["position"], 0, (), r, n_check, budget, i))
+            i += 1
+            continue
         corrected = r["source"] == "corrected"
         if corrected and not (out and isinstance(out[-1], Window) and out[-1].cut):
             # Cut at the window's first position: nothing of it was kept (gated: a one-token check).
@@ -230,6 +243,14 @@ def events(gen: Generation) -> list[Event]:
         out.append(CloudTurn(r["position"], j - i, corrected, tuple(recs[i:j])))
         i = j
     return out
+
+
+def _placed_window(
+    first: int, kept: int, records: tuple, placed: dict[str, Any], n_check: int, budget: int | None, i: int
+) -> Window:
+    """A window cut where the edge placed its own token (records: the kept ones; i: the first's index)."""
+    drafted = n_check if budget is None else max(kept + 1, min(n_check, budget - i))
+    return Window(first, drafted, kept, True, True, records, placed, placed=placed)
 
 
 # -- message sizes -------------------------------------------------------------------------------
