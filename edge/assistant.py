@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from handoff.edge.controller import HybridGenerator
+from handoff.edge.mixture import MixtureRunner, load_experts
 from handoff.edge.records import GenerationResult, OnToken
 from handoff.edge.runner import EdgeRunner
 from handoff.edge.settings import EdgeSettings
@@ -21,6 +22,7 @@ from handoff.shared.model_info import load_model_info
 from handoff.shared.models import resolve
 from handoff.shared.sampling import SamplingSettings
 from handoff.shared.settings import HandoffSettings
+from handoff.shared.vocab import check_vocabularies
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class Assistant:
         self.cloud_model = cloud_model or settings.cloud_model
         self.policy = edge.policy_config()
         self.cloud_info: dict[str, str] = {}
-        self.runner: EdgeRunner | None = None
+        self.runner: EdgeRunner | MixtureRunner | None = None
         self.client: VerifierClient | None = None
         self._server = None
         self.generator: HybridGenerator | None = None
@@ -99,9 +101,7 @@ class Assistant:
                     raise
                 # The session's open checks the fingerprint again once the cloud is back.
                 logger.warning("the cloud at %s is unreachable (%s): starting on the edge alone", target, e)
-        self.runner = EdgeRunner(
-            self.edge_ref.path, k=self.policy.top_k, n_ctx=self.edge.n_ctx, n_threads=self.settings.threads
-        )
+        self.runner = self._runner(vocabulary)
         self.generator = HybridGenerator(
             self.runner,
             self.client,
@@ -110,6 +110,31 @@ class Assistant:
             mode=self.edge.mode,
             link=self.edge.link_config(),
         )
+
+    def _runner(self, vocabulary) -> EdgeRunner | MixtureRunner:
+        """Q's runner, or a mixture of experts' (each expert's model checked against Q's vocabulary)."""
+
+        def load(path) -> EdgeRunner:
+            return EdgeRunner(
+                path, k=self.policy.top_k, n_ctx=self.edge.n_ctx, n_threads=self.settings.threads
+            )
+
+        specs = load_experts(self.edge.experts)
+        if not specs:
+            return load(self.edge_ref.path)
+        experts = []
+        try:
+            for spec in specs:
+                ref = self.edge_ref if not spec.model else resolve(spec.model, "edge", self.settings)
+                if ref.path != self.edge_ref.path:
+                    check_vocabularies(vocabulary, load_model_info(ref, self.settings)[1])
+                experts.append((spec, load(ref.path)))
+        except BaseException:
+            for _, r in experts:
+                r.close()
+            raise
+        logger.info("edge experts: %s", ", ".join(s.name for s in specs))
+        return MixtureRunner(experts)
 
     async def _start_embedded(self) -> str:
         from handoff.cloud.grpc_server import CloudServer

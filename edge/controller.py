@@ -184,6 +184,7 @@ class _Generation:
         result, g = self.result, self.g
         try:
             self.core.begin()
+            self.runner.follow(self.core)
             self.runner.keep_draft_probs = self.drafts
             self.runner.hidden = self.core.needs_hidden  # the router's feature; no cost when off
             chosen = sampling or self.runner.sampling  # what P's output must follow, whatever Q drafts from
@@ -395,7 +396,7 @@ class _Generation:
         scores = answer.result().scores
         w.kls = window_kl(w.steps, scores, self.core.concept_of)
         self.result.checked_positions += len(w.steps)
-        decision = self.core.decide(window_view(w.steps, w.kls, scores)).checked(len(w.steps))
+        decision = self.core.decide(window_view(w.steps, w.kls, scores, self.runner)).checked(len(w.steps))
         if decision.token is not None and not self.core.places_tokens:
             raise ShapeError(
                 f"policy {self.core.kind!r} returned a token to place but has places_tokens False"
@@ -417,7 +418,7 @@ class _Generation:
             if p.answer is not None and not p.answer.done():
                 p.answer.cancel()  # its reply still comes, and is ignored
         if w.token is not None:  # the policy's own token (an ensemble's): no cloud turn
-            return await place_in_place(self, w, keep, w.token, "ensembled")
+            return await place_in_place(self, w, keep, w.token, self.core.placed_source)
         if self.runner.length > cut:
             await self.in_pool(self.runner.truncate, cut)
         link = self.link

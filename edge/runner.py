@@ -307,6 +307,10 @@ class EdgeRunner:
         self.model.truncate(length - 1)
         self.model.eval([last], hidden=self._hidden)
 
+    def follow(self, core: object) -> None:
+        """A generation starts under a policy core: one model has nothing to take from it (a mixture
+        of experts takes its experts and weights, edge/mixture.py)."""
+
     # -- generation ----------------------------------------------------------------------------
 
     def step(self) -> EdgeStep:

@@ -44,6 +44,11 @@ class EdgeSettings(BaseSettings):
         ),
     ] = Field("hybrid", description="hybrid, or a baseline through the same code path: edge (Q), cloud (P).")
     n_ctx: int = Field(4096, ge=64, description="The edge model's context length (tokens).")
+    experts: str = Field(
+        "",
+        description="A mixture of small experts on the edge (with --policy mixture): 'prompted' (the edge "
+        "model with specialised system prompts) or a JSON file of [{name, model, system}]; empty: one Q.",
+    )
 
     # The policy (edge/policy/config.py PolicyConfig; docs/policy_defaults.md says how they were chosen)
     # Any registered kind (edge/policy/core.py register_policy), so a new policy is selectable here too.
@@ -105,6 +110,23 @@ class EdgeSettings(BaseSettings):
     concepts: int = Field(_P.concepts, ge=2, description="divergence concept: the number of clusters.")
     ensemble_weight: float = Field(
         _P.ensemble_weight, ge=0, le=1, description="safe: P's weight in the ensemble of P and Q."
+    )
+    use_experts: str = Field(
+        _P.use_experts, description="Which of --experts take part (comma-separated names; empty: all)."
+    )
+    mixture: Literal["select", "weighted"] = Field(
+        _P.mixture, description="mixture: the closest expert drafts (select), or their mixture (weighted)."
+    )
+    expert_decay: float = Field(
+        _P.expert_decay,
+        ge=0,
+        le=1,
+        description="mixture: how much of an expert's recent KL each window keeps.",
+    )
+    mixture_temperature: float = Field(
+        _P.mixture_temperature,
+        gt=0,
+        description="mixture weighted: softmax temperature over recent KLs (nats).",
     )
     sharpen_below: float = Field(
         _P.sharpen_below,

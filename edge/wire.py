@@ -7,12 +7,14 @@ KL(P || Q) of shared.divergence.topk_kl, a lower bound of the full-vocabulary KL
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from handoff.edge.policy.triggers import WindowView
 from handoff.edge.runner import EdgeStep
 from handoff.shared.divergence import topk_kl
+from handoff.shared.ensemble import expert_divergences
 from handoff.shared.errors import ShapeError
 from handoff.shared.sampling import SamplingSettings
 from handoff.shared.wire import pb, topk_from_proto, topk_to_proto
@@ -128,13 +130,16 @@ def cloud_token_kl(
     )  # fmt: skip
 
 
-def window_view(steps: Sequence[EdgeStep], kls: np.ndarray, scores: Sequence[pb.PositionScore]) -> WindowView:
+def window_view(
+    steps: Sequence[EdgeStep], kls: np.ndarray, scores: Sequence[pb.PositionScore], runner: Any = None
+) -> WindowView:
     """What the policy judges an answered window on: Q's views, the KLs and P's views.
 
     Args:
         steps: [n] the window's edge tokens with Q's top-k views (k each).
         kls: [n] window_kl's KLs.
         scores: [n] the check point's answer, at the same positions.
+        runner: the edge's runner; a mixture of experts adds each expert's KL and top-1 (expert_views).
 
     Returns:
         The WindowView, with P's top-1 [n], top-k [n, kp] and P's values at Q's ids [n, k] (NaN rows
@@ -148,6 +153,10 @@ def window_view(steps: Sequence[EdgeStep], kls: np.ndarray, scores: Sequence[pb.
     for j, sc in enumerate(scores):
         if len(sc.logprobs_at_edge_topk) == k:
             at_q[j] = sc.logprobs_at_edge_topk
+    experts = getattr(runner, "expert_views", lambda *_: None)([s.position for s in steps], ids)
+    e_kls = e_top1 = None
+    if experts is not None:  # [n, E, k] ids, logprobs; [n, E, kp] at P's ids
+        e_kls, e_top1 = expert_divergences(ids, np.minimum(lps, 0.0), *experts), experts[0][:, :, 0]
     return WindowView(
         token_ids=np.asarray([s.token_id for s in steps]),
         q_topk_ids=q_ids,
@@ -158,4 +167,6 @@ def window_view(steps: Sequence[EdgeStep], kls: np.ndarray, scores: Sequence[pb.
         p_topk_ids=ids,
         p_topk_logprobs=np.minimum(lps, 0.0),
         p_logprobs_at_q=np.minimum(at_q, 0.0),
+        expert_kls=e_kls,
+        expert_top1_ids=e_top1,
     )

@@ -1,4 +1,4 @@
-"""Selective ensembling of P and Q at one position from their top-k views (SAFE's ensemble step).
+"""Ensembles from top-k views: SAFE's ensemble of P and Q at one position, and experts' divergences from P.
 
 SAFE (Yun et al., "When to Ensemble: Identifying Token-Level Points for Stable and Fast LLM
 Ensembling", arXiv 2510.15346) drafts with one model, verifies with the others and ensembles only
@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from handoff.shared.divergence import real_1d
+from handoff.shared.divergence import real_1d, topk_kl
 from handoff.shared.errors import ShapeError
 
-__all__ = ["ensemble_choice", "ensemble_view", "sharpen"]
+__all__ = ["ensemble_choice", "ensemble_view", "expert_divergences", "sharpen"]
 
 
 def _ids(name: str, ids: Any) -> np.ndarray:
@@ -149,3 +149,33 @@ def ensemble_choice(
     if sharpen_below > 0.0 and texts_of is not None:
         probs = sharpen(ids, probs, [texts_of(int(t)) for t in ids], sharpen_below)
     return int(ids[int(np.argmax(probs))])  # ids ascend, argmax takes the first maximum
+
+
+def expert_divergences(p_ids: Any, p_logprobs: Any, e_ids: Any, e_logprobs: Any, e_at_p: Any) -> np.ndarray:
+    """Each expert's top-k KL(P || expert) at each position, the edge's estimate for its own tokens.
+
+    Args:
+        p_ids: [n, kp] P's top-k ids at the positions.
+        p_logprobs: [n, kp] P's log-probabilities there.
+        e_ids: [n, E, k] each expert's top-k ids.
+        e_logprobs: [n, E, k] each expert's log-probabilities there.
+        e_at_p: [n, E, kp] each expert's log-probabilities at P's ids.
+
+    Returns:
+        [n, E] nats, lower bounds of the full KL (shared.divergence.topk_kl with the expert's values at
+        P's top-k, as for a cloud token: P's top-k and the expert's top-k are compared, the rest is one
+        bucket).
+    """
+    ids, lps, at = np.asarray(e_ids), np.asarray(e_logprobs), np.asarray(e_at_p)
+    pi, pl = np.asarray(p_ids), np.asarray(p_logprobs)
+    if (ids.ndim != 3 or lps.shape != ids.shape or pi.ndim != 2 or pl.shape != pi.shape
+            or pi.shape[0] != ids.shape[0] or at.shape != (*ids.shape[:2], pi.shape[1])):  # fmt: skip
+        raise ShapeError(
+            f"expert views: expected [n, kp] for P, [n, E, k] and [n, E, kp] for the experts, got {pi.shape}, "
+            f"{ids.shape}, {at.shape}"
+        )
+    n, e, k = ids.shape
+    rep = np.repeat(np.arange(n), e)  # [n * E]: P's row for each (position, expert)
+    kls = topk_kl(pi[rep], pl[rep], ids.reshape(n * e, k), lps.reshape(n * e, k),
+                  q_logprobs_at_p_ids=at.reshape(n * e, -1), rest_margin=1e-5)  # fmt: skip
+    return kls.reshape(n, e)

@@ -258,8 +258,14 @@ def test_bad_rows() -> None:
         summarize([{**good[0], "mode": "medium"}])
     with pytest.raises(HandoffError, match="twice"):
         summarize([good[0], good[0]])
+    small = next(r for r in good if r["mode"] == "small")
+    assert small["run"] == "small"
+    renamed = [{**r, "run": "q-a"} if r["mode"] == "small" else r for r in good]
     with pytest.raises(HandoffError, match="at most one small run"):
-        summarize([*good, {**good[0], "run": "small-2", "mode": "small"}])
+        summarize([*renamed, {**small, "run": "q-b"}])
+    # Beside a baseline named "small", another edge-only run (an expert alone) is one more run.
+    s = summarize([*good, {**small, "run": "small-2", "correct": not small["correct"]}])
+    assert [r["run"] for r in s["runs"]][:2] == ["small", "small-2"]
     with pytest.raises(HandoffError, match="earlier rows"):
         summarize([*good, {**good[1], "task_id": "new", "threshold": 0.9}])
     with pytest.raises(HandoffError, match="reserved"):

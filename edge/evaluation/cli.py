@@ -68,7 +68,8 @@ def eval_command(
         typer.Option(
             help="Other policies' runs, comma-separated: exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
             "surface:TAU, concept:TAU (KL over surface forms / concepts), router[:G] (--router FILE), "
-            "safe:W[:S] (selective ensembling: P's weight, sharpen below S; --threshold's tau for consensus)."
+            "safe:W[:S] (selective ensembling: P's weight, sharpen below S; the base tau for consensus), "
+            "mixture:TAU, mixture-weighted:TAU (--experts), expert:NAME[:TAU] (one expert alone)."
         ),
     ] = "",
     max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Tokens per answer at most.")] = 160,

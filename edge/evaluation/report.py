@@ -13,7 +13,8 @@ Input is one row per (run, task) as the eval runner writes it:
 The last five (the cloud's share, edge/evaluation/accounting.py) are newer than the rest: a row
 without them still loads, and the figures that need them are unknown (None, "—").
 
-There is at most one run of mode "small" and one of mode "large" (the baselines); RPI pairs every
+There is at most one run of mode "small" and one of mode "large" (the baselines), except that other
+edge-only runs (an expert of a mixture alone) may come with a baseline named "small"; RPI pairs every
 run with them task by task. `oracle_positions` is set only on rows of the large run: the positions
 along P's greedy answer where Q's greedy token differs (shared.quality.oracle_positions).
 """
@@ -124,7 +125,8 @@ def _check_rows(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, An
         checked.append(row)
     for mode in ("small", "large"):
         names = [r.run for r in runs.values() if r.mode == mode]
-        if len(names) > 1:
+        # Other edge-only runs (one expert of a mixture alone) may join a baseline named "small".
+        if len(names) > 1 and not (mode == "small" and "small" in names):
             raise HandoffError(f"expected at most one {mode} run, got {', '.join(names)}")
     return checked, runs
 
@@ -133,7 +135,7 @@ def _run_order(runs: Iterable[_Run]) -> list[_Run]:
     """Display order: small, hybrid runs by threshold then check interval, large."""
 
     def key(r: _Run) -> tuple:
-        rank = {"small": 0, "hybrid": 1, "large": 2}[r.mode]
+        rank = {"small": 0, "hybrid": 1, "large": 2}[r.mode] + 0.5 * (r.mode == "small" and r.run != "small")
         return (
             rank,
             r.policy != "kl",  # the KL threshold sweep first, then the other policies

@@ -63,7 +63,8 @@ class RunSpec:
         }
 
 
-VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router", "surface", "concept", "safe")
+VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router", "surface", "concept", "safe", "mixture",
+            "mixture-weighted", "expert")  # fmt: skip
 
 
 def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
@@ -71,7 +72,9 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     Q's entropy), "surface:TAU" / "concept:TAU" (the KL over surface forms / over concepts against TAU),
     "router" / "router:G" (the learned router of the base's router file, at its own gate threshold or
     at G; the run is named after the file), or "safe:W" / "safe:W:S" (selective ensembling with P's
-    weight W, sharpening below S; the base's tau is the consensus KL).
+    weight W, sharpening below S; the base's tau is the consensus KL), "mixture:TAU" /
+    "mixture-weighted:TAU" (the edge's experts selected / mixed by divergence, --experts), or
+    "expert:NAME" / "expert:NAME:TAU" (one of the experts alone: edge-only, or the KL policy at TAU).
 
     Raises:
         ValueError: an unknown policy or a missing/bad parameter.
@@ -80,7 +83,7 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     if name not in VARIANTS:
         raise ValueError(
             f"policy {text!r}: expected one of exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
-            "surface:TAU, concept:TAU, router[:G], safe:W[:S]"
+            "surface:TAU, concept:TAU, router[:G], safe:W[:S], mixture:TAU, mixture-weighted:TAU, expert:NAME[:TAU]"
         )
     if name == "router":
         if not base.router:
@@ -98,6 +101,13 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
         return RunSpec("correction", "hybrid", replace(base, kind="correction"), "correction")
     if name == "safe":
         return _safe_spec(text, arg, base)
+    if name == "expert":
+        expert, _, tau = arg.partition(":")
+        if not expert:
+            raise ValueError(f"policy {text!r}: expert:NAME[:TAU] needs an expert's name")
+        if not tau:
+            return RunSpec(f"expert-{expert}", "small", replace(base, use_experts=expert))
+        arg, name = tau, "expert"
     try:
         value = float(arg)
     except ValueError:
@@ -109,6 +119,13 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     if name in ("surface", "concept"):
         policy = replace(base, threshold=value, divergence=name)
         return RunSpec(f"{name}-tau{value:g}", "hybrid", policy, name)
+    if name == "expert":
+        policy = replace(base, threshold=value, use_experts=expert)
+        return RunSpec(f"expert-{expert}-tau{value:g}", "hybrid", policy, "expert")
+    if name.startswith("mixture"):
+        mode = "weighted" if name == "mixture-weighted" else "select"
+        policy = replace(base, kind="mixture", threshold=value, mixture=mode)
+        return RunSpec(f"mixture-{mode}-tau{value:g}", "hybrid", policy, "mixture")
     return RunSpec(
         f"entropy-tau{value:g}", "hybrid", replace(base, threshold=value, trigger="entropy"), "entropy"
     )
@@ -147,7 +164,8 @@ def run_specs(
 # defaults, so results recorded before they existed still match (and are not redone).
 _LATER_FIELDS = ("draft_tokens", "draft_tokens_max", "trigger", "skip", "skip_entropy_max", "skip_top1_min",
                  "budget", "budget_window", "budget_gain", "router", "gate_threshold", "divergence",
-                 "concepts", "ensemble_weight", "sharpen_below")  # fmt: skip
+                 "concepts", "ensemble_weight", "sharpen_below", "use_experts", "mixture",
+                 "expert_decay", "mixture_temperature")  # fmt: skip
 _DEFAULTS = asdict(PolicyConfig())
 
 
@@ -161,10 +179,15 @@ def _policy_key(policy: PolicyConfig) -> dict[str, Any]:
     }
 
 
+def _small_key(policy: PolicyConfig) -> dict[str, str] | None:
+    # Edge-only output depends on the policy only through which expert drafts.
+    return {"use_experts": policy.use_experts} if policy.use_experts else None
+
+
 def row_key(spec: RunSpec, task: Task, fixed: dict[str, Any]) -> str:
     """A hash of everything a result row depends on."""
     blob = json.dumps(
-        {"spec": [spec.mode, _policy_key(spec.policy) if spec.mode != "small" else None],
+        {"spec": [spec.mode, _policy_key(spec.policy) if spec.mode != "small" else _small_key(spec.policy)],
          "task": task.digest, **fixed},
         sort_keys=True,
     )  # fmt: skip

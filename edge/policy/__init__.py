@@ -8,6 +8,7 @@
 - skip: the uplink skip gate.
 - features, router: the learned edge router (its features, its file, the gated "router" kind).
 - ensemble: selective ensembling (SAFE, the "safe" kind): the edge places the ensemble's token.
+- mixture: a mixture of small experts (the "mixture" kind), selected or weighted by divergence.
 
 Every comparison with tau lives in this package.
 """
@@ -31,6 +32,7 @@ from handoff.edge.policy.core import (
     register_policy,
 )
 from handoff.edge.policy.ensemble import SafePolicy
+from handoff.edge.policy.mixture import MixturePolicy
 from handoff.edge.policy.router import RouterMismatch, RouterModel, RouterPolicy, load_router
 from handoff.edge.policy.skip import GATE_KINDS, SkipGate, skipped_kl, window_divergence
 from handoff.edge.policy.triggers import (
@@ -58,6 +60,7 @@ __all__ = [
     "HandBack",
     "HandoffPolicy",
     "KLScorer",
+    "MixturePolicy",
     "PolicyConfig",
     "RollbackPolicy",
     "RoundKind",

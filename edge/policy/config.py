@@ -68,6 +68,14 @@ class PolicyConfig:
     # sharpen the average when its largest probability is below sharpen_below (0: never).
     ensemble_weight: float = 0.5
     sharpen_below: float = 0.5
+    # mixture (a mixture of small experts, edge/mixture.py, edge/policy/mixture.py): which of the edge's
+    # experts take part (comma-separated names; "": all; other policies draft with the first alone),
+    # "select" (the lowest recent KL drafts) or "weighted" (their distributions mixed), the recent KL's
+    # decay per window, and the weighted mixture's temperature (nats).
+    use_experts: str = ""
+    mixture: str = "select"
+    expert_decay: float = 0.5
+    mixture_temperature: float = 0.25
 
     def __post_init__(self) -> None:
         if self.kind not in policy_kinds():
@@ -88,7 +96,13 @@ class PolicyConfig:
         if self.divergence not in DIVERGENCES:
             raise ShapeError(f"divergence: expected one of {DIVERGENCES}, got {self.divergence!r}")
         _int_at_least("concepts", self.concepts, 2)
-        for name in ("ensemble_weight", "sharpen_below"):
+        if self.mixture not in ("select", "weighted"):
+            raise ShapeError(f"mixture: expected select or weighted, got {self.mixture!r}")
+        if not (isinstance(self.mixture_temperature, int | float) and self.mixture_temperature > 0):
+            raise ShapeError(
+                f"mixture_temperature: expected a number > 0 nats, got {self.mixture_temperature!r}"
+            )
+        for name in ("ensemble_weight", "sharpen_below", "expert_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise ShapeError(f"{name}: expected a number in [0, 1], got {value!r}")

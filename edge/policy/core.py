@@ -147,6 +147,7 @@ class HandoffPolicy:
     cut_kind: ClassVar[CutKind] = "rollback"  # where a window over tau is cut
     proto_kind: ClassVar[int] = pb.POLICY_KIND_UNSPECIFIED  # what OpenSession tells the cloud
     places_tokens: ClassVar[bool] = False  # decide() may return a token for the edge to place itself
+    placed_source: ClassVar[str] = "ensembled"  # how such a token is recorded (TokenRecord.source)
 
     def __init__(self, config: PolicyConfig, *, scorer: TokenScorer | None = None) -> None:
         if config.kind != self.kind:

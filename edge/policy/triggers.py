@@ -52,6 +52,9 @@ class WindowView:
     p_topk_logprobs: [n, kp] float, P's log-probabilities at p_topk_ids (<= 0), or None.
     p_logprobs_at_q: [n, k] float, P's log-probabilities at q_topk_ids (NaN rows where the edge
         skipped the upload), or None.
+    expert_kls: [n, E] float, each expert's top-k KL(P || expert) when a mixture of experts drafts
+        (edge/mixture.py), or None.
+    expert_top1_ids: [n, E] int, each expert's most likely token at each position, or None.
     """
 
     token_ids: np.ndarray
@@ -63,6 +66,8 @@ class WindowView:
     p_topk_ids: np.ndarray | None = None
     p_topk_logprobs: np.ndarray | None = None
     p_logprobs_at_q: np.ndarray | None = None
+    expert_kls: np.ndarray | None = None
+    expert_top1_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         ids = int_array("token_ids", self.token_ids, 1, "[n]")  # [n]
@@ -96,6 +101,7 @@ class WindowView:
             p_top1 = int_array("p_top1_ids", self.p_top1_ids, 1, "[n]")  # [n]
             same_length("p_top1_ids", p_top1, "token_ids", n)
         p_ids, p_lp, p_at_q = self._p_views(n, topk_ids.shape)
+        e_kls, e_top1 = self._expert_views(n)
         # Frozen: store the checked arrays (read-only, so a scorer cannot change what the next sees).
         for name, arr in (
             ("token_ids", ids),
@@ -107,6 +113,8 @@ class WindowView:
             ("p_topk_ids", p_ids),
             ("p_topk_logprobs", p_lp),
             ("p_logprobs_at_q", p_at_q),
+            ("expert_kls", e_kls),
+            ("expert_top1_ids", e_top1),
         ):
             if arr is not None:
                 arr = arr.copy()
@@ -125,6 +133,20 @@ class WindowView:
         if self.p_logprobs_at_q is not None:
             p_at_q = _logprob_array("p_logprobs_at_q", self.p_logprobs_at_q, q_shape, True)  # [n, k]
         return p_ids, p_lp, p_at_q
+
+    def _expert_views(self, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The checked expert arrays (both or neither)."""
+        if (self.expert_kls is None) != (self.expert_top1_ids is None):
+            raise ShapeError("expert_kls, expert_top1_ids: give both or neither")
+        if self.expert_kls is None:
+            return None, None
+        top1 = int_array("expert_top1_ids", self.expert_top1_ids, 2, "[n, E]")  # [n, E]
+        same_length("expert_top1_ids", top1, "token_ids", n)
+        kls = np.asarray(self.expert_kls, dtype=np.float64)  # [n, E]
+        if kls.shape != top1.shape:
+            raise ShapeError(f"expert_kls: expected shape {top1.shape} (as expert_top1_ids), got {kls.shape}")
+        check_kls("expert_kls", kls)
+        return kls, top1
 
     @property
     def n(self) -> int:
