@@ -225,3 +225,20 @@ def test_weighted_mixture_leans_on_the_closer_expert(tiny_gguf_a, tiny_gguf_b, t
     assert set(drafted) == {"mixture"} and r.records
     # A's near copy is weighted up: the mixture's tokens are mostly checked as within tau of A.
     assert r.counts()["edge"] > 0.8 * len(r.records)
+
+
+def test_bench_mixture_script_prints_the_costs_side_by_side(tiny_gguf_a, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_mixture.py", "--model", str(tiny_gguf_a), "--tokens", "4", "--n-ctx", "256",
+         "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"one Q", "mixture select", "mixture weighted"}
+    assert rows["mixture select"]["experts"] == len(PROMPTED_EXPERTS) and rows["one Q"]["ms_per_token"] > 0
+    assert "x one Q" in proc.stdout
