@@ -242,3 +242,30 @@ def test_bench_mixture_script_prints_the_costs_side_by_side(tiny_gguf_a, tmp_pat
     assert set(rows) == {"one Q", "mixture select", "mixture weighted"}
     assert rows["mixture select"]["experts"] == len(PROMPTED_EXPERTS) and rows["one Q"]["ms_per_token"] > 0
     assert "x one Q" in proc.stdout
+
+
+def test_safe_and_mixture_from_the_command_line(
+    tiny_gguf_a, tiny_gguf_a_near, tiny_gguf_b, tmp_path, run_handoff
+):
+    env = {"HANDOFF_THREADS": "1", "COLUMNS": "300"}
+    models = ("--edge", str(tiny_gguf_a_near), "--cloud-model", str(tiny_gguf_a))
+    safe = run_handoff("generate", *models, "--policy", "safe", "--ensemble-weight", "1", "--sharpen-below", "0",
+                       "--max-tokens", "48", "--json", env=env)  # fmt: skip
+    assert safe.returncode == 0, safe.stderr[-2000:]
+    s = json.loads(safe.stdout)
+    assert (
+        s["by_source"]["cloud"] == s["by_source"]["corrected"] == 0 and "ensembled_tokens" in s["accounting"]
+    )
+    experts = tmp_path / "experts.json"
+    experts.write_text(json.dumps([{"name": "far", "model": str(tiny_gguf_b)}, {"name": "near"}]))
+    args = ("--experts", str(experts), "--policy", "mixture", "--max-tokens", "48")
+    mix = run_handoff("generate", *models, *args, "--json", env=env)
+    assert mix.returncode == 0, mix.stderr[-2000:]
+    m = json.loads(mix.stdout)
+    assert m["tokens"] > 0 and m["check_points"] > 0
+    chat = run_handoff("chat", *models, *args, stdin="Sort a list\n/exit\n", env=env)
+    assert chat.returncode == 0 and "tokens (hybrid)" in chat.stderr, chat.stderr[-2000:]
+    bad = run_handoff(
+        "generate", *models, "--experts", str(tmp_path / "none.json"), "--max-tokens", "4", env=env
+    )
+    assert bad.returncode != 0 and "experts" in bad.stderr and "Traceback" not in bad.stderr
