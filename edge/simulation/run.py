@@ -125,6 +125,7 @@ def measure(config: Config, net: NetworkModel, edge: EdgeModel, cloud: CloudLate
     per_k = 1000 / tokens if tokens else 0.0
     override = sum(sum(r["source"] == "corrected" for r in g.records) for g in config.generations)
     other = sum(sum(r["source"] == "cloud" for r in g.records) for g in config.generations)
+    ensembled = sum(sum(r["source"] == "ensembled" for r in g.records) for g in config.generations)
 
     def per_token(x: float) -> float | None:
         return x / tokens if tokens else None
@@ -157,6 +158,7 @@ def measure(config: Config, net: NetworkModel, edge: EdgeModel, cloud: CloudLate
         # The cloud's share, each part on its own (as GenerationResult.accounting counts it).
         "override_fraction": per_token(override),
         "other_cloud_fraction": per_token(other),
+        "ensembled_fraction": per_token(ensembled),  # placed by the edge (safe): not cloud tokens
         "checked_fraction": per_token(sum(t.checked_positions for t in timelines)),
         "round_trips_per_generation": sum(t.round_trips for t in timelines) / len(timelines)
         if timelines
@@ -229,7 +231,8 @@ def gpu_label(rows: Sequence[dict[str, Any]]) -> str:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of the simulated figures."""
-    head = ["config", "RTT ms", "fidelity", "cloud", "override", "other cloud", "checked", "RT/gen", "TTFT s",
+    head = ["config", "RTT ms", "fidelity", "cloud", "override", "other cloud", "ensembled", "checked", "RT/gen",
+            "TTFT s",
             "tok/s", "ITL p50/p95/p99 ms", gpu_label(rows), "$/1k tok", "up B/tok", "down B/tok",
             "accuracy"]  # fmt: skip
 
@@ -243,7 +246,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             "| " + " | ".join([
                 r["config"], f(r["rtt_ms"], 0), fid, f(r["cloud_fraction"]), f(r["override_fraction"], 3),
-                f(r["other_cloud_fraction"], 3), f(r["checked_fraction"]), f(r["round_trips_per_generation"], 1),
+                f(r["other_cloud_fraction"], 3), f(r.get("ensembled_fraction"), 3), f(r["checked_fraction"]), f(r["round_trips_per_generation"], 1),
                 f(r["ttft_mean_s"]), f(r["tokens_per_s"], 1), itl, f(r["gpu_s_per_1k_tokens"], 2),
                 f(r["cost_per_1k_tokens"], 4),
                 f(r["up_bytes_per_token"], 0), f(r["down_bytes_per_token"], 0), f(r["accuracy"]),
@@ -383,7 +386,7 @@ def run_simulation(
         "Exact: the recorded structure replayed under the model. Approx.: a policy replayed offline on "
         "P's text (full traces); where it keeps an edge token that is not P's, the real text would differ. "
         "Override, other cloud, checked: per output token (checked positions include drafts a cut "
-        "dropped); RT/gen: round trips per generation (opens, check points, handoffs, rollbacks).",
+        "dropped); ensembled: tokens the edge placed from P's and Q's ensemble (safe); RT/gen: round trips per generation (opens, check points, handoffs, rollbacks).",
         "",
     ]
     if cloud.estimated:
