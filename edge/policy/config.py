@@ -65,8 +65,9 @@ class PolicyConfig:
     divergence: str = "token"
     concepts: int = 1024
     # safe (selective ensembling, edge/policy/ensemble.py): P's weight in the average of P and Q, and
-    # sharpen the average when its largest probability is below sharpen_below (0: never).
-    ensemble_weight: float = 0.5
+    # sharpen the average when its largest probability is below sharpen_below (0: never). The best of
+    # the settings measured on the default pair (docs/methods.md: W 0.5, 0.7, 0.9).
+    ensemble_weight: float = 0.9
     sharpen_below: float = 0.5
     # mixture (a mixture of small experts, edge/mixture.py, edge/policy/mixture.py): which of the edge's
     # experts take part (comma-separated names; "": all; other policies draft with the first alone),
