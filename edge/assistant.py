@@ -17,7 +17,7 @@ from handoff.edge.records import GenerationResult, OnToken
 from handoff.edge.runner import EdgeRunner
 from handoff.edge.settings import EdgeSettings
 from handoff.edge.verifier_client import GrpcTransport, VerifierClient
-from handoff.shared.errors import VerifierError
+from handoff.shared.errors import ShapeError, VerifierError
 from handoff.shared.model_info import load_model_info
 from handoff.shared.models import resolve
 from handoff.shared.sampling import SamplingSettings
@@ -120,6 +120,8 @@ class Assistant:
             )
 
         specs = load_experts(self.edge.experts)
+        if self.policy.kind == "mixture" and len(specs) < 2:
+            raise ShapeError("--policy mixture needs two or more experts on the edge: give --experts")
         if not specs:
             return load(self.edge_ref.path)
         experts = []

@@ -170,7 +170,8 @@ class MixtureRunner:
         self._core = core if mixing else None
 
     def _weights(self) -> np.ndarray:
-        """[E_active] the policy's weights of the active experts (one-hot on the drafter in select)."""
+        """[E_active] the policy's weights of the active experts (select drafts with the largest; one
+        expert alone, or another policy: one-hot on the first)."""
         if self._core is None:
             w = np.zeros(len(self.active))
             w[0] = 1.0

@@ -269,3 +269,5 @@ def test_safe_and_mixture_from_the_command_line(
         "generate", *models, "--experts", str(tmp_path / "none.json"), "--max-tokens", "4", env=env
     )
     assert bad.returncode != 0 and "experts" in bad.stderr and "Traceback" not in bad.stderr
+    alone = run_handoff("generate", *models, "--policy", "mixture", "--max-tokens", "4", env=env)
+    assert alone.returncode != 0 and "--experts" in alone.stderr and "Traceback" not in alone.stderr
