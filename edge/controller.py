@@ -280,7 +280,7 @@ class _Generation:
                     position=s.position, token_id=s.token_id, source="edge", checked=sc is not None,
                     kl=None if w.kls is None or np.isnan(w.kls[j]) else float(w.kls[j]), q_entropy=s.entropy,
                     q_topk_ids=s.topk_ids.tolist(), q_topk_logprobs=s.topk_logprobs.tolist(),
-                    q_logprob=s.token_logprob, p_logprob=None if sc is None else float(sc.token_logprob),
+                    q_logprob=s.token_logprob, p_logprob=None if sc is None else float(sc.token_logprob), expert=s.expert,
                     p_topk_ids=None if sc is None else list(sc.topk.ids),
                     p_topk_logprobs=None if sc is None else [float(v) for v in sc.topk.logprobs],
                     t_generated=w.times[j], t_uploaded=w.t_uploaded, t_answered=w.t_answered, unchecked=None

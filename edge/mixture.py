@@ -267,7 +267,7 @@ class MixtureRunner:
                     e.runner.model.eval([step.token_id])
             self.drafted[d.spec.name] += 1
             self._keep(position, lps)
-            return replace(step, position=position, seconds=time.perf_counter() - t0)
+            return replace(step, position=position, seconds=time.perf_counter() - t0, expert=d.spec.name)
         top_ids, top_lp, ent, mix = self._mixed(lps)
         if self.sampling.greedy:
             token, sampled = int(top_ids[0]), 0.0
@@ -278,7 +278,8 @@ class MixtureRunner:
         self._keep(position, lps)
         self.drafted["mixture"] += 1
         return EdgeStep(position=position, token_id=token, topk_ids=top_ids, topk_logprobs=top_lp, entropy=ent,
-                        sampled_logprob=sampled, token_logprob=float(mix[token]), seconds=time.perf_counter() - t0)  # fmt: skip
+                        sampled_logprob=sampled, token_logprob=float(mix[token]), seconds=time.perf_counter() - t0,
+                        expert="mixture")  # fmt: skip
 
     def _mixed(self, lps: list[np.ndarray], at_ids: np.ndarray | None = None) -> tuple:
         """The weighted mixture's view: (top-k ids, top-k logprobs, entropy, its log-probabilities [V]

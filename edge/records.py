@@ -50,6 +50,7 @@ class TokenRecord:
     draft_len: int | None = None  # exact: on the token after a verified draft, how long the draft was
     unchecked: Unchecked | None = None  # an edge token committed without P's check: why (None: checked)
     gate_score: float | None = None  # gated policies: the router's score of this position (higher: check)
+    expert: str | None = None  # a mixture of experts: the expert that drafted it ("mixture": weighted)
 
 
 @dataclass

@@ -50,6 +50,7 @@ class EdgeStep:
     # float32 [n_embd]: Q's final-normed last hidden state at the position whose logits gave
     # topk_logprobs (the previous token's); None unless the runner's `hidden` is on
     hidden: np.ndarray | None = None
+    expert: str | None = None  # a mixture of experts (edge/mixture.py): who drafted it; None: one Q
 
 
 @dataclass(frozen=True, eq=False)

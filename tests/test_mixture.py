@@ -4,6 +4,7 @@ per task type (the task type is which reference model checks the answer) through
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -190,6 +191,8 @@ def test_the_planted_specialist_of_each_task_type_drafts(tiny_gguf_a, tiny_gguf_
     r_a, drafted_a = generate_mixture(tiny_gguf_a, experts, policy, prompt)
     r_b, drafted_b = generate_mixture(tiny_gguf_b, experts, policy, prompt)
     assert drafted_a.get("a-near", 0) > 4 * drafted_a.get("b-near", 0)
+    kept = collections.Counter(rec.expert for rec in r_a.records if rec.source == "edge")
+    assert kept["a-near"] > 4 * kept["b-near"]  # the trace says who drafted each kept token
     assert drafted_b.get("b-near", 0) > 4 * drafted_b.get("a-near", 0)
     for r in (r_a, r_b):
         counts = r.counts()
