@@ -244,6 +244,7 @@ def test_bench_mixture_script_prints_the_costs_side_by_side(tiny_gguf_a, tmp_pat
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"one Q", "mixture select", "mixture weighted"}
     assert rows["mixture select"]["experts"] == len(PROMPTED_EXPERTS) and rows["one Q"]["ms_per_token"] > 0
+    assert rows["mixture select"]["pss_mb"] > 0
     assert "x one Q" in proc.stdout
 
 
