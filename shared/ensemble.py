@@ -126,26 +126,19 @@ def sharpen(ids: Any, probs: Any, texts: Sequence[str | None], below: float) -> 
 
 
 def ensemble_choice(
-    p_ids: Any,
-    p_logprobs: Any,
-    q_ids: Any,
-    q_logprobs: Any,
-    p_logprobs_at_q_ids: Any | None,
-    weight: float,
-    texts_of: Any = None,
-    sharpen_below: float = 0.0,
+    view: tuple[np.ndarray, np.ndarray], texts_of: Any = None, sharpen_below: float = 0.0
 ) -> int:
     """The token SAFE ensembles to at a position: argmax of the (sharpened) weighted average.
 
     Args:
-        p_ids, p_logprobs, q_ids, q_logprobs, p_logprobs_at_q_ids, weight: as ensemble_view.
+        view: (ids [m], probs [m]) from ensemble_view.
         texts_of: a function from an id to its text (None: a control token); needed to sharpen.
         sharpen_below: sharpen when the average's largest probability is below this (0: never).
 
     Returns:
         The id with the largest probability; ties go to the lower id (as shared.sampling's argmax).
     """
-    ids, probs = ensemble_view(p_ids, p_logprobs, q_ids, q_logprobs, p_logprobs_at_q_ids, weight)
+    ids, probs = view
     if sharpen_below > 0.0 and texts_of is not None:
         probs = sharpen(ids, probs, [texts_of(int(t)) for t in ids], sharpen_below)
     return int(ids[int(np.argmax(probs))])  # ids ascend, argmax takes the first maximum

@@ -64,7 +64,9 @@ def test_with_full_views_the_choice_is_the_argmax_of_the_full_average(case) -> N
     mix = w * p + (1 - w) * q
     gap = np.sort(mix)[-1] - np.sort(mix)[-2]
     order_p, order_q = np.argsort(-p, kind="stable"), np.argsort(-q, kind="stable")
-    got = ensemble_choice(order_p, np.log(p[order_p]), order_q, np.log(q[order_q]), np.log(p[order_q]), w)
+    got = ensemble_choice(
+        ensemble_view(order_p, np.log(p[order_p]), order_q, np.log(q[order_q]), np.log(p[order_q]), w)
+    )
     if gap > 1e-12:  # an exact tie may go either way in floating point
         assert got == int(np.argmax(mix))
 
@@ -81,11 +83,9 @@ def test_sharpen_moves_a_words_prefix_onto_its_representative() -> None:
     assert sharpen(ids, probs, [None, " computer", None, " cat", "  "], 0.5) == pytest.approx(probs)
     # The choice follows: without sharpening " comp" wins, with it " computer".
     p_ids, p_lp = np.asarray(ids), np.log(probs)
-    assert ensemble_choice(p_ids, p_lp, p_ids, p_lp, None, 0.5) == 10
-    assert (
-        ensemble_choice(p_ids, p_lp, p_ids, p_lp, None, 0.5, dict(zip(ids, texts, strict=True)).get, 0.5)
-        == 11
-    )
+    average = ensemble_view(p_ids, p_lp, p_ids, p_lp, None, 0.5)
+    assert ensemble_choice(average) == 10
+    assert ensemble_choice(average, dict(zip(ids, texts, strict=True)).get, 0.5) == 11
 
 
 def test_a_placed_token_must_be_a_handover_inside_the_window() -> None:
@@ -213,7 +213,7 @@ def test_each_placed_token_is_the_ensembles_choice_from_the_recorded_views(tiny_
         # The record keeps both top-k views but not P's values at Q's ids beyond P's top-k: with
         # those as 0 the reference is the live choice, unless the live one won on such a value.
         ref = ensemble_choice(
-            rec.p_topk_ids, rec.p_topk_logprobs, rec.q_topk_ids, rec.q_topk_logprobs, None, 0.5
+            ensemble_view(rec.p_topk_ids, rec.p_topk_logprobs, rec.q_topk_ids, rec.q_topk_logprobs, None, 0.5)
         )
         won_on_unrecorded = rec.token_id in rec.q_topk_ids and rec.token_id not in rec.p_topk_ids
         assert ref == rec.token_id or won_on_unrecorded

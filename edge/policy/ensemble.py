@@ -29,7 +29,7 @@ import numpy as np
 from handoff.edge.policy.core import HandoffPolicy, WindowDecision, register_policy
 from handoff.edge.policy.triggers import WindowView
 from handoff.shared.concepts import token_text
-from handoff.shared.ensemble import ensemble_choice
+from handoff.shared.ensemble import ensemble_choice, ensemble_view
 from handoff.shared.errors import ShapeError
 from handoff.shared.wire import pb
 
@@ -83,10 +83,9 @@ class SafePolicy(HandoffPolicy):
         cfg = self.config
         for j in np.flatnonzero(self.lacks_consensus(view)):
             at_q = None if view.p_logprobs_at_q is None else view.p_logprobs_at_q[j]
-            token = ensemble_choice(
-                view.p_topk_ids[j], view.p_topk_logprobs[j], view.q_topk_ids[j], view.q_topk_logprobs[j],
-                at_q, cfg.ensemble_weight, self._text, cfg.sharpen_below,
-            )  # fmt: skip
+            average = ensemble_view(view.p_topk_ids[j], view.p_topk_logprobs[j], view.q_topk_ids[j],
+                                    view.q_topk_logprobs[j], at_q, cfg.ensemble_weight)  # fmt: skip
+            token = ensemble_choice(average, self._text, cfg.sharpen_below)
             if token != int(view.token_ids[j]):
                 return WindowDecision(int(j), True, token=token)
         return WindowDecision(view.n, False)
