@@ -257,8 +257,12 @@ class MixtureRunner:
             raise ShapeError(f"step: the context is full ({position} of n_ctx {self.n_ctx} tokens)")
         live = self._live()
         # Each expert's full distribution here, kept until the check point is judged (its KL from P
-        # needs its log-probabilities at P's top-k, known only then).
-        lps = [log_softmax(e.runner.model.next_logits()).astype(np.float32) for e in live]  # E x [V]
+        # needs its log-probabilities at P's top-k, known only then); one expert alone is never asked.
+        lps = (
+            [log_softmax(e.runner.model.next_logits()).astype(np.float32) for e in live]
+            if len(live) > 1
+            else []
+        )
         if self.mode == "select" or len(live) == 1:
             d = self.drafter()
             step = d.runner.step()
@@ -292,7 +296,7 @@ class MixtureRunner:
         return ids, top, ent, (mix if at_ids is None else at)
 
     def _keep(self, position: int, lps: list[np.ndarray]) -> None:
-        if len(lps) < 2:
+        if not lps:
             return  # one expert drafting alone: nobody asks for its views
         self._views[position] = np.stack(lps)  # [E, V] float32
         while len(self._views) > MAX_KEPT:  # never checked (the cloud was gone): drop the oldest
