@@ -312,6 +312,10 @@ class EdgeRunner:
         """A generation starts under a policy core: one model has nothing to take from it (a mixture
         of experts takes its experts and weights, edge/mixture.py)."""
 
+    def expert_views(self, positions: object, p_ids: object) -> None:
+        """Each expert's view of drafted positions: one model has no experts (see MixtureRunner)."""
+        return None
+
     # -- generation ----------------------------------------------------------------------------
 
     def step(self) -> EdgeStep:

@@ -131,7 +131,7 @@ def cloud_token_kl(
 
 
 def window_view(
-    steps: Sequence[EdgeStep], kls: np.ndarray, scores: Sequence[pb.PositionScore], runner: Any = None
+    steps: Sequence[EdgeStep], kls: np.ndarray, scores: Sequence[pb.PositionScore], runner: Any
 ) -> WindowView:
     """What the policy judges an answered window on: Q's views, the KLs and P's views.
 
@@ -139,7 +139,8 @@ def window_view(
         steps: [n] the window's edge tokens with Q's top-k views (k each).
         kls: [n] window_kl's KLs.
         scores: [n] the check point's answer, at the same positions.
-        runner: the edge's runner; a mixture of experts adds each expert's KL and top-1 (expert_views).
+        runner: the edge's runner (EdgeRunner or MixtureRunner); a mixture of experts adds each
+            expert's KL and top-1 (expert_views).
 
     Returns:
         The WindowView, with P's top-1 [n], top-k [n, kp] and P's values at Q's ids [n, k] (NaN rows
@@ -148,15 +149,17 @@ def window_view(
     q_ids = np.stack([s.topk_ids for s in steps])  # [n, k]
     k = q_ids.shape[1]
     ids = np.stack([np.asarray(sc.topk.ids, dtype=np.int64) for sc in scores])  # [n, kp]
-    lps = np.stack([np.asarray(sc.topk.logprobs, dtype=np.float64) for sc in scores])  # [n, kp]
+    lps = np.minimum(
+        np.stack([np.asarray(sc.topk.logprobs, dtype=np.float64) for sc in scores]), 0.0
+    )  # [n, kp]
     at_q = np.full((len(scores), k), np.nan)  # [n, k]
     for j, sc in enumerate(scores):
         if len(sc.logprobs_at_edge_topk) == k:
             at_q[j] = sc.logprobs_at_edge_topk
-    experts = getattr(runner, "expert_views", lambda *_: None)([s.position for s in steps], ids)
+    experts = runner.expert_views([s.position for s in steps], ids)
     e_kls = e_top1 = None
     if experts is not None:  # [n, E, k] ids, logprobs; [n, E, kp] at P's ids
-        e_kls, e_top1 = expert_divergences(ids, np.minimum(lps, 0.0), *experts), experts[0][:, :, 0]
+        e_kls, e_top1 = expert_divergences(ids, lps, *experts), experts[0][:, :, 0]
     return WindowView(
         token_ids=np.asarray([s.token_id for s in steps]),
         q_topk_ids=q_ids,
@@ -165,7 +168,7 @@ def window_view(
         p_kls=kls,
         p_top1_ids=ids[:, 0],
         p_topk_ids=ids,
-        p_topk_logprobs=np.minimum(lps, 0.0),
+        p_topk_logprobs=lps,
         p_logprobs_at_q=np.minimum(at_q, 0.0),
         expert_kls=e_kls,
         expert_top1_ids=e_top1,
