@@ -78,15 +78,9 @@ class WindowView:
         same_length("q_topk_ids", topk_ids, "token_ids", n)
         if topk_ids.shape[1] < 1:
             raise ShapeError(f"q_topk_ids: expected shape [n, k] with k >= 1, got {topk_ids.shape}")
-        topk_lp = np.asarray(self.q_topk_logprobs)
-        if topk_lp.dtype.kind not in "biuf" or topk_lp.shape != topk_ids.shape:
-            raise ShapeError(
-                f"q_topk_logprobs: expected real values of shape {topk_ids.shape} (as q_topk_ids), "
-                f"got {topk_lp.shape} {topk_lp.dtype}"
-            )
-        topk_lp = topk_lp.astype(np.float64, copy=False)  # [n, k]
-        if np.isnan(topk_lp).any() or (topk_lp > 0.0).any():
-            raise ShapeError("q_topk_logprobs: expected log-probabilities <= 0 without NaN")
+        topk_lp = _logprob_array(
+            "q_topk_logprobs", self.q_topk_logprobs, topk_ids.shape, False, "q_topk_ids"
+        )  # [n, k]
         ent = real_1d("q_entropy", self.q_entropy)  # [n]
         same_length("q_entropy", ent, "token_ids", n)
         if not np.isfinite(ent).all() or (ent < 0.0).any():
@@ -129,9 +123,13 @@ class WindowView:
         if self.p_topk_ids is not None:
             p_ids = int_array("p_topk_ids", self.p_topk_ids, 2, "[n, kp]")  # [n, kp]
             same_length("p_topk_ids", p_ids, "token_ids", n)
-            p_lp = _logprob_array("p_topk_logprobs", self.p_topk_logprobs, p_ids.shape, False)  # [n, kp]
+            p_lp = _logprob_array(
+                "p_topk_logprobs", self.p_topk_logprobs, p_ids.shape, False, "p_topk_ids"
+            )  # [n, kp]
         if self.p_logprobs_at_q is not None:
-            p_at_q = _logprob_array("p_logprobs_at_q", self.p_logprobs_at_q, q_shape, True)  # [n, k]
+            p_at_q = _logprob_array(
+                "p_logprobs_at_q", self.p_logprobs_at_q, q_shape, True, "q_topk_ids"
+            )  # [n, k]
         return p_ids, p_lp, p_at_q
 
     def _expert_views(self, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -153,10 +151,13 @@ class WindowView:
         return int(self.token_ids.shape[0])
 
 
-def _logprob_array(name: str, values: Any, shape: tuple[int, ...], allow_nan: bool) -> np.ndarray:
+def _logprob_array(name: str, values: Any, shape: tuple[int, ...], allow_nan: bool, like: str) -> np.ndarray:
+    """values as float64 log-probabilities of `shape` (the shape of `like`), <= 0; NaN only if allowed."""
     arr = np.asarray(values)
     if arr.dtype.kind not in "biuf" or arr.shape != shape:
-        raise ShapeError(f"{name}: expected real values of shape {shape}, got {arr.shape} {arr.dtype}")
+        raise ShapeError(
+            f"{name}: expected real values of shape {shape} (as {like}), got {arr.shape} {arr.dtype}"
+        )
     arr = arr.astype(np.float64)
     if (not allow_nan and np.isnan(arr).any()) or (arr[~np.isnan(arr)] > 0.0).any():
         raise ShapeError(f"{name}: expected log-probabilities <= 0" + ("" if allow_nan else " without NaN"))
