@@ -43,8 +43,8 @@ from handoff.shared.sampling import SamplingSettings, draw
 __all__ = ["PROMPTED_EXPERTS", "ExpertSpec", "MixtureRunner", "load_experts"]
 
 _SYSTEM_HEAD = "<|im_start|>system\n"
-MAX_KEPT = 64  # drafted positions whose expert distributions wait for a check point (E x V floats each)
 _TURN_END = "<|im_end|>\n"
+MAX_KEPT = 64  # drafted positions whose expert distributions wait for a check point (E x V floats each)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class MixturePolicy(RollbackPolicy):
     def observe(self, expert_kls: np.ndarray) -> None:
         """Fold one window's [n, E] expert KLs into the scores (positions without a value are left out)."""
         kls = np.minimum(np.asarray(expert_kls, dtype=np.float64), INF_KL)  # +inf counts as INF_KL nats
-        with np.errstate(all="ignore"), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # an expert without values: NaN, left out
             mean = np.nanmean(kls, axis=0)  # [E]
         if np.isnan(mean).all():
