@@ -258,8 +258,9 @@ def serve_edge(
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions) over hybrid generation.
 
-    Point any OpenAI client at http://HOST:PORT/v1. One model instance answers requests in arrival
-    order; sampling comes with each request.
+    Point any OpenAI client at http://HOST:PORT/v1, or a browser at http://HOST:PORT/ for a chat page
+    that colours each token by its source. One model instance answers requests in arrival order;
+    sampling comes with each request.
     """
     import asyncio
 
@@ -281,6 +282,7 @@ def serve_edge(
             highlight=False,
             soft_wrap=True,
         )
+        out.print(f"handoff serve-edge: chat page at {server.base_url.removesuffix('/v1')}/", highlight=False)
 
     asyncio.run(
         serve(

@@ -169,6 +169,11 @@ class _Sampling(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    handoff_stream: bool | None = Field(
+        False,
+        description="Extension: with stream, each delta chunk carries a `handoff` field with one entry per "
+        "token in it (pieces, sources, kl, checked, unchecked); plain clients leave it out.",
+    )
 
 
 class ChatCompletionRequest(_Sampling):
@@ -465,6 +470,29 @@ def handoff_extension(result: GenerationResult, extra: dict[str, Any]) -> dict[s
     summary = result.summary()
     summary.pop("tokens", None)
     return summary | extra
+
+
+def token_detail(tokens: Sequence[OutToken], text: str) -> dict[str, list[Any]]:
+    """A streamed chunk's `handoff` field (request extension `handoff_stream`): one entry per token in it.
+
+    Args:
+        tokens: the chunk's tokens, in order.
+        text: the completion so far (TextAssembler.text): each token's piece is its slice of it, so the
+            pieces of all chunks join to the answer (a token ending inside a character has piece "";
+            an unfinished character flushed as U+FFFD at the very end may come with no token).
+
+    Returns:
+        pieces, sources (edge, cloud, corrected, ensembled), kl (top-k KL(P || Q) or None), checked
+        (P scored the position), unchecked (an edge token P never checked: by_design or unreachable).
+    """
+    kls = [t.record.kl for t in tokens]
+    return {
+        "pieces": [text[t.start : t.end] for t in tokens],
+        "sources": [t.record.source for t in tokens],
+        "kl": [kl if kl is not None and math.isfinite(kl) else None for kl in kls],
+        "checked": [t.record.checked for t in tokens],
+        "unchecked": [t.record.unchecked for t in tokens],
+    }
 
 
 def chat_completion(

@@ -9,12 +9,16 @@ finds `max_queue` others waiting gets 429 with Retry-After, and a client that di
 or not, stops its generation (or leaves the queue) at once. Every response, and the final chunk of a
 stream, carries a `handoff` field: tokens by source, check points, handoffs, mean KL, stop reason.
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}.
+
+GET / is a chat page (edge/static: plain HTML, CSS and JS, nothing fetched from elsewhere) that streams
+with the `handoff_stream` extension and colours each token by its source.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -25,6 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,8 @@ import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,6 +61,7 @@ from handoff.edge.openai_protocol import (
     handoff_extension,
     stop_strings,
     text_completion,
+    token_detail,
     usage,
     validation_error,
 )
@@ -73,6 +80,8 @@ _ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
 # OpenAI's default for /v1/completions when max_tokens is not given.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+# The chat page at GET / and its assets at /static (package data: they ship in the wheel).
+_STATIC = resources.files("handoff.edge").joinpath("static")
 
 
 def _default_alias(name: str) -> str:
@@ -241,6 +250,7 @@ class EdgeAPI:
             text=text,
             logprobs=logprobs,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            detail=bool(req.handoff_stream),
         )
         job = Job(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling)
         if req.stream:
@@ -263,6 +273,7 @@ class _Call:
         text: TextAssembler,
         logprobs: LogprobFormatter | None,
         include_usage: bool,
+        detail: bool = False,
     ) -> None:
         self.api = api
         self.chat = chat
@@ -274,6 +285,9 @@ class _Call:
         self.text = text
         self.logprobs = logprobs
         self.include_usage = include_usage
+        self.detail = detail  # handoff_stream: per-token sources in each streamed chunk
+        # Tokens without text still go out in a chunk of their own when the client wants them one by one.
+        self.per_token = logprobs is not None or detail
 
     def _logprobs(self, tokens: list[OutToken]) -> Any:
         if self.logprobs is None:
@@ -351,14 +365,15 @@ class _Call:
 
     def _delta_chunk(self, text: str, tokens: list[OutToken]) -> dict[str, Any]:
         logprobs = self._logprobs(tokens)
+        detail = token_detail(tokens, self.text.text) if self.detail else None
         if self.chat:
             return chat_chunk(
                 id=self.id, created=self.created, model=self.model, delta={"content": text},
-                logprobs=logprobs, with_usage=self.include_usage,
+                logprobs=logprobs, with_usage=self.include_usage, handoff=detail,
             )  # fmt: skip
         return text_completion(
             id=self.id, created=self.created, model=self.model, text=text, finish=None, logprobs=logprobs,
-            usage_=None, handoff=None, with_usage=self.include_usage,
+            usage_=None, handoff=detail, with_usage=self.include_usage,
         )  # fmt: skip
 
     def _final_chunk(self, finish: str, handoff: dict[str, Any]) -> dict[str, Any]:
@@ -415,7 +430,7 @@ class _Call:
                         yield _event(_stopping().body())
                         return
                 # Tokens committed together (a checked window) go out as one chunk.
-                if text or (tokens and self.logprobs is not None):
+                if text or (tokens and self.per_token):
                     yield _event(self._delta_chunk(text, tokens))
                 if not ended:
                     continue
@@ -426,7 +441,7 @@ class _Call:
                     yield _event(e.body())  # the client library raises it as an APIError
                     return
                 text, tokens = self.text.take(final=True)
-                if text or (tokens and self.logprobs is not None):
+                if text or (tokens and self.per_token):
                     yield _event(self._delta_chunk(text, tokens))
                 yield _event(self._final_chunk(finish_reason(result), self.api.extension(job, result)))
                 if self.include_usage:
@@ -606,6 +621,13 @@ def create_app(assistant: Any, settings: ServeSettings, *, metrics: ServeMetrics
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await api.handle(request, body)
 
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> HTMLResponse:
+        # Open like /health: the page asks for the API key itself and sends it with its /v1 requests.
+        return HTMLResponse(_STATIC.joinpath("index.html").read_text(encoding="utf-8"))
+
+    app.mount("/static", StaticFiles(packages=[("handoff.edge", "static")]), name="static")
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
@@ -614,6 +636,7 @@ def create_app(assistant: Any, settings: ServeSettings, *, metrics: ServeMetrics
             "edge_model": assistant.model_name,
             "mode": assistant.edge.mode,
             "policy": assistant.policy.kind,
+            "policy_config": dataclasses.asdict(assistant.policy),
             "cloud": assistant.cloud_info,
             "busy": api.queue.busy,
             "queue_depth": api.queue.depth,

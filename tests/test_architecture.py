@@ -138,6 +138,8 @@ def test_the_wheel_installs_and_imports_from_outside_the_checkout(tmp_path):
         names = set(z.namelist())
     assert tops == {"handoff", wheel.name.split("-py")[0] + ".dist-info"}, tops
     assert {"handoff/edge/controller.py", "handoff/shared/wire/handoff_pb2.pyi"} <= names
+    # Package data: serve-edge's chat page (GET /) is served from the installed package.
+    assert {f"handoff/edge/static/{f}" for f in ("index.html", "app.js", "style.css")} <= names
     # Every package folder in the sources is in the wheel (pyproject lists the packages by hand).
     staged = stage_package(tmp_path / "staged")
     inits = {p.relative_to(staged).as_posix() for p in staged.rglob("__init__.py")}
