@@ -4,6 +4,7 @@
 # Idempotent and cheap to re-run: a stamp keyed by the hash of pyproject.toml and this script
 # skips everything when nothing changed; llama-cpp-python is compiled only when the pinned version
 # is missing from the venv, and then pip's wheel cache makes a second venv reuse the first build.
+# With the test extra, Debian's chromium is installed (apt-get, through sudo when not root) if missing.
 #
 # Environment:
 #   PYTHON            interpreter for the venv (default: python3.11, else python3; needs >= 3.11)
@@ -25,6 +26,18 @@ PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 py="$VENV/bin/python"
 pip=("$py" -m pip --disable-pip-version-check)
+
+# The chat page's browser test (tests/test_chat_page.py) drives Debian's chromium through Playwright
+# (never Playwright's own browser download). Checked before the stamp: a machine whose venv is up to
+# date but lacks the browser gets it; once it is there this costs nothing.
+if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v chromium >/dev/null; then
+  echo "setup: installing chromium (Debian package) for the chat page's browser test"
+  as_root=()
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then as_root=(sudo); fi
+  { "${as_root[@]}" apt-get update -qq &&
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+    echo "setup: could not install chromium (apt-get install -y chromium); the chat page's browser test will fail" >&2
+fi
 
 stamp="$VENV/.setup-$(cat pyproject.toml scripts/setup.sh scripts/llama_cpp_build.cmake | sha256sum | cut -c1-16)-$EXTRAS"
 if [ -f "$stamp" ]; then
