@@ -11,6 +11,7 @@ fails with the command that installs it: it is part of the suite, not optional.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -20,8 +21,12 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 KEY = "page-key"
 SOURCES = {"edge", "cloud", "corrected", "ensembled", "unchecked"}
@@ -152,11 +157,11 @@ def test_handoff_stream_chunks_carry_each_tokens_source_only_when_asked(root):
 # In a real browser
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Debian chromium under Playwright."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
+@contextlib.contextmanager
+def chromium() -> Iterator[Browser]:
+    """Headless Debian chromium under Playwright; a missing browser fails the test (it is not optional)."""
+    path = shutil.which("chromium")
+    if path is None:
         pytest.fail(
             "chromium is not installed: the chat page is tested in Debian's chromium. Install it with "
             "`apt-get install -y chromium` (scripts/setup.sh, run by `make test`, does this)."
@@ -164,11 +169,11 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=chromium, headless=True)
+        browser = pw.chromium.launch(executable_path=path, headless=True)
         try:
-            yield b
+            yield browser
         finally:
-            b.close()
+            browser.close()
 
 
 TOKENS_JS = """() => Array.from(document.querySelectorAll('.msg.assistant.done')).pop()
@@ -177,82 +182,87 @@ SPANS_JS = """els => els.map(e => ({cls: e.classList[1], text: e.textContent,
     color: getComputedStyle(e).color, background: getComputedStyle(e).backgroundColor}))"""
 
 
-def test_the_chat_page_streams_tokens_coloured_by_source(root, browser):
+def test_the_chat_page_streams_tokens_coloured_by_source(root):
     """Load, send (first without the key: the page says so), watch tokens stream in with their source's
     colour, the live line and the plot fill; a second message re-sends the conversation."""
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
-    bodies: list[dict] = []
-    urls: list[str] = []
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+        bodies: list[dict] = []
+        urls: list[str] = []
 
-    def on_request(request) -> None:
-        urls.append(request.url)
-        if request.url.endswith("/v1/chat/completions"):
-            bodies.append(json.loads(request.post_data))
+        def on_request(request) -> None:
+            urls.append(request.url)
+            if request.url.endswith("/v1/chat/completions"):
+                bodies.append(json.loads(request.post_data))
 
-    page.on("request", on_request)
-    page.goto(root + "/")
-    expect(page.locator("#server-line")).to_contain_text("policy rollback")
-    expect(page.locator("#policy-settings")).to_contain_text("threshold")
-    expect(page.locator("#policy-settings")).to_contain_text("0.02")
+        page.on("request", on_request)
+        page.goto(root + "/")
+        expect(page.locator("#server-line")).to_contain_text("policy rollback")
+        expect(page.locator("#policy-settings")).to_contain_text("threshold")
+        expect(page.locator("#policy-settings")).to_contain_text("0.02")
 
-    # Without the key: the server's message is shown and the question is not kept.
-    page.fill("#prompt", "Hello there")
-    page.press("#prompt", "Enter")
-    expect(page.locator("#error")).to_contain_text("API key")
-    problems.clear()  # the browser logs the 401 itself
+        # Without the key: the server's message is shown and the question is not kept.
+        page.fill("#prompt", "Hello there")
+        page.press("#prompt", "Enter")
+        expect(page.locator("#error")).to_contain_text("API key")
+        problems.clear()  # the browser logs the 401 itself
 
-    page.fill("#api-key", KEY)
-    page.fill("#max-tokens", "60")
-    # Record how many tokens the page shows at each change: streamed means several steps, not one.
-    page.evaluate("""() => {
-        window.tokenCounts = [];
-        new MutationObserver(() => window.tokenCounts.push(
-            document.querySelectorAll('.msg.assistant.streaming .tok').length))
-            .observe(document.getElementById('conversation'), {childList: true, subtree: true});
-    }""")
-    page.fill("#prompt", "Hello there")
-    page.click("#send")
-    page.wait_for_selector(".msg.assistant .tok", timeout=120_000)
-    page.wait_for_selector(".msg.assistant.done", timeout=300_000)
-    counts = [n for n in page.evaluate("window.tokenCounts") if n]
-    assert len(set(counts)) >= 2, counts
+        page.fill("#api-key", KEY)
+        page.fill("#max-tokens", "60")
+        # Record how many tokens the page shows at each change: streamed means several steps, not one.
+        page.evaluate("""() => {
+            window.tokenCounts = [];
+            new MutationObserver(() => window.tokenCounts.push(
+                document.querySelectorAll('.msg.assistant.streaming .tok').length))
+                .observe(document.getElementById('conversation'), {childList: true, subtree: true});
+        }""")
+        page.fill("#prompt", "Hello there")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant .tok", timeout=120_000)
+        page.wait_for_selector(".msg.assistant.done", timeout=300_000)
+        counts = [n for n in page.evaluate("window.tokenCounts") if n]
+        assert len(set(counts)) >= 2, counts
 
-    spans = page.eval_on_selector_all(".msg.assistant.done .tok", SPANS_JS)
-    assert len(spans) == 60 == page.evaluate(TOKENS_JS)
-    answer = page.eval_on_selector(".msg.assistant.done .body", "e => e.textContent")
-    assert "".join(s["text"] for s in spans) == answer and answer.strip()
-    classes = {s["cls"] for s in spans}
-    assert classes <= SOURCES and "edge" in classes and classes & {"cloud", "corrected"}, classes
-    colours = {s["cls"]: (s["color"], s["background"]) for s in spans}
-    assert len(set(colours.values())) == len(colours) >= 2, colours  # each source its own colour
+        spans = page.eval_on_selector_all(".msg.assistant.done .tok", SPANS_JS)
+        assert len(spans) == 60 == page.evaluate(TOKENS_JS)
+        answer = page.eval_on_selector(".msg.assistant.done .body", "e => e.textContent")
+        assert "".join(s["text"] for s in spans) == answer and answer.strip()
+        classes = {s["cls"] for s in spans}
+        assert classes <= SOURCES and "edge" in classes and classes & {"cloud", "corrected"}, classes
+        colours = {s["cls"]: (s["color"], s["background"]) for s in spans}
+        assert len(set(colours.values())) == len(colours) >= 2, colours  # each source its own colour
 
-    # The live line: numbers, from the stream and the final chunk.
-    stat = {name: page.inner_text(f"#stat-{name}") for name in
-            ("tokens", "cloud-share", "check-points", "handoffs", "tps")}  # fmt: skip
-    assert stat["tokens"] == "60" and re.fullmatch(r"\d+%", stat["cloud-share"]), stat
-    share = sum(s["cls"] in ("cloud", "corrected") for s in spans) / 60
-    assert int(stat["cloud-share"][:-1]) == round(100 * share), stat
-    assert int(stat["check-points"]) >= 1 and int(stat["handoffs"]) >= 1 and float(stat["tps"]) > 0, stat
-    # The plot: a point per token P checked, coloured like its token, and the threshold line.
-    points = page.eval_on_selector_all("#kl-points circle", "els => els.map(e => e.getAttribute('class'))")
-    assert len(points) >= 6 and set(points) <= SOURCES, points
-    assert page.get_attribute("#kl-threshold", "visibility") == "visible"
+        # The live line: numbers, from the stream and the final chunk.
+        stat = {name: page.inner_text(f"#stat-{name}") for name in
+                ("tokens", "cloud-share", "check-points", "handoffs", "tps")}  # fmt: skip
+        assert stat["tokens"] == "60" and re.fullmatch(r"\d+%", stat["cloud-share"]), stat
+        share = sum(s["cls"] in ("cloud", "corrected") for s in spans) / 60
+        assert int(stat["cloud-share"][:-1]) == round(100 * share), stat
+        assert int(stat["check-points"]) >= 1 and int(stat["handoffs"]) >= 1 and float(stat["tps"]) > 0, stat
+        # The plot: a point per token P checked, coloured like its token, and the threshold line.
+        points = page.eval_on_selector_all(
+            "#kl-points circle", "els => els.map(e => e.getAttribute('class'))"
+        )
+        assert len(points) >= 6 and set(points) <= SOURCES, points
+        assert page.get_attribute("#kl-threshold", "visibility") == "visible"
 
-    # A second turn re-sends the conversation: question, the answer as shown, the new question.
-    page.fill("#prompt", "And again")
-    page.press("#prompt", "Enter")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant.done').length == 2", timeout=300_000)
-    messages = bodies[-1]["messages"]
-    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
-    assert messages[1]["content"] == answer and messages[2]["content"] == "And again"
-    assert bodies[-1]["stream"] is True and bodies[-1]["handoff_stream"] is True
-    assert page.locator(".msg.assistant.done").nth(1).locator(".tok").count() == 60
+        # A second turn re-sends the conversation: question, the answer as shown, the new question.
+        page.fill("#prompt", "And again")
+        page.press("#prompt", "Enter")
+        page.wait_for_function(
+            "document.querySelectorAll('.msg.assistant.done').length == 2", timeout=300_000
+        )
+        messages = bodies[-1]["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+        assert messages[1]["content"] == answer and messages[2]["content"] == "And again"
+        assert bodies[-1]["stream"] is True and bodies[-1]["handoff_stream"] is True
+        assert page.locator(".msg.assistant.done").nth(1).locator(".tok").count() == 60
 
-    assert all(u.startswith(root) for u in urls), urls  # nothing from elsewhere
-    assert not problems, problems
-    page.close()
+        assert all(u.startswith(root) for u in urls), urls  # nothing from elsewhere
+        assert not problems, problems
+        page.close()
