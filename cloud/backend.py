@@ -10,6 +10,8 @@ computed there, so that on a GPU only small arrays cross to the host:
     P's log-probabilities at given ids      per row, e.g. the edge token and Q's top-k ids
     P's full log-probabilities, last row    [V], only when asked (sampling a cloud token)
 
+A constraint's per-row adjustment (ForwardItem.adjust) is applied to the logits before all of them.
+
 All log-probabilities are log-softmax of the raw logits (temperature 1), natural log, float64 on
 the host. `forward`, `truncate` and `release` are called from one worker thread at a time.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from handoff.shared.constraints import RowAdjust, adjust_rows, grammar_tokenizer
 from handoff.shared.divergence import log_softmax, top_k
 from handoff.shared.errors import HandoffError, ShapeError
 from handoff.shared.model_info import ModelInfo
@@ -92,12 +95,17 @@ class ForwardItem:
     gather: list[list[int] | None] | None = None
     full_last: bool = False  # also return the last row's full log-probabilities
     full_rows: bool = False  # also return every output row's full log-probabilities (speculative drafts)
+    # [n_out] adjustments of each output row's logits before any view (a constraint, see
+    # shared/constraints.py): every view and log-probability is then the constrained distribution's.
+    adjust: list[RowAdjust | None] | None = None
 
     def check(self, vocab_size: int) -> None:
         if not 0 <= self.n_out <= len(self.tokens):
             raise ShapeError(f"n_out={self.n_out} rows requested from {len(self.tokens)} new tokens")
         if self.gather is not None and len(self.gather) != self.n_out:
             raise ShapeError(f"gather: expected {self.n_out} rows, got {len(self.gather)}")
+        if self.adjust is not None and len(self.adjust) != self.n_out:
+            raise ShapeError(f"adjust: expected {self.n_out} rows, got {len(self.adjust)}")
         if self.full_last and self.n_out < 1:
             raise ShapeError("full_last needs at least one output row")
         bad = [t for t in self.tokens if not 0 <= t < vocab_size]
@@ -131,7 +139,7 @@ def views_from_logits(logits: np.ndarray, item: ForwardItem) -> ForwardOutput:
     if item.n_out == 0:
         empty = np.zeros((0, item.k))
         return ForwardOutput(empty.astype(np.int32), empty, [], None)
-    lp = log_softmax(logits)  # [n_out, V]
+    lp = log_softmax(adjust_rows(logits, item.adjust))  # [n_out, V]
     ids, vals = top_k(lp, item.k)
     gathered = [
         None
@@ -152,6 +160,18 @@ class Backend(ABC):
     name = "model"  # for messages: "the llama.cpp backend is closed"
     sequence_type: type = object  # the handle class new_sequence returns
     _closed = True  # until the subclass has loaded its model
+    model_ref: ModelRef | None = None  # the model's files (set by the subclass): for grammar_tokenizer
+
+    def grammar_tokenizer(self, stop_ids: Sequence[int]):
+        """The grammar engine's tokenizer of this model's vocabulary (constrained sessions), cached.
+
+        Built from the GGUF file as the edge builds Q's (shared.constraints.grammar_tokenizer), so a
+        grammar masks the same ids on both sides.
+        """
+        ref = self.model_ref
+        if ref is None or ref.kind != "gguf":
+            raise HandoffError(f"the {self.name} backend has no GGUF vocabulary for grammars")
+        return grammar_tokenizer(ref.path, stop_ids)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -36,12 +36,20 @@ from handoff.cloud.metrics import CloudMetrics
 from handoff.cloud.resume import RetainedSequences
 from handoff.cloud.scheduler import BatchScheduler, Forwarded
 from handoff.cloud.settings import CloudSettings
-from handoff.shared.errors import CapacityError, ShapeError, VerifierError, VocabularyMismatch
+from handoff.shared.constraints import ConstraintError, ConstraintState, RowAdjust
+from handoff.shared.errors import (
+    CapacityError,
+    HandoffError,
+    ShapeError,
+    VerifierError,
+    VocabularyMismatch,
+)
 from handoff.shared.sampling import SamplingSettings, sample_token
 from handoff.shared.speculative import target_distribution, verify_draft
 from handoff.shared.vocab import Vocabulary, check_compatible
 from handoff.shared.wire import (
     PROTOCOL_VERSION,
+    constraint_from_proto,
     fingerprint_from_proto,
     fingerprint_to_proto,
     pb,
@@ -76,6 +84,15 @@ class _Session:
     generated: int = 0
     compute_s: float = 0.0  # this session's share of every forward pass so far
     reused: int = 0  # prompt tokens taken from a broken session's kept cache
+    # The completion's constraint (None: unconstrained), in step with tokens[completion_start:], and
+    # the adjustment of each appended position not checked yet: position -> RowAdjust.
+    constraint: ConstraintState | None = None
+    completion_start: int = 0
+    rows: dict[int, RowAdjust] = field(default_factory=dict)
+
+    def row(self) -> RowAdjust | None:
+        """The constraint's adjustment of the next position (None when unconstrained)."""
+        return None if self.constraint is None else self.constraint.row()
 
 
 class _Stop:
@@ -131,6 +148,7 @@ class VerifierService:
         self._sessions: dict[str, _Session] = {}
         self._reaper: asyncio.Task | None = None
         self._retained = RetainedSequences(settings.resume_sessions, settings.resume_ttl_s)
+        self._tokenizers: dict[tuple[int, ...], object] = {}  # the grammar engine's, by stop ids
         self.server_id = settings.server_id or f"{socket.gethostname()}/{os.getpid()}"
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -186,6 +204,7 @@ class VerifierService:
             dtype=info.dtype,
             policies=list(SUPPORTED_POLICIES),
             deterministic=bool(getattr(self.backend, "deterministic", False)),
+            constraints=True,
         )
         if request is not None and request.HasField("token_hashes"):
             start, end = request.token_hashes.start, request.token_hashes.end
@@ -386,6 +405,7 @@ class VerifierService:
                 "RESOURCE_EXHAUSTED",
                 f"the service is full ({self.settings.max_sessions} sessions); retry later",
             )
+        constraint = await self._constraint(req, prompt)
         seq, reused = await self._new_sequence(prompt)
         session = _Session(
             id=uuid.uuid4().hex[:16],
@@ -399,6 +419,8 @@ class VerifierService:
             next_unchecked=len(prompt),
             fed=reused,
             reused=reused,
+            constraint=constraint,
+            completion_start=req.constraint.completion_start if constraint is not None else 0,
         )
         self._sessions[session.id] = session
         self.metrics.sessions.set(len(self._sessions))
@@ -417,6 +439,39 @@ class VerifierService:
             k,
         )
         return session
+
+    async def _constraint(self, req: pb.OpenSession, prompt: list[int]) -> ConstraintState | None:
+        """The session's constraint, with the completion's tokens already in the prompt replayed into it."""
+        if not req.HasField("constraint"):
+            return None
+        try:
+            constraint, start = constraint_from_proto(req.constraint)
+            constraint.check_ids(self.vocab_size)
+        except ConstraintError as e:
+            raise VerifierError("INVALID_ARGUMENT", f"constraint: {e}") from None
+        if not constraint.active:
+            return None
+        if not 1 <= start <= len(prompt):
+            raise VerifierError(
+                "INVALID_ARGUMENT",
+                f"constraint: completion_start={start} must be within the prompt [1, {len(prompt)}]",
+            )
+        stops = tuple(sorted(req.sampling.stop_token_ids))
+
+        def build() -> ConstraintState:  # compiling a grammar may take a while: off the event loop
+            tokenizer = None
+            if constraint.grammar:
+                if stops not in self._tokenizers:
+                    self._tokenizers[stops] = self.backend.grammar_tokenizer(stops)
+                tokenizer = self._tokenizers[stops]
+            state = ConstraintState(constraint, tokenizer)
+            state.extend(prompt[start:])
+            return state
+
+        try:
+            return await asyncio.to_thread(build)
+        except (ConstraintError, HandoffError) as e:
+            raise VerifierError("INVALID_ARGUMENT", f"constraint: {e}") from None
 
     def _sampling(self, msg: pb.SamplingParams) -> SamplingSettings:
         try:
@@ -512,9 +567,28 @@ class VerifierService:
                 self._check_ids(q_ids, f"append: top-k ids at position {t.position}")
                 topks[t.position] = q_ids
         self._check_ids(ids, "append: token_id")
+        s.rows.update(self._constrain(s, ids, "append"))
         s.tokens.extend(ids)
         s.edge_topk.update(topks)
         self.metrics.tokens_appended.inc(n)
+
+    def _constrain(self, s: _Session, ids: list[int], what: str) -> dict[int, RowAdjust]:
+        """Feed tokens about to follow the session's end to its constraint; their positions' rows.
+
+        Raises:
+            VerifierError: INVALID_ARGUMENT if the constraint forbids one (nothing is fed then).
+        """
+        if s.constraint is None:
+            return {}
+        before, rows = s.constraint.length, {}
+        try:
+            for j, token in enumerate(ids):
+                rows[len(s.tokens) + j] = s.constraint.row()
+                s.constraint.accept(token)
+        except ConstraintError as e:
+            s.constraint.truncate(before)
+            raise VerifierError("INVALID_ARGUMENT", f"{what}: {e}") from None
+        return rows
 
     async def _check(self, s: _Session, req: pb.CheckPoint) -> pb.CheckPointResult:
         first, last = req.from_position, req.through_position
@@ -530,7 +604,12 @@ class VerifierService:
             )
         positions = range(first, last + 1)
         gather = [[s.tokens[p], *s.edge_topk.get(p, ())] for p in positions]
-        done = await self._forward(s, s.tokens[s.fed : last], n_out=len(positions), gather=gather)
+        adjust = [s.rows.get(p) for p in positions] if s.constraint is not None else None
+        for p in [p for p in s.rows if p <= last]:  # checked now, or skipped unchecked by design
+            del s.rows[p]
+        done = await self._forward(
+            s, s.tokens[s.fed : last], n_out=len(positions), gather=gather, adjust=adjust
+        )
         out = done.output
         scores = []
         for j, p in enumerate(positions):
@@ -570,11 +649,15 @@ class VerifierService:
             if len(s.tokens) >= self.max_context:
                 reason = pb.HandoffDone.REASON_CONTEXT_FULL
                 break
-            done = await self._forward(s, s.tokens[s.fed :], n_out=1, full_last=True)
+            row = s.row()
+            done = await self._forward(
+                s, s.tokens[s.fed :], n_out=1, full_last=True, adjust=None if row is None else [row]
+            )
             compute += done.share_s
             out, lp = done.output, done.output.last_logprobs
             token = sample_token(lp, s.sampling, s.sampling.rng_for(len(s.tokens), s.rng))
             position = len(s.tokens)
+            self._constrain(s, [token], "handoff")
             s.tokens.append(token)
             s.next_unchecked = len(s.tokens)
             s.generated += 1
@@ -647,12 +730,14 @@ class VerifierService:
             self._check_ids(d.ids, f"verify: distribution ids at draft position {j}")
             q_ids[j, : len(d.ids)] = d.ids
             q_probs[j, : len(d.ids)] = np.exp(np.asarray(d.logprobs, dtype=np.float64))
+        rows = self._constrain(s, draft, "verify")
+        adjust = None if s.constraint is None else [*rows.values(), s.row()]
         if s.fed > start - 1:  # the row for the first draft position needs the last token fed again
             await self.scheduler.call(self.backend.truncate, s.seq, start - 1)
             s.fed = start - 1
         s.tokens.extend(draft)
         try:
-            done = await self._forward(s, s.tokens[s.fed :], n_out=gamma + 1, full_rows=True)
+            done = await self._forward(s, s.tokens[s.fed :], n_out=gamma + 1, full_rows=True, adjust=adjust)
             out = done.output
             assert out.full_logprobs is not None
             p_probs = np.stack([target_distribution(row, s.sampling) for row in out.full_logprobs])
@@ -677,6 +762,7 @@ class VerifierService:
                 accepted=stop_at + 1, bonus=False, length=len(s.tokens), compute_s=done.share_s
             )
         token = verdict.next_token
+        self._constrain(s, [token], "verify")
         s.tokens.append(token)
         s.next_unchecked = len(s.tokens)
         s.generated += 1
@@ -703,6 +789,10 @@ class VerifierService:
         del s.tokens[length:]
         for p in [p for p in s.edge_topk if p >= length]:
             del s.edge_topk[p]
+        for p in [p for p in s.rows if p >= length]:
+            del s.rows[p]
+        if s.constraint is not None:
+            s.constraint.truncate(length - s.completion_start)
         s.next_unchecked = min(s.next_unchecked, length)
         keep = min(s.fed, length - 1)  # the row for position `length` needs token length-1 fed again
         if keep < s.fed:

@@ -17,6 +17,7 @@ from handoff.edge.records import GenerationResult, OnToken
 from handoff.edge.runner import EdgeRunner
 from handoff.edge.settings import EdgeSettings
 from handoff.edge.verifier_client import GrpcTransport, VerifierClient
+from handoff.shared.constraints import Constraint
 from handoff.shared.errors import ShapeError, VerifierError
 from handoff.shared.model_info import load_model_info
 from handoff.shared.models import resolve
@@ -95,6 +96,7 @@ class Assistant:
                     "backend": info.backend,
                     "device": info.device,
                     "deterministic": str(info.deterministic).lower(),
+                    "constraints": str(info.constraints).lower(),
                 }
             except VerifierError as e:
                 if e.code != "UNAVAILABLE" or self.edge.mode == "cloud":
@@ -156,10 +158,12 @@ class Assistant:
         await self._server.start()
         return f"127.0.0.1:{self._server.port}"
 
-    def chat_prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation rendered with Q's chat template, ready for the answer."""
+    def chat_prompt_ids(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of a conversation (and the tools offered) rendered with Q's chat template, ready for the answer."""
         assert self.runner is not None
-        return self.runner.model.tokenize(self.runner.model.chat_prompt(messages))
+        return self.runner.model.tokenize(self.runner.model.chat_prompt(messages, tools=tools))
 
     def tokenize(self, text: str) -> list[int]:
         assert self.runner is not None
@@ -172,11 +176,16 @@ class Assistant:
         *,
         sampling: SamplingSettings | None = None,
         on_token: OnToken | None = None,
+        constraint: Constraint | None = None,
     ) -> GenerationResult:
         """One generation through the configured mode and policy (see HybridGenerator.generate)."""
         assert self.generator is not None, "use the Assistant inside `async with`"
         return await self.generator.generate(
-            prompt_ids, max_tokens, sampling=sampling or SamplingSettings(), on_token=on_token
+            prompt_ids,
+            max_tokens,
+            sampling=sampling or SamplingSettings(),
+            on_token=on_token,
+            constraint=constraint,
         )
 
     async def close(self) -> None:

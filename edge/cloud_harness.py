@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -91,11 +92,12 @@ def run(coro):
 
 
 def generate_with_server(cloud_path: Path, edge_path: Path, policy, max_tokens: int, *, mode: str = "hybrid",
-                         prompt: str = "Sort a list."):  # fmt: skip
-    """One greedy generation: Q (edge_path) under `policy`, P (cloud_path) in a server on port 0.
+                         prompt: str = "Sort a list.", constraint=None, sampling=None):  # fmt: skip
+    """One generation (greedy by default): Q (edge_path) under `policy`, P (cloud_path) in a server on port 0.
 
     Args:
         policy: the PolicyConfig; prompt: the user message (the edge model's chat template applied).
+        constraint: the completion's Constraint; sampling: SamplingSettings (default greedy).
 
     Returns:
         The GenerationResult.
@@ -110,7 +112,9 @@ def generate_with_server(cloud_path: Path, edge_path: Path, policy, max_tokens: 
             ids = runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": prompt}]))
             async with running_server(llama_backend_factory(cloud_path)) as (_, client):
                 gen = HybridGenerator(runner, client, vocabulary_of(edge_path), policy, mode=mode)
-                return await gen.generate(ids, max_tokens, sampling=SamplingSettings())
+                return await gen.generate(
+                    ids, max_tokens, sampling=sampling or SamplingSettings(), constraint=constraint
+                )
         finally:
             runner.close()
 
@@ -136,3 +140,66 @@ def start_server(
             break
     proc.kill()
     raise AssertionError(f"server did not start: {proc.stderr.read()}")
+
+
+class ServerThread:
+    """`edge.openai_server.serve` on a free port, in a thread with its own event loop."""
+
+    def __init__(self, edge_model: Path, cloud_model: Path, edge: dict | None = None, **serve_kwargs) -> None:
+        """Describe it; `with` starts it. edge: EdgeSettings fields (default: tau 0.02, N 6, M 3)."""
+        from handoff.edge.openai_server import ServeSettings
+        from handoff.edge.settings import EdgeSettings
+        from handoff.shared.settings import HandoffSettings
+
+        self.settings = HandoffSettings(threads=1)
+        # tau = 0.02 nats on a pair whose mean KL is ~0.02: both models produce tokens.
+        self.edge = EdgeSettings(
+            **({"threshold": 0.02, "check_interval": 6, "handback_tokens": 3} | (edge or {}))
+        )
+        self.serve = ServeSettings(host="127.0.0.1", port=0, **serve_kwargs)
+        self.models = (str(edge_model), str(cloud_model))
+        self.server = None
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serve-edge", daemon=True)
+
+    def _run(self) -> None:
+        from handoff.edge.openai_server import serve
+
+        def ready(server) -> None:
+            self.server = server
+            self._ready.set()
+
+        try:
+            asyncio.run(
+                serve(self.settings, self.edge, self.serve, edge_model=self.models[0],
+                      cloud_model=self.models[1], on_ready=ready)
+            )  # fmt: skip
+        except BaseException as e:
+            self.error = e
+        finally:
+            self._ready.set()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(180)
+        if self.server is None:
+            raise RuntimeError(f"serve-edge did not start: {self.error!r}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop()
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "serve-edge did not shut down"
+        assert self.error is None, self.error
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def api(self):
+        return self.server.api
+
+    def url(self, path: str) -> str:
+        return self.base_url.removesuffix("/v1") + path

@@ -48,10 +48,11 @@ from handoff.edge.records import GenerationResult, OnToken, TokenRecord
 from handoff.edge.runner import EdgeRunner, EdgeStep
 from handoff.edge.verifier_client import VerifierClient
 from handoff.edge.wire import cloud_token_kl, edge_token, sampling_to_proto, window_kl, window_view
+from handoff.shared.constraints import Constraint
 from handoff.shared.errors import ShapeError, VerifierError
 from handoff.shared.sampling import SamplingSettings
 from handoff.shared.vocab import Vocabulary
-from handoff.shared.wire import topk_from_proto
+from handoff.shared.wire import constraint_to_proto, topk_from_proto
 
 __all__ = ["MODES", "HybridGenerator", "Mode"]
 
@@ -115,6 +116,7 @@ class HybridGenerator:
         sampling: SamplingSettings | None = None,
         on_token: OnToken | None = None,
         routing_key: str | None = None,
+        constraint: Constraint | None = None,
     ) -> GenerationResult:
         """Generate up to max_tokens tokens after the prompt; stops at an end-of-turn token.
 
@@ -126,6 +128,7 @@ class HybridGenerator:
                 True stops the generation there (stop_reason "stopped").
             routing_key: keeps the generation's cloud sessions, resyncs included, on one replica of a
                 scaled-out cloud (Ray Serve); default: a fresh random key.
+            constraint: what the completion must respect, on both sides (shared/constraints.py).
 
         Returns:
             The committed tokens with their trace records and the generation's counters.
@@ -134,7 +137,7 @@ class HybridGenerator:
             VerifierError: mode "cloud" and the cloud cannot be reached, or the cloud refused the
                 session for a reason retrying cannot fix (a different vocabulary, a bad argument).
         """
-        gen = _Generation(self, list(prompt_ids), max_tokens, on_token)
+        gen = _Generation(self, list(prompt_ids), max_tokens, on_token, constraint)
         return await gen.run(sampling, routing_key)
 
 
@@ -145,8 +148,9 @@ class _Stop(Exception):
 class _Generation:
     """The state of one generate() call."""
 
-    def __init__(self, g: HybridGenerator, prompt: list[int], max_tokens: int, on_token: OnToken | None):
-        self.g = g
+    def __init__(self, g, prompt: list[int], max_tokens: int, on_token: OnToken | None, constraint):
+        self.g: HybridGenerator = g
+        self.constraint: Constraint | None = constraint
         self.runner = g.runner
         self.policy = g.policy  # the constants
         self.core = g.core  # the decisions
@@ -189,7 +193,7 @@ class _Generation:
             self.runner.hidden = self.core.needs_hidden  # the router's feature; no cost when off
             chosen = sampling or self.runner.sampling  # what P's output must follow, whatever Q drafts from
             edge_sampling = draft_sampling(chosen, self.policy.top_k) if self.drafts else chosen
-            await self.in_pool(self.runner.start, self.prompt, edge_sampling)
+            await self.in_pool(self.runner.start, self.prompt, edge_sampling, self.constraint)
             if g.mode != "edge":
                 assert g.client is not None
                 self.link = CloudLink(
@@ -199,6 +203,7 @@ class _Generation:
                         top_k=self.policy.top_k,
                         sampling=sampling_to_proto(chosen, self.stops),
                         policy=self.policy.to_proto(),
+                        constraint=constraint_to_proto(self.constraint, len(self.prompt)),
                     ),
                     g.link_config,
                     result,

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from handoff.edge.runner import EdgeRunner, EdgeStep
+from handoff.shared.constraints import Constraint, ConstraintError
 from handoff.shared.divergence import log_softmax, logits_view
 from handoff.shared.errors import ShapeError
 from handoff.shared.sampling import SamplingSettings, draw
@@ -236,8 +237,22 @@ class MixtureRunner:
     def detokenize(self, ids: Iterable[int]) -> bytes:
         return self.experts[0].runner.detokenize(ids)
 
-    def start(self, prompt_ids: Iterable[int], sampling: SamplingSettings | None = None) -> None:
-        """Each active expert starts on the prompt with its own system prompt (see expert_prompt)."""
+    def start(
+        self,
+        prompt_ids: Iterable[int],
+        sampling: SamplingSettings | None = None,
+        constraint: Constraint | None = None,
+    ) -> None:
+        """Each active expert starts on the prompt with its own system prompt (see expert_prompt).
+
+        Raises:
+            ConstraintError: a constraint was given; the experts' mixed drafts do not support one yet.
+        """
+        if constraint is not None and constraint.active:
+            raise ConstraintError(
+                "constraints (response_format, tools, penalties, logit_bias) are not supported with a "
+                "mixture of experts on the edge; run one edge model"
+            )
         self._prompt = [operator.index(t) for t in prompt_ids]
         text = self.model.detokenize(self._prompt).decode("utf-8", errors="replace")
         for e in self._live():

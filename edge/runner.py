@@ -9,6 +9,10 @@ The runner keeps one invariant: after every public call that leaves tokens in th
 holds the logits of the last one, i.e. the distribution of the next position is ready to read; with
 `hidden` on, also Q's last hidden state there (the learned router's feature, see LlamaCppModel).
 
+A generation may run under a constraint (shared/constraints.py: a grammar, penalties, a logit bias):
+then every distribution the runner reads, for drafting and for views alike, is the constrained one,
+and the constraint follows the completion's tokens through appends and rollbacks.
+
 The runner does not decide when to stop or whom to ask: the handoff controller does.
 """
 
@@ -23,6 +27,7 @@ from types import TracebackType
 
 import numpy as np
 
+from handoff.shared.constraints import Constraint, ConstraintState, adjust_logits, grammar_tokenizer
 from handoff.shared.divergence import log_softmax, logits_view
 from handoff.shared.errors import ShapeError
 from handoff.shared.llama_cpp_model import LlamaCppModel
@@ -112,6 +117,8 @@ class EdgeRunner:
         self.keep_draft_probs = False  # set by the exact policy: steps carry their sampling distribution
         self.stop_token_ids: frozenset[int] = frozenset(self.model.stop_token_ids())
         self._rng = sampling.rng()
+        self._constraint: ConstraintState | None = None  # this generation's, from start()
+        self._completion_start = 0  # the first position of the generation's completion
         self._closed = False
         self._hidden = False
         self.hidden = hidden
@@ -194,7 +201,12 @@ class EdgeRunner:
             )
         return [int(t) for t in arr]
 
-    def start(self, prompt_ids: Iterable[int], sampling: SamplingSettings | None = None) -> None:
+    def start(
+        self,
+        prompt_ids: Iterable[int],
+        sampling: SamplingSettings | None = None,
+        constraint: Constraint | None = None,
+    ) -> None:
         """Make the context exactly `prompt_ids`, reusing the longest common prefix already evaluated.
 
         A multi-turn chat re-sends its whole history each turn; only the new tail is evaluated.
@@ -202,12 +214,24 @@ class EdgeRunner:
         Args:
             prompt_ids: [n] token ids, n >= 1 (the first step needs a distribution to draw from).
             sampling: sampling settings from now on (default: keep the current ones).
+            constraint: what the completion after the prompt must respect (None: nothing).
+
+        Raises:
+            ConstraintError: the constraint's grammar does not compile (nothing has changed then).
         """
         ids = self._check_ids(prompt_ids, extra_room=False, what="prompt_ids")
         if not ids:
             raise ShapeError("prompt_ids: expected at least one token, got none")
         if len(ids) > self.n_ctx:
             raise ShapeError(f"prompt_ids: {len(ids)} tokens do not fit in n_ctx {self.n_ctx}")
+        state = None
+        if constraint is not None and constraint.active:
+            constraint.check_ids(self.n_vocab)
+            tokenizer = (
+                grammar_tokenizer(self.model.path, self.stop_token_ids) if constraint.grammar else None
+            )
+            state = ConstraintState(constraint, tokenizer)
+        self._constraint, self._completion_start = state, len(ids)
         if sampling is not None:
             self.sampling = sampling
         self._rng = self.sampling.rng()
@@ -232,6 +256,7 @@ class EdgeRunner:
             ids: [n] token ids (n may be 0).
         """
         ids = self._check_ids(ids)
+        self._accept(ids)
         self.model.eval(ids, hidden=self._hidden)
 
     def score_appended(self, ids: Iterable[int]) -> list[tuple[np.ndarray, np.ndarray, float]]:
@@ -280,9 +305,26 @@ class EdgeRunner:
         self, token_id: int, at_ids: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
         """Q's view of the next position (see logits_view), then evaluate token_id there (checked ids)."""
-        view = logits_view(self.model.next_logits(), self.k, at_ids)
+        view = logits_view(self._next_logits(), self.k, at_ids)
+        self._accept([token_id])
         self.model.eval([token_id], hidden=self._hidden)
         return view
+
+    def _next_logits(self) -> np.ndarray:
+        """Q's logits for the next position, as the generation's constraint leaves them (float32 [V])."""
+        logits = self.model.next_logits()
+        return logits if self._constraint is None else adjust_logits(logits, self._constraint.row())
+
+    def _accept(self, ids: list[int]) -> None:
+        """Tokens about to follow the context, fed to the constraint (all or none: ConstraintError)."""
+        if self._constraint is None or not ids:
+            return
+        before = self._constraint.length
+        try:
+            self._constraint.extend(ids)
+        except BaseException:
+            self._constraint.truncate(before)
+            raise
 
     def truncate(self, length: int) -> None:
         """Roll the context back to its first `length` tokens; the next step generates position `length`.
@@ -299,6 +341,8 @@ class EdgeRunner:
             raise ShapeError(f"truncate: expected an int length, got {length!r}") from None
         if not 0 <= length <= self.length:
             raise ShapeError(f"truncate: cannot roll a context of {self.length} tokens back to {length}")
+        if self._constraint is not None:
+            self._constraint.truncate(max(0, min(length - self._completion_start, self._constraint.length)))
         if length == self.length:
             return  # the logits of the last token are still the current ones
         if length == 0:
@@ -332,7 +376,7 @@ class EdgeRunner:
         # Only the last position's logits are read (llama_get_logits_ith(ctx, -1)): the context is
         # built without logits_all, which would cost ~25% of the generation speed to keep logits for
         # every position we never look at again; every position's view is taken right when it is last.
-        logits = self.model.next_logits()  # float32 [V]
+        logits = self._next_logits()  # float32 [V]
         hidden = self.next_hidden()  # float32 [n_embd] or None: one pointer read and a 3.5 KB copy
         top_ids, top_lp, ent, _ = logits_view(logits, self.k)  # [k], [k]: float32 work, float64 sums
         draft_probs = None
@@ -348,6 +392,7 @@ class EdgeRunner:
             token_lp = float(logprobs[token])
             if self.keep_draft_probs:  # exactly the distribution the draw used, at the top-k ids
                 draft_probs = sampling_distribution(logprobs, self.sampling)[top_ids]
+        self._accept([token])
         self.model.eval([token], hidden=self._hidden)
         top_ids.setflags(write=False)
         top_lp.setflags(write=False)
@@ -402,6 +447,7 @@ class EdgeRunner:
         if not 1 <= batch <= self.model.llm.n_batch:
             raise ShapeError(f"batch: expected 1 <= batch <= n_batch = {self.model.llm.n_batch}, got {batch}")
         self._rng = self.sampling.rng()
+        self._constraint = None  # offline scoring of given tokens: no completion to constrain
         self.model.reset()
         n = len(tokens)
         self.model.eval(prompt, hidden=bool(n) or self._hidden)  # row 0's hidden state too

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from handoff.edge.records import GenerationResult, OnToken, TokenRecord
+from handoff.shared.constraints import Constraint
 from handoff.shared.sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Generator(Protocol):
         *,
         sampling: SamplingSettings | None = None,
         on_token: OnToken | None = None,
+        constraint: Constraint | None = None,
     ) -> GenerationResult: ...
 
 
@@ -120,6 +122,7 @@ class Job:
     sampling: SamplingSettings
     on_token: Callable[[TokenRecord], bool | None] | None = None  # True: stop here
     on_event: Callable[[str], None] | None = None  # "start" when it runs, "end" when it is over
+    constraint: Constraint | None = None  # grammar, penalties, logit bias (shared/constraints.py)
     # Filled in by the queue
     ahead: int = 0  # jobs running or waiting when it arrived
     t_arrival: float = 0.0
@@ -299,7 +302,11 @@ class GenerationQueue:
 
     def _generate(self, job: Job, on_token: Callable[[TokenRecord], bool | None]) -> Awaitable[Any]:
         return self.generator.generate(
-            job.prompt_ids, job.max_tokens, sampling=job.sampling, on_token=on_token
+            job.prompt_ids,
+            job.max_tokens,
+            sampling=job.sampling,
+            on_token=on_token,
+            constraint=job.constraint,
         )
 
     def _finish(self, job: Job) -> None:

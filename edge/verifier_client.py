@@ -742,6 +742,7 @@ class VerifierClient:
         policy: pb.Policy | None = None,
         client: str = "handoff-edge",
         routing_key: str | None = None,
+        constraint: pb.Constraint | None = None,
     ) -> RemoteSession:
         """Open a session; `routing_key` (stable across a generation's resyncs) keeps it on one replica."""
         session = RemoteSession(self.transport.open_stream(routing_key))
@@ -753,6 +754,7 @@ class VerifierClient:
             top_k=top_k,
             client=client,
             protocol_version=PROTOCOL_VERSION,
+            constraint=constraint,
         )
         try:
             await session._start(req)

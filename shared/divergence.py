@@ -152,8 +152,13 @@ def log_softmax(logits: Any, axis: int = -1) -> np.ndarray:
         raise ShapeError(f"axis: expected an int in [-{x.ndim}, {x.ndim}), got {axis!r}") from exc
     if x.shape[axis] < 1:
         raise ShapeError(f"logits: expected a non-empty axis {axis}, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ShapeError(f"logits: expected finite values, got {int((~np.isfinite(x)).sum())} non-finite")
+    # -inf is a masked logit (shared/constraints.py): probability 0. NaN and +inf are errors, and so
+    # is a row with nothing finite (no distribution at all).
+    if np.isnan(x).any() or np.isposinf(x).any() or not np.isfinite(x).any(axis=axis).all():
+        raise ShapeError(
+            "logits: expected finite values (or -inf for masked ids, at least one finite per row), got "
+            f"{int(np.isnan(x).sum())} NaN, {int(np.isposinf(x).sum())} +inf"
+        )
     # The largest entry becomes 0, so exp cannot overflow; a gap beyond the float range gives -inf,
     # which is the right log-probability (exp underflows to 0 anyway).
     with np.errstate(over="ignore"):
@@ -236,6 +241,10 @@ def logits_view(
     e = np.exp(shifted)  # float32 [V]
     z = float(e.sum(dtype=np.float64))
     weighted = float(np.einsum("i,i->", e, shifted))  # relative error ~1e-7 is plenty for an entropy
+    if np.isnan(weighted) and not np.isnan(x).any():
+        # Masked ids (-inf, shared/constraints.py) give 0 * -inf; their term is 0. Only constrained rows pay this.
+        finite = np.isfinite(shifted)
+        weighted = float(np.einsum("i,i->", e[finite], shifted[finite]))
     if not np.isfinite(weighted) or np.isnan(z):
         raise ShapeError("logits: expected finite values, got non-finite entries")
     log_z = math.log(z)

@@ -22,6 +22,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -149,8 +150,14 @@ class LlamaCppModel:
                 stops.add(tid)
         return stops
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's own chat template (the same string transformers renders)."""
+    def chat_prompt(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """Render messages (and tools offered, OpenAI's shape) with the model's own chat template (the
+        same string transformers renders)."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self.metadata.get("tokenizer.chat_template")
@@ -165,7 +172,7 @@ class LlamaCppModel:
         formatter = Jinja2ChatFormatter(
             template, eos_token=eos, bos_token=bos, add_generation_prompt=add_generation_prompt
         )
-        return formatter(messages=list(messages)).prompt
+        return formatter(messages=list(messages), tools=list(tools) if tools else None).prompt
 
     # -- context -------------------------------------------------------------------------------
 

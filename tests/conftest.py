@@ -235,3 +235,22 @@ def wait_until() -> Callable[..., Any]:
 def async_wait_until() -> Callable[..., Awaitable[Any]]:
     """`await async_wait_until(predicate, ...)`: `wait_until` for code running in an event loop."""
     return _async_wait_until
+
+
+def _homogeneity_p(a: list[tuple], b: list[tuple]) -> float:
+    import numpy as np
+    from scipy.stats import chi2_contingency
+
+    cats = sorted(set(a) | set(b))
+    table = np.array([[a.count(c) for c in cats], [b.count(c) for c in cats]], dtype=float)
+    common = table.sum(axis=0) >= 10
+    table = np.column_stack([table[:, common], table[:, ~common].sum(axis=1)])
+    table = table[:, table.sum(axis=0) > 0]
+    return float(chi2_contingency(table).pvalue)
+
+
+@pytest.fixture(scope="session")
+def homogeneity_p() -> Callable[[list[tuple], list[tuple]], float]:
+    """`homogeneity_p(a, b)`: chi-square p-value that two samples of continuations share one distribution
+    (categories seen fewer than 10 times in both together are pooled)."""
+    return _homogeneity_p

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import chi2_contingency, chisquare
+from scipy.stats import chisquare
 
 from handoff.shared.errors import ShapeError
 from handoff.shared.sampling import SamplingSettings
@@ -209,18 +209,8 @@ def edge_continuations(edge_path, seeds, length, sampling):
     return out
 
 
-def homogeneity_p(a: list[tuple], b: list[tuple]) -> float:
-    """Chi-square test that two samples of continuations come from one distribution (rare ones pooled)."""
-    cats = sorted(set(a) | set(b))
-    table = np.array([[a.count(c) for c in cats], [b.count(c) for c in cats]], dtype=float)
-    common = table.sum(axis=0) >= 10
-    table = np.column_stack([table[:, common], table[:, ~common].sum(axis=1)])
-    table = table[:, table.sum(axis=0) > 0]
-    return float(chi2_contingency(table).pvalue)
-
-
 @pytest.mark.slow
-def test_exact_mode_samples_ps_distribution(tiny_gguf_a, tiny_gguf_b):
+def test_exact_mode_samples_ps_distribution(tiny_gguf_a, tiny_gguf_b, homogeneity_p):
     """Q (tiny B) drafts, P (tiny A) verifies: two-token continuations match P's own, not Q's."""
     from handoff.edge.cloud_harness import run
 
@@ -318,7 +308,7 @@ def test_exact_policy_greedy_reproduces_cloud_only_text(tiny_gguf_a, tiny_gguf_a
 
 
 @pytest.mark.slow
-def test_exact_policy_samples_ps_distribution_through_the_controller(tiny_gguf_a, tiny_gguf_b):
+def test_exact_policy_samples_ps_distribution_through_the_controller(tiny_gguf_a, tiny_gguf_b, homogeneity_p):
     """Seeded sampling through HybridGenerator: first two tokens match P's own sampling (chi-square)."""
     from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
     from handoff.edge.controller import HybridGenerator

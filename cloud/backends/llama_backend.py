@@ -171,6 +171,7 @@ class LlamaCppBackend(Backend):
         if ref.kind != "gguf":
             raise ModelError(f"the llama.cpp backend needs a GGUF file, got a {ref.kind} model at {ref.path}")
         model_info, self.vocabulary = load_model_info(ref, settings)  # raises ModelError for bad files
+        self.model_ref = ref
 
         lib = _llama_lib()
         if verbose:

@@ -61,6 +61,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from handoff.cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info
 from handoff.cloud.backends import deterministic as det
+from handoff.shared.constraints import RowAdjust
 from handoff.shared.errors import CapacityError, HandoffError, ModelError, ShapeError
 from handoff.shared.model_info import load_model_info
 from handoff.shared.models import ModelRef
@@ -331,6 +332,7 @@ class _Row:
     flat: int  # index into the group's [rows, H] hidden states (_run_decoder)
     gather: list[int]  # ids whose log-probabilities to return (may be empty)
     full: bool  # return the whole [V] log-probabilities (an item's last row, with full_last)
+    adjust: RowAdjust | None = None  # the row's constraint (shared/constraints.py), applied first
 
 
 @dataclass
@@ -429,6 +431,7 @@ class TransformersBackend(Backend):
         self.deterministic = bool(deterministic)
 
         model_info, self.vocabulary = load_model_info(ref, settings)  # ModelError for bad files
+        self.model_ref = ref
         t0 = time.perf_counter()
         self.load_source: LoadSource
         if ref.kind == "gguf":
@@ -657,7 +660,8 @@ class TransformersBackend(Backend):
                 for j in range(item.n_out):
                     gather = item.gather[j] if item.gather is not None else None
                     full = item.full_rows or (item.full_last and j == item.n_out - 1)
-                    rows.append(_Row(starts[b] + first + j, list(gather or ()), full))
+                    adjust = item.adjust[j] if item.adjust is not None else None
+                    rows.append(_Row(starts[b] + first + j, list(gather or ()), full, adjust))
         k = max((item.k for item in items if item.n_out), default=1)
         if read:
             views = self._views(hidden, rows, k)
@@ -772,6 +776,9 @@ class TransformersBackend(Backend):
             logits = self._row_logits(hidden, [r.flat for r in chunk]).float()  # [r, V]
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
+            for x, r in enumerate(chunk):
+                if r.adjust is not None:
+                    self._adjust_row(logits[x], r.adjust)
             lp = torch.log_softmax(logits, dim=-1)  # [r, V] float32
             vals, ids = torch.topk(lp, k, dim=-1)  # [r, k], descending
             top_vals.append(vals)
@@ -794,6 +801,37 @@ class TransformersBackend(Backend):
             stacked = torch.stack(list(full.values())).cpu().numpy().astype(np.float64)  # [F, V]
             full_h = dict(zip(full, stacked, strict=True))
         return _HostViews(vals_h, ids_h, host(gathered, np.float64), full_h)
+
+    def grammar_tokenizer(self, stop_ids: Sequence[int]):
+        """The grammar engine's tokenizer: from the GGUF file (see Backend), or a Hugging Face folder's."""
+        ref = self.model_ref
+        if ref is not None and ref.kind != "gguf":
+            import llguidance.hf
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(ref.path))
+            return llguidance.hf.from_tokenizer(
+                tokenizer, n_vocab=self.info.vocab_size, eos_token=sorted(stop_ids)
+            )
+        return super().grammar_tokenizer(stop_ids)
+
+    def _adjust_row(self, logits: torch.Tensor, adjust: RowAdjust) -> None:
+        """A constraint's adjustment of one row, in place on the device (as shared.constraints.adjust_logits).
+
+        Args:
+            logits: [V] float32 logits of one output row.
+            adjust: its bias and mask.
+        """
+        vocab = logits.shape[0]
+        if adjust.bias_ids.size:
+            keep = adjust.bias_ids < vocab
+            ids = torch.as_tensor(adjust.bias_ids[keep], device=self.device)
+            logits[ids] += torch.as_tensor(adjust.bias_values[keep], device=self.device)
+        if adjust.allowed is not None:
+            allowed = np.zeros(vocab, dtype=bool)
+            width = min(vocab, adjust.allowed.size)
+            allowed[:width] = adjust.allowed[:width]
+            logits.masked_fill_(~torch.from_numpy(allowed).to(self.device), float("-inf"))
 
     # -- lifetime -------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from handoff.shared.constraints import Constraint
 from handoff.shared.errors import ShapeError
 from handoff.shared.vocab import VocabFingerprint
 from handoff.shared.wire import handoff_pb2 as pb
@@ -16,6 +17,8 @@ PROTOCOL_VERSION = "handoff.v1"
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "constraint_from_proto",
+    "constraint_to_proto",
     "fingerprint_from_proto",
     "fingerprint_to_proto",
     "pb",
@@ -70,3 +73,41 @@ def topk_from_proto(msg: pb.TopK, vocab_size: int | None = None) -> tuple[np.nda
     if np.any(np.isnan(logprobs)) or np.any(logprobs > 1e-4):
         raise ShapeError("top-k view: log-probabilities must be <= 0 and not NaN")
     return ids, logprobs
+
+
+def constraint_to_proto(constraint: Constraint | None, completion_start: int) -> pb.Constraint | None:
+    """A completion's constraint on the wire (None when there is nothing to enforce).
+
+    Args:
+        constraint: the completion's constraint, or None.
+        completion_start: the completion's first position (the original prompt's length).
+    """
+    if constraint is None or not constraint.active:
+        return None
+    return pb.Constraint(
+        grammar=constraint.grammar,
+        frequency_penalty=constraint.frequency_penalty,
+        presence_penalty=constraint.presence_penalty,
+        logit_bias=dict(constraint.logit_bias),
+        completion_start=completion_start,
+    )
+
+
+def constraint_from_proto(msg: pb.Constraint) -> tuple[Constraint, int]:
+    """(the constraint, its completion's first position) from the wire.
+
+    The wire's float32 values are exactly the edge's (Constraint.build rounds to float32), so both
+    sides adjust their logits with the same numbers.
+
+    Raises:
+        ConstraintError: a value is out of range.
+    """
+    return (
+        Constraint(
+            grammar=msg.grammar,
+            frequency_penalty=msg.frequency_penalty,
+            presence_penalty=msg.presence_penalty,
+            logit_bias=tuple(sorted((int(i), float(b)) for i, b in msg.logit_bias.items())),
+        ),
+        msg.completion_start,
+    )

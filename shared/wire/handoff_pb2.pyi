@@ -120,7 +120,7 @@ class TokenHashRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("protocol_version", "model_id", "model_name", "architecture", "parameter_count", "quantization", "context_length", "vocab_size", "vocab", "limits", "backend", "device", "dtype", "policies", "token_hash_start", "token_hashes", "deterministic")
+    __slots__ = ("protocol_version", "model_id", "model_name", "architecture", "parameter_count", "quantization", "context_length", "vocab_size", "vocab", "limits", "backend", "device", "dtype", "policies", "token_hash_start", "token_hashes", "deterministic", "constraints")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class ServiceInfo(_message.Message):
     TOKEN_HASH_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_HASHES_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: str
     model_id: str
     model_name: str
@@ -155,7 +156,8 @@ class ServiceInfo(_message.Message):
     token_hash_start: int
     token_hashes: _containers.RepeatedScalarFieldContainer[int]
     deterministic: bool
-    def __init__(self, protocol_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyKind, str]]] = ..., token_hash_start: _Optional[int] = ..., token_hashes: _Optional[_Iterable[int]] = ..., deterministic: _Optional[bool] = ...) -> None: ...
+    constraints: bool
+    def __init__(self, protocol_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyKind, str]]] = ..., token_hash_start: _Optional[int] = ..., token_hashes: _Optional[_Iterable[int]] = ..., deterministic: _Optional[bool] = ..., constraints: _Optional[bool] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
     __slots__ = ("request_id", "open", "append", "check", "handoff", "stop", "rollback", "verify", "close")
@@ -180,7 +182,7 @@ class EdgeMessage(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., append: _Optional[_Union[AppendTokens, _Mapping]] = ..., check: _Optional[_Union[CheckPoint, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., stop: _Optional[_Union[StopGeneration, _Mapping]] = ..., rollback: _Optional[_Union[Rollback, _Mapping]] = ..., verify: _Optional[_Union[VerifyDraft, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("prompt_token_ids", "vocab", "sampling", "policy", "top_k", "client", "protocol_version")
+    __slots__ = ("prompt_token_ids", "vocab", "sampling", "policy", "top_k", "client", "protocol_version", "constraint")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +190,7 @@ class OpenSession(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     vocab: VocabFingerprint
     sampling: SamplingParams
@@ -195,7 +198,29 @@ class OpenSession(_message.Message):
     top_k: int
     client: str
     protocol_version: str
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., top_k: _Optional[int] = ..., client: _Optional[str] = ..., protocol_version: _Optional[str] = ...) -> None: ...
+    constraint: Constraint
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., top_k: _Optional[int] = ..., client: _Optional[str] = ..., protocol_version: _Optional[str] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ...) -> None: ...
+
+class Constraint(_message.Message):
+    __slots__ = ("grammar", "frequency_penalty", "presence_penalty", "logit_bias", "completion_start")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_START_FIELD_NUMBER: _ClassVar[int]
+    grammar: str
+    frequency_penalty: float
+    presence_penalty: float
+    logit_bias: _containers.ScalarMap[int, float]
+    completion_start: int
+    def __init__(self, grammar: _Optional[str] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., completion_start: _Optional[int] = ...) -> None: ...
 
 class EdgeToken(_message.Message):
     __slots__ = ("position", "token_id", "topk", "has_distribution", "sampled_logprob")
