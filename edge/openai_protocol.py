@@ -11,6 +11,7 @@ token, P's for a cloud or corrected one, with that same model's top-k (both at t
 from __future__ import annotations
 
 import codecs
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from handoff.edge.records import GenerationResult, TokenRecord
 # The OpenAI API's limits for these fields.
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
+# n > 1 runs the generations one after another on one model: bounded so one request cannot hog it.
+MAX_CHOICES = 8
 # What JSON gets for a log-probability of -inf (JSON has no infinities); OpenAI uses the same value.
 NEG_INF_LOGPROB = -9999.0
 
@@ -150,6 +153,8 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
 
 
 class _Sampling(_Strict):
@@ -160,7 +165,9 @@ class _Sampling(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, description="Extension (as in vLLM): sample from the k best.")
-    n: int | None = Field(None, ge=1, description="Only 1: one model instance makes one choice.")
+    n: int | None = Field(
+        None, ge=1, le=MAX_CHOICES, description="Independent generations, one after another."
+    )
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -184,6 +191,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
 
@@ -207,24 +215,18 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 
 def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """Refuse, clearly, what this server cannot honour instead of silently ignoring it."""
-    if (req.n or 1) != 1:
-        raise bad_param("n", f"Only n=1 is supported: one model instance makes one choice (got n={req.n}).")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise bad_param(
-                name, f"{name} is not supported by this server (only 0).", "unsupported_parameter"
-            )
     if req.logit_bias:
-        raise bad_param("logit_bias", "logit_bias is not supported by this server.", "unsupported_parameter")
+        for key, value in req.logit_bias.items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise bad_param("logit_bias", f"logit_bias keys must be token ids, got {key!r}.")
+            if not -100.0 <= value <= 100.0:
+                raise bad_param(
+                    "logit_bias", f"logit_bias values must be in [-100, 100], got {value} for {key}."
+                )
     if isinstance(req, ChatCompletionRequest):
-        if req.tools or req.functions:
-            param = "tools" if req.tools else "functions"
-            message = "Tool and function calling is not supported by this server."
-            raise bad_param(param, message, "unsupported_parameter")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_param(
-                "response_format", "Only response_format type 'text' is supported.", "unsupported_parameter"
-            )
+        if req.functions:
+            message = "The deprecated `functions` field is not supported: use `tools`."
+            raise bad_param("functions", message, "unsupported_parameter")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_param("top_logprobs", "top_logprobs needs logprobs to be true.")
     else:
@@ -236,29 +238,48 @@ def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
             raise bad_param("best_of", "Only best_of=1 is supported.", "unsupported_parameter")
 
 
-def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template takes them: role and text (text parts joined by newlines)."""
-    out = []
+def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them: role and text (text parts joined by newlines), an
+    assistant's earlier tool calls (their arguments as objects: the template writes the JSON) and
+    tools' results."""
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
-        if m.role in ("tool", "function"):
-            raise bad_param(f"messages[{i}].role", f"Role '{m.role}' is not supported (no tool calling).")
-        if m.content is None:
+        text = _message_text(m, i)
+        # The chat templates know system and tool, not OpenAI's newer or older names for them.
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        entry: dict[str, Any] = {"role": role, "content": text}
+        if m.role == "assistant" and m.tool_calls:
+            entry["tool_calls"] = [_template_call(call, f"messages[{i}].tool_calls[{j}]")
+                                   for j, call in enumerate(m.tool_calls)]  # fmt: skip
+        elif text is None:
             raise bad_param(f"messages[{i}].content", "Each message needs text content.")
-        if isinstance(m.content, str):
-            text = m.content
-        else:
-            parts = []
-            for j, part in enumerate(m.content):
-                if part.type != "text" or part.text is None:
-                    raise bad_param(
-                        f"messages[{i}].content[{j}]",
-                        f"Only text content parts are supported, got '{part.type}'.",
-                    )
-                parts.append(part.text)
-            text = "\n".join(parts)
-        # The chat templates know system, not OpenAI's newer name for it.
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        out.append(entry)
     return out
+
+
+def _message_text(m: ChatMessage, i: int) -> str | None:
+    if m.content is None or isinstance(m.content, str):
+        return m.content
+    parts = []
+    for j, part in enumerate(m.content):
+        if part.type != "text" or part.text is None:
+            raise bad_param(
+                f"messages[{i}].content[{j}]", f"Only text content parts are supported, got '{part.type}'."
+            )
+        parts.append(part.text)
+    return "\n".join(parts)
+
+
+def _template_call(call: Any, param: str) -> dict[str, Any]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_param(param, "A tool call needs function.name.")
+    args = fn.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        raise bad_param(f"{param}.function.arguments", "A tool call's arguments must be JSON.") from None
+    return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +526,13 @@ def chat_completion(
     logprobs: list[dict[str, Any]] | None,
     usage_: dict[str, int],
     handoff: dict[str, Any],
+    index: int = 0,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A `chat.completion`; with tool_calls, the message carries them (content None if there is no text)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": id,
         "object": "chat.completion",
@@ -514,8 +541,8 @@ def chat_completion(
         "system_fingerprint": None,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "index": index,
+                "message": message,
                 "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                 "finish_reason": finish,
             }
@@ -536,6 +563,7 @@ def chat_chunk(
     with_usage: bool = False,
     usage_: dict[str, int] | None = None,
     handoff: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     """One `chat.completion.chunk`; delta None makes the usage-only chunk (no choices)."""
     out: dict[str, Any] = {
@@ -548,7 +576,7 @@ def chat_chunk(
         if delta is None
         else [
             {
-                "index": 0,
+                "index": index,
                 "delta": delta,
                 "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                 "finish_reason": finish,
@@ -574,6 +602,7 @@ def text_completion(
     handoff: dict[str, Any] | None,
     with_usage: bool = True,
     choices: bool = True,
+    index: int = 0,
 ) -> dict[str, Any]:
     """A `text_completion` object: the whole response, or one streamed chunk of it."""
     out: dict[str, Any] = {
@@ -582,7 +611,7 @@ def text_completion(
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
         if choices
         else [],
     }

@@ -68,6 +68,15 @@ from handoff.edge.openai_protocol import (
 from handoff.edge.records import GenerationResult, TokenRecord
 from handoff.edge.serving import GenerationQueue, Job, QueueFull, ServeMetrics, ServerStopping
 from handoff.edge.settings import EdgeSettings, ServeSettings
+from handoff.edge.tools import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    ToolPlan,
+    parse_tool_calls,
+    plan_tools,
+    response_format_grammar,
+)
+from handoff.shared.constraints import Constraint
 from handoff.shared.errors import HandoffError, VerifierError
 from handoff.shared.sampling import SamplingSettings
 from handoff.shared.settings import HandoffSettings
@@ -114,6 +123,9 @@ class EdgeAPI:
         self.top_k: int = runner.k
         self.detokenize = runner.detokenize
         self.stop_ids: frozenset[int] = runner.stop_token_ids
+        # The chat template's tool-call markers (<tool_call>, </tool_call>) when the model has them.
+        markers = [runner.model.token_id(t) for t in (CALL_OPEN, CALL_CLOSE)]
+        self.tool_markers: tuple[int, int] | None = None if None in markers else (markers[0], markers[1])
 
     # -- shared checks -------------------------------------------------------------------------
 
@@ -164,10 +176,10 @@ class EdgeAPI:
             return requested
         return room if default is None else min(default, room)
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None) -> list[int]:
         messages = chat_messages(req.messages)
         try:
-            return self.assistant.chat_prompt_ids(messages)
+            return self.assistant.chat_prompt_ids(messages, tools)
         except Exception as e:  # a template's raise_exception(): the conversation's shape is wrong
             raise bad_param("messages", f"The chat template rejected the messages: {e}") from None
 
@@ -218,14 +230,51 @@ class EdgeAPI:
 
     # -- a request -----------------------------------------------------------------------------
 
+    def constraint(
+        self, req: ChatCompletionRequest | CompletionRequest
+    ) -> tuple[Constraint, ToolPlan | None]:
+        """The request's constraint (response_format or tools, penalties, logit_bias) and its tool plan."""
+        plan, grammar = None, ""
+        if isinstance(req, ChatCompletionRequest):
+            plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tool_markers)
+            grammar = response_format_grammar(req.response_format)
+            if plan is not None and plan.grammar:
+                if grammar:
+                    raise bad_param(
+                        "response_format", "response_format and tool calls cannot both constrain an answer."
+                    )
+                grammar = plan.grammar
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+        bad = [k for k in bias if k >= self.n_vocab]
+        if bad:
+            raise bad_param(
+                "logit_bias", f"logit_bias keys must be token ids below {self.n_vocab}, got {bad[:5]}."
+            )
+        constraint = Constraint.build(
+            grammar=grammar,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
+            logit_bias=bias,
+        )
+        cloud = self.assistant.cloud_info
+        if constraint.active and self.assistant.edge.mode != "edge" and cloud.get("constraints") == "false":
+            raise APIError(
+                400,
+                "The cloud verifier does not enforce constraints (response_format, tools, penalties, "
+                "logit_bias): update it, or run the edge alone.",
+                code="unsupported_parameter",
+            )
+        return constraint, plan
+
     async def handle(self, request: Request, req: ChatCompletionRequest | CompletionRequest) -> Response:
         """Check a request, queue it, and answer it (a JSON response, or a stream of events)."""
         chat = isinstance(req, ChatCompletionRequest)
         self.check_model(req.model)
         check_unsupported(req)
         stops = stop_strings(req.stop)
+        constraint, plan = self.constraint(req)
         if isinstance(req, ChatCompletionRequest):
-            prompt_ids = self.chat_prompt(req)
+            prompt_ids = self.chat_prompt(req, None if plan is None else plan.tools)
             requested = req.max_completion_tokens or req.max_tokens
             max_tokens = self.max_tokens(
                 len(prompt_ids), requested, self.settings.default_max_tokens, "messages"
@@ -238,24 +287,45 @@ class EdgeAPI:
             )
             top = req.logprobs
         sampling = self.sampling(req)
-        text = TextAssembler(self.detokenize, self.stop_ids, stops)
-        logprobs = None if top is None else LogprobFormatter(self.detokenize, min(top, self.top_k))
-        call = _Call(
-            api=self,
-            chat=chat,
-            id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-            created=int(time.time()),
-            model=req.model,
-            prompt_tokens=len(prompt_ids),
-            text=text,
-            logprobs=logprobs,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            detail=bool(req.handoff_stream),
-        )
-        job = Job(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling)
+        n = req.n or 1
+        id_ = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        calls, jobs = [], []
+        for i in range(n):  # n > 1: independent generations, each with its own seed (seed + i)
+            seed = None if sampling.seed is None else (sampling.seed + i) % 2**64
+            calls.append(
+                _Call(
+                    api=self,
+                    chat=chat,
+                    id=id_,
+                    created=int(time.time()),
+                    model=req.model,
+                    prompt_tokens=len(prompt_ids),
+                    text=TextAssembler(self.detokenize, self.stop_ids, stops),
+                    logprobs=None if top is None else LogprobFormatter(self.detokenize, min(top, self.top_k)),
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                    detail=bool(req.handoff_stream),
+                    index=i,
+                    last=i == n - 1,
+                    tools=plan is not None and plan.tools is not None,
+                )
+            )
+            jobs.append(
+                Job(
+                    prompt_ids=prompt_ids,
+                    max_tokens=max_tokens,
+                    constraint=constraint,
+                    sampling=dataclasses.replace(sampling, seed=seed),
+                )
+            )
         if req.stream:
-            return call.stream(job)
-        return await call.respond(request, job)
+            return _stream_all(calls, jobs)
+        bodies = []
+        for call, job in zip(calls, jobs, strict=True):
+            body = await call.run(request, job)
+            if body is None:
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+            bodies.append(body)
+        return JSONResponse(_merge_choices(bodies))
 
 
 class _Call:
@@ -274,6 +344,9 @@ class _Call:
         logprobs: LogprobFormatter | None,
         include_usage: bool,
         detail: bool = False,
+        index: int = 0,
+        last: bool = True,
+        tools: bool = False,
     ) -> None:
         self.api = api
         self.chat = chat
@@ -288,6 +361,13 @@ class _Call:
         self.detail = detail  # handoff_stream: per-token sources in each streamed chunk
         # Tokens without text still go out in a chunk of their own when the client wants them one by one.
         self.per_token = logprobs is not None or detail
+        self.index = index  # the choice (n > 1)
+        self.last = last  # the last choice: its stream ends with the usage and [DONE]
+        self.tools = tools  # tools were offered: the answer may be tool calls
+        self.calling = False  # its first token opened a tool call: the text is held, calls go out at the end
+        self._seen = 0  # tokens committed
+        self.earlier_tokens = 0  # streamed n > 1: the earlier choices' tokens (the usage counts all)
+        self.outcome = ""  # how its stream ended: completed, failed, disconnected
 
     def _logprobs(self, tokens: list[OutToken]) -> Any:
         if self.logprobs is None:
@@ -296,9 +376,25 @@ class _Call:
 
     # -- not streamed --------------------------------------------------------------------------
 
-    async def respond(self, request: Request, job: Job) -> Response:
-        """Run the job and answer with one JSON object; stop it if the client disconnects first."""
-        job.on_token = self.text.add
+    def _add(self, record: TokenRecord) -> bool:
+        """A committed token into the text; the first one says whether the answer is tool calls."""
+        if (
+            self.tools
+            and not self._seen
+            and self.api.tool_markers
+            and record.token_id == self.api.tool_markers[0]
+        ):
+            self.calling = True
+        self._seen += 1
+        return self.text.add(record)
+
+    def _tool_calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, tool calls) of the whole answer; no calls unless tools were offered."""
+        return parse_tool_calls(text) if self.tools else (text, [])
+
+    async def run(self, request: Request, job: Job) -> dict[str, Any] | None:
+        """Run the job and build its response body; None if the client disconnected first."""
+        job.on_token = self._add
         self.api.submit(job)
         assert job.done is not None
         gone = asyncio.get_running_loop().create_task(_disconnected(request))
@@ -308,7 +404,7 @@ class _Call:
                 self.api.queue.cancel(job)
                 self.api.count(self.endpoint, "disconnected")
                 logger.info("client went away: generation stopped after %d tokens", len(job.records))
-                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+                return None
         finally:
             gone.cancel()
             self.api.queue.cancel(job)  # a no-op once it finished
@@ -317,26 +413,30 @@ class _Call:
         usage_ = usage(self.prompt_tokens, len(job.records))
         handoff = self.api.extension(job, result)
         if self.chat:
+            content, calls = self._tool_calls(self.text.text)
             body = chat_completion(
-                id=self.id, created=self.created, model=self.model, text=text, finish=finish_reason(result),
-                logprobs=self._logprobs(tokens), usage_=usage_, handoff=handoff,
+                id=self.id, created=self.created, model=self.model, text=content if calls else text,
+                finish="tool_calls" if calls else finish_reason(result), logprobs=self._logprobs(tokens),
+                usage_=usage_, handoff=handoff, index=self.index, tool_calls=calls,
             )  # fmt: skip
         else:
             body = text_completion(
                 id=self.id, created=self.created, model=self.model, text=text, finish=finish_reason(result),
-                logprobs=self._logprobs(tokens), usage_=usage_, handoff=handoff,
+                logprobs=self._logprobs(tokens), usage_=usage_, handoff=handoff, index=self.index,
             )  # fmt: skip
         self.api.count(self.endpoint, "completed")
-        return JSONResponse(body)
+        return body
 
     # -- streamed ------------------------------------------------------------------------------
 
-    def stream(self, job: Job) -> Response:
-        """Queue the job now (a full queue is a 429 before any event) and stream its tokens as they come."""
+    def submit_streamed(self, job: Job) -> asyncio.Queue:
+        """Queue the job (a full queue raises the 429) with hooks that turn its tokens into stream events."""
         events: asyncio.Queue[tuple[str, str, list[OutToken]]] = asyncio.Queue()
 
         def on_token(record: TokenRecord) -> bool:
-            stop = self.text.add(record)
+            stop = self._add(record)
+            if self.calling:
+                return stop  # a tool call: its deltas go out whole, at the end
             text, tokens = self.text.take()
             if text or tokens:
                 events.put_nowait(("delta", text, tokens))
@@ -345,22 +445,13 @@ class _Call:
         job.on_token = on_token
         job.on_event = lambda kind: events.put_nowait((kind, "", []))
         self.api.submit(job)
-        # Set by sse-starlette when the server shuts down: the stream gets a moment to say so.
-        shutdown = anyio.Event()
-        return _EventStream(
-            self._events(job, events, shutdown),
-            on_close=lambda: self.api.queue.cancel(job),
-            sep="\n",
-            ping=15,
-            shutdown_event=shutdown,
-            shutdown_grace_period=1.0,
-        )
+        return events
 
     def _role_chunk(self) -> dict[str, Any]:
         """A chat stream's first chunk says who speaks; sent when the generation starts."""
         return chat_chunk(
             id=self.id, created=self.created, model=self.model, delta={"role": "assistant", "content": ""},
-            with_usage=self.include_usage,
+            with_usage=self.include_usage, index=self.index,
         )  # fmt: skip
 
     def _delta_chunk(self, text: str, tokens: list[OutToken]) -> dict[str, Any]:
@@ -369,23 +460,42 @@ class _Call:
         if self.chat:
             return chat_chunk(
                 id=self.id, created=self.created, model=self.model, delta={"content": text},
-                logprobs=logprobs, with_usage=self.include_usage, handoff=detail,
+                logprobs=logprobs, with_usage=self.include_usage, handoff=detail, index=self.index,
             )  # fmt: skip
         return text_completion(
             id=self.id, created=self.created, model=self.model, text=text, finish=None, logprobs=logprobs,
-            usage_=None, handoff=detail, with_usage=self.include_usage,
+            usage_=None, handoff=detail, with_usage=self.include_usage, index=self.index,
         )  # fmt: skip
+
+    def _tool_call_chunks(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A chat stream's tool calls as OpenAI streams them: per call, its id and name, then its arguments."""
+        out = []
+        for i, call in enumerate(calls):
+            fn = call["function"]
+            head = {
+                "index": i,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": ""},
+            }
+            for delta in (
+                {"tool_calls": [head]},
+                {"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]},
+            ):
+                out.append(chat_chunk(id=self.id, created=self.created, model=self.model, delta=delta,
+                                      with_usage=self.include_usage, index=self.index))  # fmt: skip
+        return out
 
     def _final_chunk(self, finish: str, handoff: dict[str, Any]) -> dict[str, Any]:
         """The chunk with the finish reason, and the `handoff` extension field."""
         if self.chat:
             return chat_chunk(
                 id=self.id, created=self.created, model=self.model, delta={}, finish=finish,
-                with_usage=self.include_usage, handoff=handoff,
+                with_usage=self.include_usage, handoff=handoff, index=self.index,
             )  # fmt: skip
         return text_completion(
             id=self.id, created=self.created, model=self.model, text="", finish=finish, logprobs=None,
-            usage_=None, handoff=handoff, with_usage=self.include_usage,
+            usage_=None, handoff=handoff, with_usage=self.include_usage, index=self.index,
         )  # fmt: skip
 
     def _usage_chunk(self, usage_: dict[str, int]) -> dict[str, Any]:
@@ -441,20 +551,79 @@ class _Call:
                     yield _event(e.body())  # the client library raises it as an APIError
                     return
                 text, tokens = self.text.take(final=True)
-                if text or (tokens and self.per_token):
+                finish = finish_reason(result)
+                content, calls = self._tool_calls(self.text.text) if self.calling else (None, [])
+                if calls:
+                    if content:
+                        yield _event(self._delta_chunk(content, []))
+                    for chunk in self._tool_call_chunks(calls):
+                        yield _event(chunk)
+                    finish = "tool_calls"
+                elif text or (tokens and self.per_token):
                     yield _event(self._delta_chunk(text, tokens))
-                yield _event(self._final_chunk(finish_reason(result), self.api.extension(job, result)))
-                if self.include_usage:
-                    yield _event(self._usage_chunk(usage(self.prompt_tokens, len(job.records))))
-                yield ServerSentEvent(data="[DONE]")
+                yield _event(self._final_chunk(finish, self.api.extension(job, result)))
+                if self.include_usage and self.last:
+                    yield _event(
+                        self._usage_chunk(usage(self.prompt_tokens, self.earlier_tokens + len(job.records)))
+                    )
+                if self.last:
+                    yield ServerSentEvent(data="[DONE]")
                 outcome = "completed"
                 return
         finally:
+            self.outcome = outcome
             watcher.cancel()
             self.api.queue.cancel(job)  # the client left mid-stream: stop generating for nobody
             self.api.count(self.endpoint, outcome)
             if outcome == "disconnected":
                 logger.info("stream closed by the client after %d tokens", len(job.records))
+
+
+def _stream_all(calls: list[_Call], jobs: list[Job]) -> Response:
+    """Stream a request's choices one after another, each queued when the one before has ended.
+
+    The first is queued now, so that a full queue is a 429 before any event; the usage and [DONE]
+    come once, after the last choice.
+    """
+    first = calls[0].submit_streamed(jobs[0])
+    shutdown = anyio.Event()  # set by sse-starlette when the server shuts down
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        earlier = 0
+        for i, (call, job) in enumerate(zip(calls, jobs, strict=True)):
+            try:
+                queue = first if i == 0 else call.submit_streamed(job)
+            except APIError as e:
+                yield _event(e.body())
+                return
+            call.earlier_tokens = earlier
+            async for event in call._events(job, queue, shutdown):
+                yield event
+            if call.outcome != "completed":
+                return
+            earlier += len(job.records)
+
+    return _EventStream(
+        events(),
+        on_close=lambda: [calls[0].api.queue.cancel(job) for job in jobs],
+        sep="\n",
+        ping=15,
+        shutdown_event=shutdown,
+        shutdown_grace_period=1.0,
+    )
+
+
+def _merge_choices(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """n > 1: one response with every choice; the usage counts every choice's tokens, the `handoff`
+    extension becomes one entry per choice."""
+    if len(bodies) == 1:
+        return bodies[0]
+    out = dict(bodies[0])
+    out["choices"] = [b["choices"][0] for b in bodies]
+    completion = sum(b["usage"]["completion_tokens"] for b in bodies)
+    out["usage"] = usage(out["usage"]["prompt_tokens"], completion)
+    out["handoff"] = [b["handoff"] for b in bodies]
+    return out
 
 
 def _event(data: dict[str, Any]) -> ServerSentEvent:
