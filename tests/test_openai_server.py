@@ -907,10 +907,11 @@ def test_structured_output_and_a_tool_call_on_the_default_pair(pair, run_handoff
                 if policy == "rollback":
                     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
                     r = c.chat.completions.create(model=DEFAULT_EDGE_MODEL, messages=ask, tools=[weather],
-                                                  max_tokens=60, temperature=0)  # fmt: skip
-                    (call,) = r.choices[0].message.tool_calls
-                    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
-                    assert "paris" in json.loads(call.function.arguments)["city"].lower()
+                                                  tool_choice="required", max_tokens=60, temperature=0)  # fmt: skip
+                    calls = r.choices[0].message.tool_calls
+                    assert r.choices[0].finish_reason == "tool_calls" and calls
+                    assert all(call.function.name == "get_weather" for call in calls)
+                    assert "paris" in json.loads(calls[0].function.arguments)["city"].lower()
         finally:
             rc, stderr = _stop_command(proc)
         assert rc == 0, stderr[-3000:]
