@@ -137,8 +137,8 @@ class HybridGenerator:
             VerifierError: mode "cloud" and the cloud cannot be reached, or the cloud refused the
                 session for a reason retrying cannot fix (a different vocabulary, a bad argument).
         """
-        gen = _Generation(self, list(prompt_ids), max_tokens, on_token, constraint)
-        return await gen.run(sampling, routing_key)
+        gen = _Generation(self, list(prompt_ids), max_tokens, on_token)
+        return await gen.run(sampling, routing_key, constraint)
 
 
 class _Stop(Exception):
@@ -148,9 +148,8 @@ class _Stop(Exception):
 class _Generation:
     """The state of one generate() call."""
 
-    def __init__(self, g, prompt: list[int], max_tokens: int, on_token: OnToken | None, constraint):
-        self.g: HybridGenerator = g
-        self.constraint: Constraint | None = constraint
+    def __init__(self, g: HybridGenerator, prompt: list[int], max_tokens: int, on_token: OnToken | None):
+        self.g = g
         self.runner = g.runner
         self.policy = g.policy  # the constants
         self.core = g.core  # the decisions
@@ -184,7 +183,7 @@ class _Generation:
     def committed(self) -> int:
         return len(self.result.records)
 
-    async def run(self, sampling: SamplingSettings | None, routing_key: str | None) -> GenerationResult:
+    async def run(self, sampling: SamplingSettings | None, key: str | None, constraint) -> GenerationResult:
         result, g = self.result, self.g
         try:
             self.core.begin()
@@ -193,7 +192,7 @@ class _Generation:
             self.runner.hidden = self.core.needs_hidden  # the router's feature; no cost when off
             chosen = sampling or self.runner.sampling  # what P's output must follow, whatever Q drafts from
             edge_sampling = draft_sampling(chosen, self.policy.top_k) if self.drafts else chosen
-            await self.in_pool(self.runner.start, self.prompt, edge_sampling, self.constraint)
+            await self.in_pool(self.runner.start, self.prompt, edge_sampling, constraint)
             if g.mode != "edge":
                 assert g.client is not None
                 self.link = CloudLink(
@@ -203,11 +202,11 @@ class _Generation:
                         top_k=self.policy.top_k,
                         sampling=sampling_to_proto(chosen, self.stops),
                         policy=self.policy.to_proto(),
-                        constraint=constraint_to_proto(self.constraint, len(self.prompt)),
+                        constraint=constraint_to_proto(constraint, len(self.prompt)),
                     ),
                     g.link_config,
                     result,
-                    routing_key=routing_key,
+                    routing_key=key,
                 )
                 if not await self.link.open(self.prompt, first=True) and g.mode == "cloud":
                     raise VerifierError("UNAVAILABLE", "cloud-only generation: the cloud cannot be reached")
