@@ -54,6 +54,37 @@ class TinyTokenizer:
     def id_of(self, token: str) -> int:
         return self.tokens.index(token)
 
+    def permuted(self, seed: int) -> tuple[TinyTokenizer, np.ndarray]:
+        """The same tokenizer with its ids shuffled: the same texts, other token ids.
+
+        Tokenization follows the merges' order and the strings, not the ids, so every text splits
+        into the same tokens; only their ids change (special tokens included).
+
+        Returns:
+            (the tokenizer, order [V]): new id i is old id order[i]; pass `order` as
+            write_tiny_qwen2_gguf's vocab_order to give a model the same weights per token.
+        """
+        order = np.random.default_rng(seed).permutation(self.n_vocab)
+        new_id = np.empty_like(order)
+        new_id[order] = np.arange(self.n_vocab)
+
+        def remap(i: int | None) -> int | None:
+            return None if i is None else int(new_id[i])
+
+        return TinyTokenizer(
+            tokens=tuple(self.tokens[i] for i in order),
+            token_types=tuple(self.token_types[i] for i in order),
+            merges=self.merges,
+            source_ids=tuple(self.source_ids[i] for i in order),
+            bos_token_id=remap(self.bos_token_id),
+            eos_token_id=remap(self.eos_token_id),
+            padding_token_id=remap(self.padding_token_id),
+            add_bos_token=self.add_bos_token,
+            chat_template=self.chat_template,
+            model=self.model,
+            pre=self.pre,
+        ), order
+
 
 def _field_scalar(reader, key: str):
     """The value of a metadata key, or None when the file does not have it."""
@@ -222,12 +253,16 @@ def write_tiny_qwen2_gguf(
     rope_freq_base: float = 1_000_000.0,
     rms_eps: float = 1e-6,
     quantize: str | None = None,
+    vocab_order: np.ndarray | None = None,
 ) -> Path:
     """Write a random-weight Qwen2 GGUF (F32, separate `output.weight`) with `tokenizer`.
 
     The same arguments give the same bytes.
 
     Args:
+        vocab_order: [V] the rows of the vocabulary's tensors (embedding, output) in this order: with
+            a TinyTokenizer.permuted() tokenizer and its order, the model is the seed's model with
+            its token ids shuffled (the same distribution over texts).
         quantize: None for all F32, or "Q8_0" / "Q4_0": every 2-D weight quantized like a real model's,
             so llama.cpp runs its quantized kernels (and their batch-size-dependent paths) on it;
             transformers dequantizes the same values when it loads the file.
@@ -247,7 +282,10 @@ def write_tiny_qwen2_gguf(
         perturb_from_seed=perturb_from_seed,
         perturb_scale=perturb_scale,
     )
-    name = f"tiny-qwen2-seed{seed}"
+    if vocab_order is not None:
+        for tensor_name in ("token_embd.weight", "output.weight"):
+            weights[tensor_name] = np.ascontiguousarray(weights[tensor_name][vocab_order])
+    name = f"tiny-qwen2-seed{seed}" + ("-permuted" if vocab_order is not None else "")
     if quantize is not None:
         name += f"-{quantize.lower()}"
     if perturb_from_seed is not None:

@@ -89,6 +89,22 @@ def tiny_gguf_q4k(tiny_tokenizer: TinyTokenizer, tiny_model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf_a_permuted(tiny_tokenizer: TinyTokenizer, tiny_model_dir: Path) -> Path:
+    """Tiny A with its token ids shuffled: another vocabulary (ids), the same model over texts."""
+    permuted, order = tiny_tokenizer.permuted(seed=7)
+    return write_tiny_qwen2_gguf(tiny_model_dir / "tiny-a-permuted.gguf", permuted, SEED_A, vocab_order=order)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_small_vocab(edge_gguf_path: Path, tiny_model_dir: Path) -> Path:
+    """Tiny Qwen2 with a smaller tokenizer (the first 600 tokens and their merges): other ids for the
+    special tokens, shorter tokens for the same text, so token boundaries differ from A's."""
+    return write_tiny_qwen2_gguf(
+        tiny_model_dir / "tiny-small-vocab.gguf", extract_tokenizer(edge_gguf_path, keep=600), SEED_B
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf_a_near(tiny_tokenizer: TinyTokenizer, tiny_model_dir: Path) -> Path:
     """A's weights plus a little noise: KL(A || A-near) is small (~0.02 nats) but not zero."""
     return write_tiny_qwen2_gguf(

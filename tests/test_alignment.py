@@ -1,0 +1,134 @@
+"""Vocabulary alignment and the intersection KL between models with different tokenizers.
+
+Math on hand-made vocabularies against an independent reference (each distribution pushed onto the
+shared tokens plus one rest bucket, then the plain KL); tiny models with other ids (a shuffled
+vocabulary) and with a smaller tokenizer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from handoff.shared.alignment import VocabAlignment, align, alignment_for, intersection_kl, token_pieces
+from handoff.shared.errors import ShapeError
+
+# Q: 6 tokens, P: 7; shared texts: a, b, cd, e (P spells "e" twice: its lower id stands for it).
+Q_PIECES = [b"a", b"b", b"cd", b"x", None, b"e"]
+P_PIECES = [b"e", b"cd", b"y", b"a", b"e", None, b"b"]
+
+
+def reference_kl(p: np.ndarray, q: np.ndarray, a: VocabAlignment) -> float:
+    """KL(P_S || Q_S) from full distributions: shared tokens one by one, everything else one bucket."""
+    shared_q = np.flatnonzero(a.q_to_p >= 0)
+    p_s = np.append(p[a.q_to_p[shared_q]], 1.0 - p[a.q_to_p[shared_q]].sum())
+    q_s = np.append(q[shared_q], 1.0 - q[shared_q].sum())
+    keep = p_s > 0
+    return float(np.sum(p_s[keep] * np.log(p_s[keep] / q_s[keep])))
+
+
+def test_align_maps_shared_texts_both_ways() -> None:
+    a = align(Q_PIECES, P_PIECES, "q", "p")
+    assert a.q_to_p.tolist() == [3, 6, 1, -1, -1, 0]
+    assert a.p_to_q.tolist() == [5, 2, -1, 0, -1, -1, 1]
+    assert a.size == 4
+    np.testing.assert_array_equal(a.q_ids_in_p(np.array([[0, 3, 5]])), [[3, 7 + 3, 0]])
+    with pytest.raises(ShapeError):
+        a.q_ids_in_p(np.array([6]))
+    with pytest.raises(ShapeError, match="inverse"):
+        VocabAlignment(np.array([1, -1]), np.array([-1, -1]), "", "")
+
+
+def test_alignment_round_trips_through_its_file(tmp_path) -> None:
+    a = align(Q_PIECES, P_PIECES, "qd", "pd")
+    a.save(tmp_path / "a.npz")
+    b = VocabAlignment.load(tmp_path / "a.npz")
+    assert (b.q_digest, b.p_digest) == ("qd", "pd")
+    np.testing.assert_array_equal(b.q_to_p, a.q_to_p)
+    np.testing.assert_array_equal(b.p_to_q, a.p_to_q)
+
+
+def _dist(rng: np.random.Generator, n: int, spread: float) -> np.ndarray:
+    x = rng.normal(0.0, spread, n)
+    return np.exp(x) / np.exp(x).sum()
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31), spread=st.floats(0.1, 4.0), kp=st.integers(1, 7), kq=st.integers(1, 6))
+def test_intersection_kl_is_the_reference_with_full_views_and_a_lower_bound_with_top_k(
+    seed, spread, kp, kq
+) -> None:
+    a = align(Q_PIECES, P_PIECES)
+    rng = np.random.default_rng(seed)
+    p, q = _dist(rng, 7, spread), _dist(rng, 6, spread)
+    ref = reference_kl(p, q, a)
+
+    def view(dist, k):
+        ids = np.argsort(-dist, kind="stable")[:k]
+        return ids[None, :], np.log(dist[ids])[None, :]
+
+    full = intersection_kl(*view(p, 7), *view(q, 6), a)
+    assert full[0] == pytest.approx(ref, abs=1e-6)
+    p_ids, p_lp = view(p, kp)
+    q_ids, q_lp = view(q, kq)
+    assert intersection_kl(p_ids, p_lp, q_ids, q_lp, a)[0] <= ref + 1e-9
+    # P's values at Q's ids (where P has the token) tighten the bound but keep it.
+    at = np.where(a.q_to_p[q_ids] >= 0, np.log(p[np.maximum(a.q_to_p[q_ids], 0)]), -np.inf)
+    tighter = intersection_kl(p_ids, p_lp, q_ids, q_lp, a, p_logprobs_at_q_ids=at)[0]
+    assert intersection_kl(p_ids, p_lp, q_ids, q_lp, a)[0] - 1e-9 <= tighter <= ref + 1e-9
+
+
+def test_the_same_distribution_in_two_id_spaces_has_zero_divergence() -> None:
+    order = np.array([3, 0, 4, 1, 2])
+    pieces = [b"a", b"b", b"c", b"d", b"e"]
+    a = align([pieces[i] for i in order], pieces)  # Q's id i is P's id order[i]
+    p = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    q = p[order]
+    p_ids = np.argsort(-p)[None, :3]
+    q_ids = np.argsort(-q)[None, :3]
+    kl = intersection_kl(p_ids, np.log(p[p_ids]), q_ids, np.log(q[q_ids]), a)
+    assert kl[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_tiny_models_with_other_ids_or_another_tokenizer(
+    tiny_gguf_a, tiny_gguf_a_permuted, tiny_gguf_small_vocab, tmp_path
+) -> None:
+    from handoff.edge.runner import EdgeRunner
+
+    # Shuffled ids: every text token is shared, and the models are one model over texts.
+    a = alignment_for(tiny_gguf_a_permuted, tiny_gguf_a, tmp_path)
+    pieces = token_pieces(tiny_gguf_a)
+    assert a.size == sum(p is not None for p in pieces) > 900
+    again = alignment_for(tiny_gguf_a_permuted, tiny_gguf_a, tmp_path)  # from the cache file
+    np.testing.assert_array_equal(again.q_to_p, a.q_to_p)
+    assert len(list(tmp_path.glob("alignment-*.npz"))) == 1
+    text = "def add(a, b):\n    return a + b\n"
+    with (
+        EdgeRunner(tiny_gguf_a_permuted, k=8, n_ctx=256, n_threads=1) as q,
+        EdgeRunner(tiny_gguf_a, k=8, n_ctx=256, n_threads=1) as p,
+    ):
+        q_ids, p_ids = q.model.tokenize(text), p.model.tokenize(text)
+        assert [a.q_to_p[t] for t in q_ids] == p_ids  # the same tokens, other ids
+        q.start(q_ids[:1])
+        p.start(p_ids[:1])
+        q_views = q.score_appended(q_ids[1:])
+        p_views = p.score_appended(p_ids[1:])
+    kl = intersection_kl(
+        np.stack([v[0] for v in p_views]), np.stack([v[1] for v in p_views]),
+        np.stack([v[0] for v in q_views]), np.stack([v[1] for v in q_views]), a,
+    )  # fmt: skip
+    assert np.all(kl < 1e-5), kl
+
+    # A smaller tokenizer: its 600 text tokens are all A's too (the same first tokens of Qwen2.5),
+    # the special tokens are not text, and the same text splits into more, shorter tokens.
+    small = alignment_for(tiny_gguf_small_vocab, tiny_gguf_a, tmp_path)
+    assert small.size == sum(p is not None for p in token_pieces(tiny_gguf_small_vocab))
+    with (
+        EdgeRunner(tiny_gguf_small_vocab, k=8, n_ctx=256, n_threads=1) as q,
+        EdgeRunner(tiny_gguf_a, k=8, n_ctx=256, n_threads=1) as p,
+    ):
+        assert len(q.model.tokenize(text)) > len(p.model.tokenize(text))
+        eos_q, eos_p = q.model.token_id("<|im_end|>"), p.model.token_id("<|im_end|>")
+    assert eos_q != eos_p and small.q_to_p[eos_q] == -1
