@@ -120,6 +120,8 @@ class LlamaCppModel:
         self.n_ctx = int(self.llm.n_ctx())
         self.n_embd = int(self.llm.n_embd())
         self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._piece = ctypes.create_string_buffer(64)  # grown when a token's piece is longer
         self._embeddings = False  # llama.cpp's embeddings flag as last set (off at creation)
         self.hidden_ready = False  # the last token's hidden state can be read (next_hidden)
         # (logits [V], hidden [n_embd]) of the last token when ensure_hidden() decoded it a second time:
@@ -133,8 +135,21 @@ class LlamaCppModel:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def detokenize(self, ids: Sequence[int]) -> bytes:
-        """Bytes of the tokens (a token may end mid-way through a UTF-8 character)."""
-        return self.llm.detokenize(list(ids), special=True)
+        """Bytes of the tokens (a token may end mid-way through a UTF-8 character), special ones written out.
+
+        Not llama-cpp-python's Llama.detokenize: in 0.3.36 it reads each piece into a 32-byte buffer
+        and silently drops longer ones (240 of Qwen2.5's tokens, e.g. the runs of 33+ spaces that
+        indent code). Here a piece that does not fit is read again into a buffer of its size.
+        """
+        lib, vocab = self._llama_cpp, self._vocab
+        out = bytearray()
+        for token in ids:
+            n = lib.llama_token_to_piece(vocab, int(token), self._piece, len(self._piece), 0, True)
+            if n < 0:  # -n: the bytes it needs
+                self._piece = ctypes.create_string_buffer(-n)
+                n = lib.llama_token_to_piece(vocab, int(token), self._piece, len(self._piece), 0, True)
+            out += self._piece.raw[:n]
+        return bytes(out)
 
     def token_id(self, text: str) -> int | None:
         """Id of a single special token given by its text, None if it is not one token."""

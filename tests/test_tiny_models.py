@@ -270,3 +270,13 @@ def test_model_a_near_is_close_to_a(tiny_gguf_a_near: Path, chat_ids, logprobs_a
     kl = kl_divergence(logprobs_a, logprobs_near)
     assert 0.0 < kl.mean() < 0.2, kl
     assert (kl > 1e-6).all(), kl  # close, but different at every position
+
+
+def test_detokenize_writes_out_tokens_longer_than_32_bytes(edge_gguf_path: Path) -> None:
+    """Runs of spaces that indent code are single Qwen2.5 tokens of up to ~80 bytes: llama-cpp-python's
+    own detokenize (a 32-byte buffer) drops them; LlamaCppModel's must not."""
+    with LlamaCppModel(edge_gguf_path, n_ctx=64, n_threads=1) as m:
+        text = "def f():\n" + " " * 40 + "return 1\n<|im_end|>"
+        ids = m.tokenize(text)
+        assert any(len(m.detokenize([t])) > 32 for t in ids)
+        assert m.detokenize(ids) == text.encode()
