@@ -142,6 +142,34 @@ def start_server(
     raise AssertionError(f"server did not start: {proc.stderr.read()}")
 
 
+def wait_for_line(
+    proc: subprocess.Popen, pattern: str, timeout: float, *, echo: bool = False
+) -> re.Match | None:
+    """Read the process's stdout until a line matches `pattern` (None: it ended or `timeout` s passed).
+
+    Args:
+        proc: a process started with stdout=PIPE, text=True.
+        pattern: a regular expression searched in each line.
+        timeout: seconds to wait at most.
+        echo: print each line read (a script showing a server's startup).
+    """
+    found: list[re.Match] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if echo:
+                print(line, end="", flush=True)
+            if m := re.search(pattern, line):
+                found.append(m)
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return found[0] if found else None
+
+
 class ServerThread:
     """`edge.openai_server.serve` on a free port, in a thread with its own event loop."""
 

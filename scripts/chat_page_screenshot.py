@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from handoff.edge.cloud_harness import wait_for_line
 
 DEFAULT_PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
@@ -35,23 +35,11 @@ def start_server(extra: list[str], threads: int | None) -> tuple[subprocess.Pope
         env["HANDOFF_THREADS"] = str(threads)
     argv = [sys.executable, "-m", "handoff", "serve-edge", "--host", "127.0.0.1", "--port", "0", *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
-    found: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            print(line, end="", flush=True)
-            if m := re.search(r"chat page at (http://\S+/)", line):
-                found.append(m.group(1))
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(900)
-    if not found:
+    found = wait_for_line(proc, r"chat page at (http://\S+/)", 900, echo=True)
+    if found is None:
         proc.kill()
         sys.exit("serve-edge did not start")
-    return proc, found[0]
+    return proc, found.group(1)
 
 
 def main() -> None:

@@ -17,13 +17,14 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
+
+from handoff.edge.cloud_harness import wait_for_line
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -68,22 +69,12 @@ def root(tiny_gguf_a, tiny_gguf_a_near, run_handoff) -> Iterator[str]:
             "--threshold", "0.02", "--check-interval", "6", "--handback-tokens", "3", "--n-ctx", "1024"]  # fmt: skip
     env = {"HANDOFF_THREADS": "1", "HANDOFF_SERVE_API_KEY": KEY, "HANDOFF_SERVE_MODEL_ALIAS": "tiny"}
     proc = run_handoff.start("serve-edge", *args, env=env)
-    found: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:
-            if m := re.search(r"chat page at (http://\S+)/", line):
-                found.append(m.group(1))
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(300)
-    if not found:
+    found = wait_for_line(proc, r"chat page at (http://\S+)/", 300)
+    if found is None:
         proc.kill()
         raise AssertionError(f"serve-edge did not start: {proc.communicate(timeout=30)[1][-3000:]}")
     try:
-        yield found[0]
+        yield found.group(1)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ import numpy as np
 import openai
 import pytest
 
-from handoff.edge.cloud_harness import ServerThread
+from handoff.edge.cloud_harness import ServerThread, wait_for_line
 from handoff.edge.openai_protocol import LogprobFormatter, TextAssembler
 from handoff.edge.records import GenerationResult, TokenRecord
 from handoff.edge.serving import GenerationQueue, Job, QueueFull, ServerStopping
@@ -759,21 +758,11 @@ def _start_command(
 ) -> tuple[subprocess.Popen, str]:
     """Start `handoff serve-edge`; return the process and the base URL it prints once ready."""
     proc = run_handoff.start("serve-edge", *args, env=env)
-    found: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:
-            if m := re.search(r"at (http://\S+/v1) ", line):
-                found.append(m.group(1))
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(300)
-    if not found:
+    found = wait_for_line(proc, r"at (http://\S+/v1) ", 300)
+    if found is None:
         proc.kill()
         raise AssertionError(f"serve-edge did not start: {proc.communicate(timeout=30)[1][-3000:]}")
-    return proc, found[0]
+    return proc, found.group(1)
 
 
 def _stop_command(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[int, str]:
