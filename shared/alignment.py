@@ -32,6 +32,8 @@ import numpy as np
 
 from handoff.shared.divergence import topk_kl
 from handoff.shared.errors import ShapeError
+from handoff.shared.sampling import SamplingSettings
+from handoff.shared.speculative import draft_distribution
 
 logger = logging.getLogger(__name__)
 
@@ -221,3 +223,35 @@ def intersection_kl(
     p_out = alignment.p_to_q[np.clip(p, 0, alignment.p_to_q.size - 1)] < 0
     p_mapped = np.where(p_out, alignment.p_to_q.size + alignment.q_to_p.size + p, p)
     return topk_kl(p_mapped, p_logprobs, q_in_p, q_lp, p_logprobs_at_q_ids=p_at_q)
+
+
+def intersection_draft(
+    topk_ids: Any, topk_logprobs: Any, settings: SamplingSettings, alignment: VocabAlignment
+) -> tuple[np.ndarray, np.ndarray]:
+    """Q's draft distribution restricted to the shared tokens, in P's id space (TLI).
+
+    Token-level intersection, Timor et al. (ICML 2025): Q drafts only tokens P also has, from its
+    sampling distribution over its top-k restricted to them and renormalised; P verifies the draft as
+    its own tokens with standard speculative sampling (shared.speculative.verify_draft, with these ids
+    and probabilities as the draft's distribution), so the output is distributed exactly as P's own
+    sampling. When greedy, the draft is Q's likeliest shared token.
+
+    Args:
+        topk_ids: [k] Q's top-k ids (Q's vocabulary), by descending log-probability.
+        topk_logprobs: [k] their log-probabilities (temperature 1).
+        settings: the edge's sampling settings.
+        alignment: Q's and P's vocabularies aligned.
+
+    Returns:
+        (P's ids [m], probabilities [m] summing to 1); both empty when no top-k token is shared (the
+        edge then has nothing to draft: P generates the token).
+    """
+    ids = np.asarray(topk_ids, dtype=np.int64)
+    lp = np.asarray(topk_logprobs, dtype=np.float64)
+    if ids.ndim != 1 or ids.shape != lp.shape:
+        raise ShapeError(f"top-k view: expected ids [k] and logprobs [k], got {ids.shape} and {lp.shape}")
+    shared = alignment.q_to_p[ids] >= 0
+    if not shared.any():
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    probs = draft_distribution(ids[shared], lp[shared], settings)  # renormalised over the shared
+    return alignment.q_to_p[ids[shared]].astype(np.int64), probs

@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handoff.shared.alignment import VocabAlignment, align, alignment_for, intersection_kl, token_pieces
+from handoff.shared.alignment import (
+    VocabAlignment,
+    align,
+    alignment_for,
+    intersection_draft,
+    intersection_kl,
+    token_pieces,
+)
 from handoff.shared.errors import ShapeError
 
 # Q: 6 tokens, P: 7; shared texts: a, b, cd, e (P spells "e" twice: its lower id stands for it).
@@ -132,3 +139,40 @@ def test_tiny_models_with_other_ids_or_another_tokenizer(
         assert len(q.model.tokenize(text)) > len(p.model.tokenize(text))
         eos_q, eos_p = q.model.token_id("<|im_end|>"), p.model.token_id("<|im_end|>")
     assert eos_q != eos_p and small.q_to_p[eos_q] == -1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_tli_drafts_and_verification_sample_ps_distribution(temperature) -> None:
+    """Q drafts from its shared tokens only; P verifies them as its own: the output is P's sampling."""
+    from scipy.stats import chisquare
+
+    from handoff.shared.sampling import SamplingSettings
+    from handoff.shared.speculative import target_distribution, verify_draft
+
+    a = align(Q_PIECES, P_PIECES)
+    rng = np.random.default_rng(3)
+    p_lp = np.log(_dist(rng, 7, 1.5))
+    q_lp = np.log(_dist(rng, 6, 1.5))
+    settings = SamplingSettings(temperature=temperature, seed=1)
+    target = target_distribution(p_lp, settings)
+    order = np.argsort(-q_lp, kind="stable")[:4]  # Q's top-4: "x" (unshared) may be among them
+    ids, probs = intersection_draft(order, q_lp[order], settings, a)
+    assert set(ids.tolist()) <= set(a.q_to_p[a.q_to_p >= 0].tolist()) and probs.sum() == pytest.approx(1.0)
+    n, out = 20_000, np.zeros(7)
+    draws = np.random.default_rng(4)
+    for i in range(n):
+        x = ids[draws.choice(ids.size, p=probs)]
+        verdict = verify_draft(np.array([x]), ids[None, :], probs[None, :], np.stack([target, target]),
+                               [np.random.default_rng((5, i, 0)), np.random.default_rng((5, i, 1))])  # fmt: skip
+        out[x if verdict.accepted else verdict.next_token] += 1
+    support = target > 0
+    assert chisquare(out[support], target[support] * n).pvalue > 0.001
+    # Greedy: the draft is Q's likeliest shared token, and what stands is P's argmax.
+    greedy = SamplingSettings()
+    ids, probs = intersection_draft(order, q_lp[order], greedy, a)
+    verdict = verify_draft(ids[:1], ids[None, :], probs[None, :], np.stack([target_distribution(p_lp, greedy)] * 2),
+                           [np.random.default_rng(0), np.random.default_rng(1)])  # fmt: skip
+    assert (ids[0] if verdict.accepted else verdict.next_token) == int(np.argmax(p_lp))
+    # No shared token in Q's top-k: nothing to draft.
+    unshared = np.array([3, 4])  # "x" and a special token
+    assert intersection_draft(unshared, q_lp[unshared], settings, a)[0].size == 0
