@@ -36,6 +36,7 @@ from handoff.cloud.metrics import CloudMetrics
 from handoff.cloud.resume import RetainedSequences
 from handoff.cloud.scheduler import BatchScheduler, Forwarded
 from handoff.cloud.settings import CloudSettings
+from handoff.shared.alignment import token_pieces
 from handoff.shared.constraints import ConstraintError, ConstraintState, RowAdjust
 from handoff.shared.errors import (
     CapacityError,
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 # Largest token-hash range served by one GetInfo call.
 MAX_TOKEN_HASHES = 4096
+# Largest token-piece range served by one GetInfo call (~0.4 MB of Qwen2.5's pieces).
+MAX_TOKEN_PIECES = 65536
 SUPPORTED_POLICIES = (pb.POLICY_KIND_SEED, pb.POLICY_KIND_ROLLBACK, pb.POLICY_KIND_EXACT)
 
 
@@ -149,6 +152,7 @@ class VerifierService:
         self._reaper: asyncio.Task | None = None
         self._retained = RetainedSequences(settings.resume_sessions, settings.resume_ttl_s)
         self._tokenizers: dict[tuple[int, ...], object] = {}  # the grammar engine's, by stop ids
+        self._pieces: list[bytes | None] | None = None  # the vocabulary's bytes, once asked for
         self.server_id = settings.server_id or f"{socket.gethostname()}/{os.getpid()}"
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -216,7 +220,27 @@ class VerifierService:
                 )
             reply.token_hash_start = start
             reply.token_hashes.extend(self.vocabulary.token_hashes(start, end).tolist())
+        if request is not None and request.HasField("token_pieces"):
+            start, end = request.token_pieces.start, request.token_pieces.end
+            pieces = self._token_pieces()
+            if not 0 <= start <= end <= len(pieces) or end - start > MAX_TOKEN_PIECES:
+                raise VerifierError(
+                    "INVALID_ARGUMENT",
+                    f"token piece range [{start}, {end}) must lie in [0, {len(pieces)}) "
+                    f"and span at most {MAX_TOKEN_PIECES} ids",
+                )
+            reply.token_piece_start = start
+            reply.token_pieces.extend(p or b"" for p in pieces[start:end])
         return reply
+
+    def _token_pieces(self) -> list[bytes | None]:
+        """Each token's bytes (None: special), read once from the model's GGUF (shared/alignment.py)."""
+        if self._pieces is None:
+            ref = self.backend.model_ref
+            if ref is None or ref.kind != "gguf":
+                raise VerifierError("FAILED_PRECONDITION", "this backend has no GGUF vocabulary to serve")
+            self._pieces = token_pieces(ref.path)
+        return self._pieces
 
     # -- sessions ------------------------------------------------------------------------------
 

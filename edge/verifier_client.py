@@ -22,10 +22,12 @@ import math
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import grpc
 
+from handoff.shared.alignment import VocabAlignment, align, cached_alignment, store_alignment
 from handoff.shared.errors import VerifierError, VocabularyMismatch
 from handoff.shared.vocab import Vocabulary, check_compatible, local_block_digest
 from handoff.shared.wire import PROTOCOL_VERSION, fingerprint_from_proto, fingerprint_to_proto, pb, pb_grpc
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 # deployment's request router (the consistent-hash router keeps a key on one replica); a plain
 # `serve-cloud` ignores it.
 ROUTING_KEY_METADATA = "session_id"
+# Token pieces asked for per GetInfo call (the server's limit, cloud/service.py MAX_TOKEN_PIECES).
+PIECES_PER_CALL = 65536
 
 
 class MessageStream(Protocol):
@@ -702,11 +706,36 @@ class VerifierClient:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
 
-    async def info(self, token_hashes: tuple[int, int] | None = None) -> pb.ServiceInfo:
+    async def info(
+        self, token_hashes: tuple[int, int] | None = None, token_pieces: tuple[int, int] | None = None
+    ) -> pb.ServiceInfo:
         req = pb.GetInfoRequest()
         if token_hashes is not None:
             req.token_hashes.start, req.token_hashes.end = token_hashes
+        if token_pieces is not None:
+            req.token_pieces.start, req.token_pieces.end = token_pieces
         return await self.transport.get_info(req)
+
+    async def alignment(
+        self, local: Sequence[bytes | None], local_digest: str, cache_dir: Path
+    ) -> VocabAlignment:
+        """This vocabulary (Q's token bytes) aligned with the cloud model's, cached under both digests.
+
+        The cloud's token bytes come in GetInfo ranges of 65,536 ids (~1 MB for 151,936 tokens), once
+        per pair of vocabularies: later calls read the cache file.
+        """
+        info = await self.info()
+        remote_digest = fingerprint_from_proto(info.vocab).digest.hex()
+        cached = cached_alignment(cache_dir, local_digest, remote_digest)
+        if cached is not None:
+            return cached
+        pieces: list[bytes | None] = []
+        for start in range(0, info.vocab_size, PIECES_PER_CALL):
+            reply = await self.info(token_pieces=(start, min(start + PIECES_PER_CALL, info.vocab_size)))
+            pieces += [p or None for p in reply.token_pieces]
+        result = align(local, pieces, local_digest, remote_digest)
+        store_alignment(cache_dir, result)
+        return result
 
     async def check_vocabulary(self, local: Vocabulary) -> pb.ServiceInfo:
         """Fail with VocabularyMismatch naming the first differing ids if the cloud's vocabulary differs.

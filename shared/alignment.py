@@ -159,12 +159,41 @@ def token_pieces(gguf_path: Path | str) -> list[bytes | None]:
         llm.close()
 
 
-def alignment_for(q_path: Path | str, p_path: Path | str, cache_dir: Path) -> VocabAlignment:
-    """The alignment of two GGUF models' vocabularies, from the cache when both are unchanged.
+def cached_alignment(cache_dir: Path, q_digest: str, p_digest: str) -> VocabAlignment | None:
+    """The cached alignment of two vocabularies (by their fingerprint digests), None if there is none.
 
-    The cache file is named by both vocabularies' fingerprint digests, so another model with the
-    same vocabulary reuses it and a changed vocabulary never does.
+    The cache file is named by both digests, so another model with the same vocabulary reuses it and
+    a changed vocabulary never does.
     """
+    path = _cache_path(cache_dir, q_digest, p_digest)
+    if not path.exists():
+        return None
+    try:
+        a = VocabAlignment.load(path)
+    except (OSError, ValueError, KeyError, ShapeError) as e:
+        logger.info("recomputing the alignment (%s)", e)
+        return None
+    return a if (a.q_digest, a.p_digest) == (q_digest, p_digest) else None
+
+
+def store_alignment(cache_dir: Path, alignment: VocabAlignment) -> None:
+    """Keep an alignment for cached_alignment."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    alignment.save(_cache_path(cache_dir, alignment.q_digest, alignment.p_digest))
+    logger.info(
+        "vocabulary alignment: %d shared tokens (of %d and %d)",
+        alignment.size,
+        alignment.q_to_p.size,
+        alignment.p_to_q.size,
+    )
+
+
+def _cache_path(cache_dir: Path, q_digest: str, p_digest: str) -> Path:
+    return cache_dir / f"alignment-{q_digest[:16]}-{p_digest[:16]}.npz"
+
+
+def alignment_for(q_path: Path | str, p_path: Path | str, cache_dir: Path) -> VocabAlignment:
+    """The alignment of two GGUF models' vocabularies, from the cache when both are unchanged."""
     from handoff.shared.model_info import load_model_info
     from handoff.shared.models import ModelRef
 
@@ -172,18 +201,10 @@ def alignment_for(q_path: Path | str, p_path: Path | str, cache_dir: Path) -> Vo
     for path in (q_path, p_path):
         path = Path(path)
         digests.append(load_model_info(ModelRef("gguf", path, path.name))[1].fingerprint.digest.hex())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cached = cache_dir / f"alignment-{digests[0][:16]}-{digests[1][:16]}.npz"
-    if cached.exists():
-        try:
-            a = VocabAlignment.load(cached)
-            if (a.q_digest, a.p_digest) == tuple(digests):
-                return a
-        except (OSError, ValueError, KeyError, ShapeError) as e:
-            logger.info("recomputing the alignment (%s)", e)
-    a = align(token_pieces(q_path), token_pieces(p_path), *digests)
-    a.save(cached)
-    logger.info("vocabulary alignment: %d shared tokens (of %d and %d)", a.size, a.q_to_p.size, a.p_to_q.size)
+    a = cached_alignment(cache_dir, *digests)
+    if a is None:
+        a = align(token_pieces(q_path), token_pieces(p_path), *digests)
+        store_alignment(cache_dir, a)
     return a
 
 

@@ -176,3 +176,29 @@ def test_tli_drafts_and_verification_sample_ps_distribution(temperature) -> None
     # No shared token in Q's top-k: nothing to draft.
     unshared = np.array([3, 4])  # "x" and a special token
     assert intersection_draft(unshared, q_lp[unshared], settings, a)[0].size == 0
+
+
+def test_the_edge_aligns_with_the_clouds_vocabulary_over_grpc(
+    tiny_gguf_a, tiny_gguf_a_permuted, tmp_path
+) -> None:
+    """GetInfo serves the cloud's token bytes in ranges; the client aligns and caches, as alignment_for does."""
+    from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
+    from handoff.shared.errors import VerifierError
+
+    local = token_pieces(tiny_gguf_a_permuted)
+    digest = vocabulary_of(tiny_gguf_a_permuted).fingerprint.digest.hex()
+
+    async def go():
+        async with running_server(llama_backend_factory(tiny_gguf_a)) as (_, client):
+            first = await client.alignment(local, digest, tmp_path / "edge")
+            again = await client.alignment(local, digest, tmp_path / "edge")  # from the cache file
+            with pytest.raises(VerifierError) as e:
+                await client.info(token_pieces=(0, 70_000))
+            return first, again, e.value
+
+    first, again, error = run(go())
+    reference = alignment_for(tiny_gguf_a_permuted, tiny_gguf_a, tmp_path / "reference")
+    np.testing.assert_array_equal(first.q_to_p, reference.q_to_p)
+    np.testing.assert_array_equal(again.p_to_q, reference.p_to_q)
+    assert (first.q_digest, first.p_digest) == (reference.q_digest, reference.p_digest)
+    assert error.code == "INVALID_ARGUMENT" and "token piece range" in str(error)

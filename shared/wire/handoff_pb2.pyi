@@ -106,10 +106,12 @@ class Limits(_message.Message):
     def __init__(self, max_sessions: _Optional[int] = ..., max_context: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_tokens_per_append: _Optional[int] = ..., max_handoff_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., session_idle_timeout_s: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
-    __slots__ = ("token_hashes",)
+    __slots__ = ("token_hashes", "token_pieces")
     TOKEN_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_PIECES_FIELD_NUMBER: _ClassVar[int]
     token_hashes: TokenHashRange
-    def __init__(self, token_hashes: _Optional[_Union[TokenHashRange, _Mapping]] = ...) -> None: ...
+    token_pieces: TokenHashRange
+    def __init__(self, token_hashes: _Optional[_Union[TokenHashRange, _Mapping]] = ..., token_pieces: _Optional[_Union[TokenHashRange, _Mapping]] = ...) -> None: ...
 
 class TokenHashRange(_message.Message):
     __slots__ = ("start", "end")
@@ -120,7 +122,7 @@ class TokenHashRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("protocol_version", "model_id", "model_name", "architecture", "parameter_count", "quantization", "context_length", "vocab_size", "vocab", "limits", "backend", "device", "dtype", "policies", "token_hash_start", "token_hashes", "deterministic", "constraints")
+    __slots__ = ("protocol_version", "model_id", "model_name", "architecture", "parameter_count", "quantization", "context_length", "vocab_size", "vocab", "limits", "backend", "device", "dtype", "policies", "token_hash_start", "token_hashes", "deterministic", "constraints", "token_piece_start", "token_pieces")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +141,8 @@ class ServiceInfo(_message.Message):
     TOKEN_HASHES_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_PIECE_START_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_PIECES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: str
     model_id: str
     model_name: str
@@ -157,7 +161,9 @@ class ServiceInfo(_message.Message):
     token_hashes: _containers.RepeatedScalarFieldContainer[int]
     deterministic: bool
     constraints: bool
-    def __init__(self, protocol_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyKind, str]]] = ..., token_hash_start: _Optional[int] = ..., token_hashes: _Optional[_Iterable[int]] = ..., deterministic: _Optional[bool] = ..., constraints: _Optional[bool] = ...) -> None: ...
+    token_piece_start: int
+    token_pieces: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, protocol_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyKind, str]]] = ..., token_hash_start: _Optional[int] = ..., token_hashes: _Optional[_Iterable[int]] = ..., deterministic: _Optional[bool] = ..., constraints: _Optional[bool] = ..., token_piece_start: _Optional[int] = ..., token_pieces: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
     __slots__ = ("request_id", "open", "append", "check", "handoff", "stop", "rollback", "verify", "close")
