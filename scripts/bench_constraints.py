@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_grammar import machine  # scripts/ is on the path when a script in it runs
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path.home() / ".cache/handoff/models"
@@ -172,24 +172,13 @@ def _others_cpu_pct(before: tuple[float, float, float]) -> float:
 
 
 def _machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import importlib.metadata as md
 
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        **machine(),  # scripts/bench_grammar.py's: the CPU, cores, OS, Python, numpy
         "gpu": None,
-        "python": platform.python_version(),
         "llguidance": md.version("llguidance"),
         "llama_cpp_python": md.version("llama-cpp-python"),
-        "numpy": np.__version__,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
