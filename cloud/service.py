@@ -604,15 +604,11 @@ class VerifierService:
         """
         if s.constraint is None:
             return {}
-        before, rows = s.constraint.length, {}
         try:
-            for j, token in enumerate(ids):
-                rows[len(s.tokens) + j] = s.constraint.row()
-                s.constraint.accept(token)
+            rows = s.constraint.extend(ids)
         except ConstraintError as e:
-            s.constraint.truncate(before)
             raise VerifierError("INVALID_ARGUMENT", f"{what}: {e}") from None
-        return rows
+        return dict(enumerate(rows, start=len(s.tokens)))
 
     async def _check(self, s: _Session, req: pb.CheckPoint) -> pb.CheckPointResult:
         first, last = req.from_position, req.through_position

@@ -317,14 +317,8 @@ class EdgeRunner:
 
     def _accept(self, ids: list[int]) -> None:
         """Tokens about to follow the context, fed to the constraint (all or none: ConstraintError)."""
-        if self._constraint is None or not ids:
-            return
-        before = self._constraint.length
-        try:
+        if self._constraint is not None:
             self._constraint.extend(ids)
-        except BaseException:
-            self._constraint.truncate(before)
-            raise
 
     def truncate(self, length: int) -> None:
         """Roll the context back to its first `length` tokens; the next step generates position `length`.

@@ -400,10 +400,24 @@ class ConstraintState:
         self.tokens.append(token_id)
         self._counts[token_id] += 1
 
-    def extend(self, token_ids: Iterable[int]) -> None:
-        """accept() each token in order."""
-        for t in token_ids:
-            self.accept(t)
+    def extend(self, token_ids: Iterable[int]) -> list[RowAdjust]:
+        """accept() each token in order, all or none.
+
+        Returns:
+            The adjustment of each token's position (the row it was accepted under), in order.
+
+        Raises:
+            ConstraintError: the grammar does not allow one of them (none is kept then).
+        """
+        before, rows = len(self.tokens), []
+        try:
+            for t in token_ids:
+                rows.append(self.row())
+                self.accept(t)
+        except ConstraintError:
+            self.truncate(before)
+            raise
+        return rows
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens of the completion (a rollback)."""

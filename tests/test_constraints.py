@@ -167,6 +167,10 @@ def test_grammar_masks_follow_the_text_and_roll_back_exactly(tiny_gguf_a) -> Non
     with pytest.raises(ConstraintError, match="not allowed"):
         state.accept(bad)
     assert state.length == 0
+    with pytest.raises(ConstraintError, match="not allowed"):  # several: all or none
+        state.extend([ids[0], ids[0]])
+    assert state.length == 0
+    assert len(state.extend(ids[:3])) == 3 and state.length == 3
     with pytest.raises(ConstraintError, match="schema"):
         json_schema_grammar({"type": "object", "properties": {"a": {"type": "no-such-type"}}})
     with pytest.raises(ConstraintError, match="grammar"):
