@@ -66,7 +66,7 @@ from handoff.edge.tools import (
     plan_tools,
     response_format_grammar,
 )
-from handoff.shared.constraints import Constraint
+from handoff.shared.constraints import Constraint, ConstraintError
 from handoff.shared.errors import HandoffError
 from handoff.shared.sampling import SamplingSettings
 from handoff.shared.settings import HandoffSettings
@@ -232,18 +232,16 @@ class EdgeAPI:
                         "response_format", "response_format and tool calls cannot both constrain an answer."
                     )
                 grammar = plan.grammar
-        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
-        bad = [k for k in bias if k >= self.n_vocab]
-        if bad:
-            raise bad_param(
-                "logit_bias", f"logit_bias keys must be token ids below {self.n_vocab}, got {bad[:5]}."
+        try:  # the penalties' ranges are the request model's; the bias's ids and values checked here
+            constraint = Constraint.build(
+                grammar=grammar,
+                frequency_penalty=req.frequency_penalty,
+                presence_penalty=req.presence_penalty,
+                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
             )
-        constraint = Constraint.build(
-            grammar=grammar,
-            frequency_penalty=req.frequency_penalty,
-            presence_penalty=req.presence_penalty,
-            logit_bias=bias,
-        )
+            constraint.check_ids(self.n_vocab)
+        except ConstraintError as e:
+            raise bad_param("logit_bias", f"Invalid logit_bias: {e}.") from None
         cloud = self.assistant.cloud_info
         if constraint.active and self.assistant.edge.mode != "edge" and cloud.get("constraints") == "false":
             raise APIError(

@@ -80,14 +80,17 @@ class Constraint:
     ) -> Constraint:
         """A constraint from request-style fields (None: not given).
 
-        Values are rounded to float32, the wire's precision, so that the cloud's copy is identical.
+        Values are checked as given, then rounded to float32, the wire's precision, so that the
+        cloud's copy is identical.
         """
+        bias = sorted((int(i), float(b)) for i, b in (logit_bias or {}).items())
+        cls(grammar, float(frequency_penalty or 0.0), float(presence_penalty or 0.0), tuple(bias))
         f32 = lambda v: float(np.float32(v or 0.0))  # noqa: E731
         return cls(
             grammar=grammar,
             frequency_penalty=f32(frequency_penalty),
             presence_penalty=f32(presence_penalty),
-            logit_bias=tuple(sorted((int(i), f32(b)) for i, b in (logit_bias or {}).items())),
+            logit_bias=tuple((i, f32(b)) for i, b in bias),
         )
 
     @property
