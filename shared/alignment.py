@@ -240,8 +240,10 @@ def intersection_kl(
     if p_logprobs_at_q_ids is not None:
         p_at_q = np.where(shared, np.asarray(p_logprobs_at_q_ids, dtype=float), -np.inf)  # [n, kq]
     p = np.asarray(p_ids, dtype=np.int64)  # [n, kp]
+    if p.size and (p.min() < 0 or p.max() >= alignment.p_to_q.size):
+        raise ShapeError(f"p_ids: expected ids in [0, {alignment.p_to_q.size})")
     # P's unshared tokens: moved past every id Q's side can have, so that they never match.
-    p_out = alignment.p_to_q[np.clip(p, 0, alignment.p_to_q.size - 1)] < 0
+    p_out = alignment.p_to_q[p] < 0
     p_mapped = np.where(p_out, alignment.p_to_q.size + alignment.q_to_p.size + p, p)
     return topk_kl(p_mapped, p_logprobs, q_in_p, q_lp, p_logprobs_at_q_ids=p_at_q)
 

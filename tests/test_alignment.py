@@ -48,6 +48,8 @@ def test_align_maps_shared_texts_both_ways() -> None:
     np.testing.assert_array_equal(a.q_ids_in_p(np.array([[0, 3, 5]])), [[3, 7 + 3, 0]])
     with pytest.raises(ShapeError):
         a.q_ids_in_p(np.array([6]))
+    with pytest.raises(ShapeError, match="p_ids"):
+        intersection_kl(np.array([[7]]), np.array([[0.0]]), np.array([[0]]), np.array([[0.0]]), a)
     with pytest.raises(ShapeError, match="inverse"):
         VocabAlignment(np.array([1, -1]), np.array([-1, -1]), "", "")
 
