@@ -133,18 +133,16 @@ def token_pieces(gguf_path: Path | str) -> list[bytes | None]:
 
     Loads the vocabulary only (~0.3 s for 151k tokens).
     """
-    import ctypes
-
     import llama_cpp
 
-    from handoff.shared.llama_cpp_model import native_logs_shown, route_native_logs
+    from handoff.shared.llama_cpp_model import PieceReader, native_logs_shown, route_native_logs
 
     route_native_logs()
     llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=native_logs_shown())
     try:
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         n = llama_cpp.llama_vocab_n_tokens(vocab)
-        buf = ctypes.create_string_buffer(1024)
+        piece = PieceReader(vocab)
         special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
         special |= llama_cpp.LLAMA_TOKEN_ATTR_UNUSED
         out: list[bytes | None] = []
@@ -152,8 +150,7 @@ def token_pieces(gguf_path: Path | str) -> list[bytes | None]:
             if llama_cpp.llama_vocab_get_attr(vocab, i) & special:
                 out.append(None)
                 continue
-            k = llama_cpp.llama_token_to_piece(vocab, i, buf, len(buf), 0, False)
-            out.append(bytes(buf[:k]) if k > 0 else None)
+            out.append(piece(i, False) or None)
         return out
     finally:
         llm.close()

@@ -87,6 +87,29 @@ def route_native_logs() -> None:
         _native_callback = callback
 
 
+class PieceReader:
+    """Tokens' bytes read with llama_token_to_piece into a buffer grown to the longest piece.
+
+    Not llama-cpp-python's Llama.detokenize: in 0.3.36 it reads each piece into a 32-byte buffer and
+    silently drops longer ones (240 of Qwen2.5's tokens, e.g. the runs of 33+ spaces that indent code).
+    """
+
+    def __init__(self, vocab) -> None:
+        """Read pieces of `vocab` (a llama_vocab pointer, llama_model_get_vocab)."""
+        import llama_cpp
+
+        self._lib, self._vocab = llama_cpp, vocab
+        self._buf = ctypes.create_string_buffer(64)
+
+    def __call__(self, token: int, special: bool) -> bytes:
+        """The token's bytes; with `special`, control tokens are written out (else they are empty)."""
+        n = self._lib.llama_token_to_piece(self._vocab, int(token), self._buf, len(self._buf), 0, special)
+        if n < 0:  # -n: the bytes it needs
+            self._buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, int(token), self._buf, len(self._buf), 0, special)
+        return self._buf.raw[:n]
+
+
 class LlamaCppModel:
     """One llama.cpp context: tokenize, extend, truncate, read the next-token distribution."""
 
@@ -120,8 +143,7 @@ class LlamaCppModel:
         self.n_ctx = int(self.llm.n_ctx())
         self.n_embd = int(self.llm.n_embd())
         self.metadata: dict[str, str] = dict(self.llm.metadata)
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self._piece = ctypes.create_string_buffer(64)  # grown when a token's piece is longer
+        self._piece = PieceReader(llama_cpp.llama_model_get_vocab(self.llm.model))
         self._embeddings = False  # llama.cpp's embeddings flag as last set (off at creation)
         self.hidden_ready = False  # the last token's hidden state can be read (next_hidden)
         # (logits [V], hidden [n_embd]) of the last token when ensure_hidden() decoded it a second time:
@@ -135,21 +157,9 @@ class LlamaCppModel:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def detokenize(self, ids: Sequence[int]) -> bytes:
-        """Bytes of the tokens (a token may end mid-way through a UTF-8 character), special ones written out.
-
-        Not llama-cpp-python's Llama.detokenize: in 0.3.36 it reads each piece into a 32-byte buffer
-        and silently drops longer ones (240 of Qwen2.5's tokens, e.g. the runs of 33+ spaces that
-        indent code). Here a piece that does not fit is read again into a buffer of its size.
-        """
-        lib, vocab = self._llama_cpp, self._vocab
-        out = bytearray()
-        for token in ids:
-            n = lib.llama_token_to_piece(vocab, int(token), self._piece, len(self._piece), 0, True)
-            if n < 0:  # -n: the bytes it needs
-                self._piece = ctypes.create_string_buffer(-n)
-                n = lib.llama_token_to_piece(vocab, int(token), self._piece, len(self._piece), 0, True)
-            out += self._piece.raw[:n]
-        return bytes(out)
+        """Bytes of the tokens (a token may end mid-way through a UTF-8 character), special ones written
+        out; tokens longer than 32 bytes too (see PieceReader)."""
+        return b"".join(self._piece(token, True) for token in ids)
 
     def token_id(self, text: str) -> int | None:
         """Id of a single special token given by its text, None if it is not one token."""
