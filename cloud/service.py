@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from handoff.cloud import text_session
 from handoff.cloud.backend import Backend, ForwardItem
 from handoff.cloud.metrics import CloudMetrics
 from handoff.cloud.resume import RetainedSequences
 from handoff.cloud.scheduler import BatchScheduler, Forwarded
 from handoff.cloud.settings import CloudSettings
+from handoff.cloud.text_session import TextSide
 from handoff.shared.alignment import token_pieces
 from handoff.shared.constraints import ConstraintError, ConstraintState, RowAdjust
 from handoff.shared.errors import (
@@ -45,6 +47,7 @@ from handoff.shared.errors import (
     VerifierError,
     VocabularyMismatch,
 )
+from handoff.shared.llama_cpp_model import GGUFTokenizer, gguf_tokenizer
 from handoff.shared.sampling import SamplingSettings, sample_token
 from handoff.shared.speculative import target_distribution, verify_draft
 from handoff.shared.vocab import Vocabulary, check_compatible
@@ -92,6 +95,8 @@ class _Session:
     constraint: ConstraintState | None = None
     completion_start: int = 0
     rows: dict[int, RowAdjust] = field(default_factory=dict)
+    # A text-aligned session's completion (cloud/text_session.py); None: a session in token ids.
+    text: TextSide | None = None
 
     def row(self) -> RowAdjust | None:
         """The constraint's adjustment of the next position (None when unconstrained)."""
@@ -210,6 +215,10 @@ class VerifierService:
             deterministic=bool(getattr(self.backend, "deterministic", False)),
             constraints=True,
         )
+        tokenizer = self._text_tokenizer()
+        if tokenizer is not None:
+            reply.text_sessions = True
+            reply.stop_token_ids.extend(tokenizer.stop_token_ids)
         if request is not None and request.HasField("token_hashes"):
             start, end = request.token_hashes.start, request.token_hashes.end
             if not 0 <= start <= end <= len(self.vocabulary) or end - start > MAX_TOKEN_HASHES:
@@ -232,6 +241,13 @@ class VerifierService:
             reply.token_piece_start = start
             reply.token_pieces.extend(p or b"" for p in pieces[start:end])
         return reply
+
+    def _text_tokenizer(self) -> GGUFTokenizer | None:
+        """P's tokenizer for text-aligned sessions (loaded once), None when the backend has no GGUF."""
+        ref = self.backend.model_ref
+        if ref is None or ref.kind != "gguf":
+            return None
+        return gguf_tokenizer(ref.path)
 
     def _token_pieces(self) -> list[bytes | None]:
         """Each token's bytes (None: special), read once from the model's GGUF (shared/alignment.py)."""
@@ -402,11 +418,15 @@ class VerifierService:
             )
         if not req.HasField("vocab"):
             raise VerifierError("INVALID_ARGUMENT", "open: the edge's vocabulary fingerprint is missing")
-        try:
-            check_compatible(self.vocabulary, fingerprint_from_proto(req.vocab), remote_name="the edge model")
-        except VocabularyMismatch as e:
-            raise VerifierError("FAILED_PRECONDITION", f"vocabulary mismatch: {e}") from None
-        prompt = list(req.prompt_token_ids)
+        side = await self._text_open(req) if req.prompt_text else None
+        if side is None:
+            try:
+                check_compatible(
+                    self.vocabulary, fingerprint_from_proto(req.vocab), remote_name="the edge model"
+                )
+            except VocabularyMismatch as e:
+                raise VerifierError("FAILED_PRECONDITION", f"vocabulary mismatch: {e}") from None
+        prompt = list(req.prompt_token_ids) if side is None else side[1]
         if not prompt:
             raise VerifierError("INVALID_ARGUMENT", "open: the prompt is empty")
         self._check_ids(prompt, "prompt_token_ids")
@@ -439,12 +459,15 @@ class VerifierService:
             k=k,
             sampling=sampling,
             rng=sampling.rng(),
-            stop_ids=frozenset(req.sampling.stop_token_ids),
+            stop_ids=frozenset(
+                req.sampling.stop_token_ids if side is None else side[0].tokenizer.stop_token_ids
+            ),
             next_unchecked=len(prompt),
             fed=reused,
             reused=reused,
             constraint=constraint,
             completion_start=req.constraint.completion_start if constraint is not None else 0,
+            text=None if side is None else side[0],
         )
         self._sessions[session.id] = session
         self.metrics.sessions.set(len(self._sessions))
@@ -463,6 +486,18 @@ class VerifierService:
             k,
         )
         return session
+
+    async def _text_open(self, req: pb.OpenSession) -> tuple[TextSide, list[int]]:
+        """A text-aligned session's completion and P's tokens of its prompt text."""
+        tokenizer = self._text_tokenizer()
+        if tokenizer is None:
+            raise VerifierError("FAILED_PRECONDITION", "this backend serves no text-aligned sessions")
+        if req.prompt_token_ids:
+            raise VerifierError("INVALID_ARGUMENT", "open: give prompt_text or prompt_token_ids, not both")
+        if req.HasField("constraint"):
+            raise VerifierError("FAILED_PRECONDITION", "constraints are not served in text-aligned sessions")
+        prompt = await asyncio.to_thread(text_session.prompt_tokens, tokenizer, bytes(req.prompt_text))
+        return text_session.text_side(tokenizer, len(prompt)), prompt
 
     async def _constraint(self, req: pb.OpenSession, prompt: list[int]) -> ConstraintState | None:
         """The session's constraint, with the completion's tokens already in the prompt replayed into it."""
@@ -534,6 +569,12 @@ class VerifierService:
 
     async def _dispatch(self, s: _Session, kind: str, msg: pb.EdgeMessage, stop: _Stop):
         rid = msg.request_id
+        if s.text is not None:
+            async for reply in self._dispatch_text(s, kind, msg, stop):
+                yield reply
+            return
+        if kind == "append_text":
+            raise VerifierError("FAILED_PRECONDITION", "append_text: this session is in token ids, not text")
         if kind == "append":
             self._append(s, msg.append)
             yield pb.CloudMessage(request_id=rid, appended=pb.Appended(length=len(s.tokens)))
@@ -552,6 +593,29 @@ class VerifierService:
             yield pb.CloudMessage(request_id=rid, verified=await self._verify(s, msg.verify))
         else:
             raise VerifierError("INVALID_ARGUMENT", f"unknown request `{kind}`")
+
+    async def _dispatch_text(self, s: _Session, kind: str, msg: pb.EdgeMessage, stop: _Stop):
+        """A text-aligned session's requests (cloud/text_session.py)."""
+        rid = msg.request_id
+        if kind == "append_text":
+            yield pb.CloudMessage(
+                request_id=rid, appended=await text_session.append_text(self, s, msg.append_text)
+            )
+        elif kind == "check":
+            yield pb.CloudMessage(request_id=rid, check=await text_session.check(self, s, msg.check))
+        elif kind == "handoff":
+            stop.handoffs_served += 1
+            async for reply in text_session.handoff(self, s, msg.handoff, rid, stop):
+                yield reply
+        elif kind == "stop":
+            pass
+        elif kind == "rollback":
+            reply = await text_session.rollback(self, s, msg.rollback.length)
+            yield pb.CloudMessage(request_id=rid, rolled_back=reply)
+        elif kind == "verify":
+            yield pb.CloudMessage(request_id=rid, verified=await text_session.verify(self, s, msg.verify))
+        else:
+            raise VerifierError("INVALID_ARGUMENT", f"`{kind}` is not a request of a text-aligned session")
 
     def _append(self, s: _Session, req: pb.AppendTokens) -> None:
         n = len(req.tokens)

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from handoff.edge.controller import HybridGenerator
+from handoff.edge.cross import CrossGenerator, cross_generator
 from handoff.edge.mixture import MixtureRunner, load_experts
 from handoff.edge.records import GenerationResult, OnToken
 from handoff.edge.runner import EdgeRunner
 from handoff.edge.settings import EdgeSettings
 from handoff.edge.verifier_client import GrpcTransport, VerifierClient
 from handoff.shared.constraints import Constraint
-from handoff.shared.errors import ShapeError, VerifierError
+from handoff.shared.errors import ShapeError, VerifierError, VocabularyMismatch
 from handoff.shared.model_info import load_model_info
 from handoff.shared.models import resolve
 from handoff.shared.sampling import SamplingSettings
@@ -56,7 +57,8 @@ class Assistant:
         self.runner: EdgeRunner | MixtureRunner | None = None
         self.client: VerifierClient | None = None
         self._server = None
-        self.generator: HybridGenerator | None = None
+        self.generator: HybridGenerator | CrossGenerator | None = None
+        self.cross = False  # Q's vocabulary is not the cloud's: text-aligned sessions (edge/cross.py)
 
     @property
     def model_name(self) -> str:
@@ -90,7 +92,15 @@ class Assistant:
                 )
             )
             try:
-                info = await self.client.check_vocabulary(vocabulary)
+                try:
+                    info = await self.client.check_vocabulary(vocabulary)
+                except VocabularyMismatch as e:
+                    info = await self.client.info()
+                    if not info.text_sessions:
+                        raise
+                    # Another tokenizer: text-aligned sessions (edge/cross.py, docs/tokenizers.md).
+                    logger.info("the cloud's vocabulary is not Q's (%s): sessions go by text", e)
+                    self.cross = True
                 self.cloud_info = {
                     "model": info.model_id,
                     "backend": info.backend,
@@ -104,6 +114,17 @@ class Assistant:
                 # The session's open checks the fingerprint again once the cloud is back.
                 logger.warning("the cloud at %s is unreachable (%s): starting on the edge alone", target, e)
         self.runner = self._runner(vocabulary)
+        if self.cross:
+            assert self.client is not None and isinstance(self.runner, EdgeRunner)
+            self.generator = await cross_generator(
+                self.runner,
+                self.client,
+                self.policy,
+                mode=self.edge.mode,
+                link=self.edge.link_config(),
+                cache_dir=self.settings.cache_dir / "alignments",
+            )
+            return
         self.generator = HybridGenerator(
             self.runner,
             self.client,

@@ -356,6 +356,15 @@ class EdgeRunner:
 
     # -- generation ----------------------------------------------------------------------------
 
+    def peek(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Q's view of the next position, generating nothing: (top-k ids int32 [k], their
+        log-probabilities float64 [k], entropy in nats). A caller that picks the token itself
+        (token-level intersection drafts, edge/cross.py) then append()s it."""
+        if self.length == 0:
+            raise ShapeError("peek: the context is empty: start() a prompt first")
+        ids, lp, ent, _ = logits_view(self._next_logits(), self.k)
+        return ids, lp, ent
+
     def step(self) -> EdgeStep:
         """Generate one token: read Q's next-token distribution, sample, and evaluate the token.
 

@@ -581,6 +581,13 @@ class RemoteSession:
         future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
         await self._send(pb.EdgeMessage(append=pb.AppendTokens(tokens=list(tokens))), future)
 
+    async def append_text(self, text: bytes, views: Sequence[pb.EdgeToken] = ()) -> int:
+        """A text-aligned session: append completion text (and Q's views at byte offsets in it, ids in
+        P's vocabulary); returns the completion's length in bytes."""
+        reply = await self._request(pb.EdgeMessage(append_text=pb.AppendText(text=text, views=list(views))))
+        self.length = reply.appended.length
+        return self.length
+
     async def check(self, from_position: int, through_position: int) -> pb.CheckPointResult:
         """P's views at every position in [from_position, through_position]."""
         reply = await self._request(
@@ -772,10 +779,16 @@ class VerifierClient:
         client: str = "handoff-edge",
         routing_key: str | None = None,
         constraint: pb.Constraint | None = None,
+        prompt_text: bytes = b"",
     ) -> RemoteSession:
-        """Open a session; `routing_key` (stable across a generation's resyncs) keeps it on one replica."""
+        """Open a session; `routing_key` (stable across a generation's resyncs) keeps it on one replica.
+
+        prompt_text: a text-aligned session (an edge with another tokenizer, cloud/text_session.py):
+        the prompt as text, prompt_ids then empty.
+        """
         session = RemoteSession(self.transport.open_stream(routing_key))
         req = pb.OpenSession(
+            prompt_text=prompt_text,
             prompt_token_ids=list(prompt_ids),
             vocab=fingerprint_to_proto(vocabulary.fingerprint),
             sampling=sampling or pb.SamplingParams(),

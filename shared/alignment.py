@@ -102,6 +102,22 @@ class VocabAlignment:
             return cls(f["q_to_p"], f["p_to_q"], q_digest, p_digest)
 
 
+def with_stops(alignment: VocabAlignment, q_stop: int, p_stop: int) -> VocabAlignment:
+    """The alignment with Q's and P's end-of-turn tokens as one shared event.
+
+    Special tokens are not text and never shared by align(); the end of a turn is still the same event
+    for both models, and a divergence or a draft across tokenizers must see it.
+    """
+    q_to_p, p_to_q = alignment.q_to_p.copy(), alignment.p_to_q.copy()
+    for name, arr, i in (("q_stop", q_to_p, q_stop), ("p_stop", p_to_q, p_stop)):
+        if not 0 <= i < arr.size:
+            raise ShapeError(f"{name}: expected an id in [0, {arr.size}), got {i}")
+    if q_to_p[q_stop] >= 0 or p_to_q[p_stop] >= 0:
+        raise ShapeError("with_stops: the end-of-turn tokens are text tokens of the intersection")
+    q_to_p[q_stop], p_to_q[p_stop] = p_stop, q_stop
+    return VocabAlignment(q_to_p, p_to_q, alignment.q_digest, alignment.p_digest)
+
+
 def align(
     q_pieces: Sequence[bytes | None], p_pieces: Sequence[bytes | None], q_digest: str = "", p_digest: str = ""
 ) -> VocabAlignment:

@@ -17,6 +17,7 @@ and eval_all() run with it on; see ensure_hidden() for the last token of a batch
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import threading
@@ -110,6 +111,96 @@ class PieceReader:
         return self._buf.raw[:n]
 
 
+# Chat end-of-turn markers, the likeliest first.
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def stop_tokens(llm, piece: PieceReader) -> list[int]:
+    """A model's end-of-generation tokens: its chat end-of-turn marker first (where it has one), then EOS.
+
+    Args:
+        llm: a llama_cpp.Llama (a vocabulary-only one will do).
+        piece: the PieceReader of its vocabulary.
+    """
+    stops: list[int] = []
+    for marker in END_OF_TURN_MARKERS:
+        ids = llm.tokenize(marker.encode(), add_bos=False, special=True)
+        if len(ids) == 1 and piece(ids[0], True).decode(errors="replace") == marker and ids[0] not in stops:
+            stops.append(int(ids[0]))
+    eos = int(llm.token_eos())
+    if eos >= 0 and eos not in stops:
+        stops.append(eos)
+    return stops
+
+
+class GGUFTokenizer:
+    """A GGUF model's tokenizer alone: llama.cpp loads its vocabulary only (~0.3 s for 151k tokens)."""
+
+    def __init__(self, path: Path | str) -> None:
+        import llama_cpp
+
+        route_native_logs()
+        self.path = Path(path)
+        self.llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=native_logs_shown())
+        self._piece = PieceReader(llama_cpp.llama_model_get_vocab(self.llm.model))
+        self.n_vocab = int(self.llm.n_vocab())
+        self.stop_token_ids = stop_tokens(self.llm, self._piece)
+        self._bytes: dict[int, int] | None = None  # byte -> its token, built when first needed
+
+    def tokenize(self, data: bytes, *, special: bool = False) -> list[int]:
+        """Token ids of text, no BOS; `special`: markers such as <|im_start|> are read as their tokens.
+
+        Bytes that are not UTF-8 (a model may write any bytes with its byte tokens) become byte
+        tokens: llama.cpp would turn them into U+FFFD, and the text would no longer be the tokens'.
+        """
+        out: list[int] = []
+        i = 0
+        while i < len(data):
+            try:
+                data[i:].decode("utf-8")
+                good, bad = len(data), len(data)
+            except UnicodeDecodeError as e:
+                good, bad = i + e.start, i + e.end
+            if good > i:
+                out += self.llm.tokenize(data[i:good], add_bos=False, special=special)
+            out += [self._byte_token(b) for b in data[good:bad]]
+            i = bad
+        return out
+
+    def _byte_token(self, byte: int) -> int:
+        if self._bytes is None:
+            self._bytes = {}
+            for t in range(self.n_vocab):
+                piece = self._piece(t, False)
+                if len(piece) == 1:
+                    self._bytes.setdefault(piece[0], t)
+        if byte not in self._bytes:
+            raise ShapeError(f"{self.path.name} has no token for the byte 0x{byte:02x}")
+        return self._bytes[byte]
+
+    def piece(self, token: int) -> bytes:
+        """A token's bytes (b"" for a special token: it is not text)."""
+        return self._piece(token, False)
+
+    def detokenize(self, ids: Sequence[int]) -> bytes:
+        return b"".join(self._piece(t, False) for t in ids)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+_TOKENIZERS: dict[str, GGUFTokenizer] = {}
+
+
+def gguf_tokenizer(path: Path | str) -> GGUFTokenizer:
+    """The tokenizer of a GGUF file, loaded once per process (freed at exit)."""
+    key = str(Path(path).resolve())
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = tok = GGUFTokenizer(path)
+        atexit.register(tok.close)  # before llama_cpp's module is torn down
+    return _TOKENIZERS[key]
+
+
 class LlamaCppModel:
     """One llama.cpp context: tokenize, extend, truncate, read the next-token distribution."""
 
@@ -168,12 +259,7 @@ class LlamaCppModel:
 
     def stop_token_ids(self) -> set[int]:
         """End-of-generation tokens: EOS and the chat end-of-turn marker where the model has one."""
-        stops = {int(self.llm.token_eos())}
-        for marker in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
-            tid = self.token_id(marker)
-            if tid is not None and self.detokenize([tid]).decode(errors="replace") == marker:
-                stops.add(tid)
-        return stops
+        return set(stop_tokens(self.llm, self._piece))
 
     def chat_prompt(
         self,

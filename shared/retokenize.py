@@ -57,36 +57,36 @@ class TextTokens:
         self.tokens: list[int] = []  # settled
         self._ends: list[int] = []  # byte offset where each settled token's text ends
         self.text = b""
-        self.final = False
 
     @property
     def pending(self) -> bytes:
         """Text past the settled tokens (waiting for more text to know its tokens)."""
         return self.text[self._ends[-1] if self._ends else 0 :]
 
-    def extend(self, data: bytes, *, final: bool = False) -> Change:
-        """Add text; `final`: no text follows, so the pending tail is settled too (all but an
-        unfinished UTF-8 character at the very end, which no tokenizer can read).
+    def extend(self, data: bytes, *, settle: bool = False, raw: bool = False) -> Change:
+        """Add text; `settle`: the pending tail is tokenised now too (all but an unfinished UTF-8
+        character at the very end, which no tokenizer can read), as if no text followed. Text may
+        still follow: the tokens it can merge with are re-tokenised then, like any others. `raw`
+        (with settle): an unfinished character too, as the tokenizer takes bytes that are not UTF-8.
 
         Returns:
             The change to the settled tokens (tokens past `keep` were dropped, `added` follow).
         """
-        if self.final and data:
-            raise ShapeError("extend: the text is final")
+        if not data and not self.pending:
+            return Change(len(self.tokens), ())  # nothing new: the settled tokens stand as they are
         self.text += data
-        self.final = final
         start = max(0, len(self.tokens) - self.lookback)
         offset = self._ends[start - 1] if start else 0
         while start and offset < len(self.text) and self.text[offset] & 0xC0 == 0x80:
             start -= 1  # byte tokens may split a character: re-read from the character's start
             offset = self._ends[start - 1] if start else 0
         # Tokenizers read text: an unfinished UTF-8 character at the end waits, pending.
-        window = self.text[offset : complete_utf8(self.text, offset)]
+        window = self.text[offset : len(self.text) if raw and settle else complete_utf8(self.text, offset)]
         tail = list(self._tokenize(window)) if window else []
         pieces = [self._detokenize([t]) for t in tail]
         if b"".join(pieces) != window:
             raise ShapeError("tokenize and detokenize disagree on the text: cannot keep it aligned")
-        if tail and not (final and len(window) == len(self.text) - offset):
+        if tail and not (settle and len(window) == len(self.text) - offset):
             tail, pieces = tail[:-1], pieces[:-1]  # the last token may still grow
         same = 0
         for old, new in zip(self.tokens[start:], tail, strict=False):
@@ -121,8 +121,34 @@ class TextTokens:
         del self.tokens[keep:]
         del self._ends[keep:]
         self.text = self.text[:length]
-        self.final = False
         return Change(keep, ())
+
+    def append_tokens(self, ids: Sequence[int], pieces: Sequence[bytes]) -> Change:
+        """Settle tokens as they are (a model's own tokens, whatever the tokenizer would make of their text).
+
+        Args:
+            ids: [n] token ids.
+            pieces: [n] their bytes (b"" for a special token: it holds no text).
+
+        Raises:
+            ShapeError: text is pending (settle it first: these tokens follow the settled ones).
+        """
+        if self.pending:
+            raise ShapeError(f"append_tokens: {len(self.pending)} bytes of text are not settled")
+        if len(ids) != len(pieces):
+            raise ShapeError(f"append_tokens: {len(ids)} ids but {len(pieces)} pieces")
+        keep = len(self.tokens)
+        end = len(self.text)
+        for t, piece in zip(ids, pieces, strict=True):
+            end += len(piece)
+            self.tokens.append(int(t))
+            self._ends.append(end)
+        self.text += b"".join(pieces)
+        return Change(keep, tuple(int(t) for t in ids))
+
+    def starts(self) -> list[int]:
+        """[len(tokens) + 1] the byte offset where each settled token starts, then where the pending tail does."""
+        return [0, *self._ends]
 
 
 def complete_utf8(data: bytes, start: int = 0) -> int:

@@ -51,7 +51,7 @@ def test_pieces_and_rollbacks_keep_the_text_whole(tokenizer) -> None:
                 mirror.extend(change.added)
                 assert mirror == tt.tokens
                 assert detokenize(tt.tokens) + tt.pending == tt.text == data[:sent]
-            change = tt.extend(b"", final=True)
+            change = tt.extend(b"", settle=True)
             del mirror[change.keep :]
             mirror.extend(change.added)
             assert mirror == tt.tokens == list(tokenize(data)), text
@@ -61,9 +61,9 @@ def test_pieces_and_rollbacks_keep_the_text_whole(tokenizer) -> None:
 def test_bad_calls_are_refused(tokenizer) -> None:
     tokenize, detokenize = tokenizer
     tt = TextTokens(tokenize, detokenize)
-    tt.extend(b"abc", final=True)
-    with pytest.raises(ShapeError, match="final"):
-        tt.extend(b"d")
+    tt.extend(b"abc")
+    with pytest.raises(ShapeError, match="not settled"):
+        tt.append_tokens([1], [b"x"])
     with pytest.raises(ShapeError, match="truncate"):
         tt.truncate(4)
     with pytest.raises(ShapeError, match="lookback"):

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from handoff.edge.controller import HybridGenerator
+from handoff.edge.cross import CrossGenerator
 from handoff.edge.evaluation.checkers import check
 from handoff.edge.evaluation.sandbox import SandboxLimits
 from handoff.edge.evaluation.tasks import Task
@@ -319,19 +320,27 @@ class Evaluation:
         """Generate and check one task under one run; the result row."""
         base = self.generator
         gen = self._generators.get(spec.name)
+        cross = isinstance(base, CrossGenerator)  # Q's tokenizer is not P's (edge/cross.py)
+        mode = _GENERATION_MODE[spec.mode]
         if gen is None:  # one per run: a budget holds its share across the run's tasks
-            gen = self._generators[spec.name] = HybridGenerator(
-                base.runner,
-                base.client,
-                base.vocabulary,
-                spec.policy,
-                mode=_GENERATION_MODE[spec.mode],  # type: ignore[arg-type]
-                link=base.link_config,
-            )
+            if cross and mode != "edge":
+                gen = CrossGenerator(base.runner, base.client, base.vocabulary, spec.policy,
+                                     base.alignment, mode=mode, link=base.link_config)  # fmt: skip
+            else:
+                gen = HybridGenerator(
+                    base.runner,
+                    None if mode == "edge" else base.client,
+                    base.vocabulary,
+                    spec.policy,
+                    mode=mode,  # type: ignore[arg-type]
+                    link=base.link_config,
+                )
+            self._generators[spec.name] = gen
         ids = self.prompt_ids(task.prompt)
         result = await gen.generate(ids, self.max_tokens, sampling=self.sampling)
-        # The answer's text without the end-of-turn token ("<|im_end|>" is not part of an answer).
-        stops = set(base.runner.stop_token_ids)
+        # The answer's text without the end-of-turn token ("<|im_end|>" is not part of an answer;
+        # across tokenizers both sides' end of turn has no text, and a P id may equal a Q stop id).
+        stops = set() if cross else set(base.runner.stop_token_ids)
         text = "".join(r.text for r in result.records if r.token_id not in stops)
         # The sandbox is a blocking subprocess wait: keep it off the event loop.
         verdict = await asyncio.to_thread(check, task, text, self.limits)

@@ -122,7 +122,7 @@ class TokenHashRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("protocol_version", "model_id", "model_name", "architecture", "parameter_count", "quantization", "context_length", "vocab_size", "vocab", "limits", "backend", "device", "dtype", "policies", "token_hash_start", "token_hashes", "deterministic", "constraints", "token_piece_start", "token_pieces")
+    __slots__ = ("protocol_version", "model_id", "model_name", "architecture", "parameter_count", "quantization", "context_length", "vocab_size", "vocab", "limits", "backend", "device", "dtype", "policies", "token_hash_start", "token_hashes", "deterministic", "constraints", "token_piece_start", "token_pieces", "text_sessions", "stop_token_ids")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,8 @@ class ServiceInfo(_message.Message):
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_PIECE_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_PIECES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: str
     model_id: str
     model_name: str
@@ -163,10 +165,12 @@ class ServiceInfo(_message.Message):
     constraints: bool
     token_piece_start: int
     token_pieces: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, protocol_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyKind, str]]] = ..., token_hash_start: _Optional[int] = ..., token_hashes: _Optional[_Iterable[int]] = ..., deterministic: _Optional[bool] = ..., constraints: _Optional[bool] = ..., token_piece_start: _Optional[int] = ..., token_pieces: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    text_sessions: bool
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, protocol_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyKind, str]]] = ..., token_hash_start: _Optional[int] = ..., token_hashes: _Optional[_Iterable[int]] = ..., deterministic: _Optional[bool] = ..., constraints: _Optional[bool] = ..., token_piece_start: _Optional[int] = ..., token_pieces: _Optional[_Iterable[bytes]] = ..., text_sessions: _Optional[bool] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
-    __slots__ = ("request_id", "open", "append", "check", "handoff", "stop", "rollback", "verify", "close")
+    __slots__ = ("request_id", "open", "append", "check", "handoff", "stop", "rollback", "verify", "close", "append_text")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     APPEND_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +180,7 @@ class EdgeMessage(_message.Message):
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    APPEND_TEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     open: OpenSession
     append: AppendTokens
@@ -185,10 +190,11 @@ class EdgeMessage(_message.Message):
     rollback: Rollback
     verify: VerifyDraft
     close: Close
-    def __init__(self, request_id: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., append: _Optional[_Union[AppendTokens, _Mapping]] = ..., check: _Optional[_Union[CheckPoint, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., stop: _Optional[_Union[StopGeneration, _Mapping]] = ..., rollback: _Optional[_Union[Rollback, _Mapping]] = ..., verify: _Optional[_Union[VerifyDraft, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+    append_text: AppendText
+    def __init__(self, request_id: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., append: _Optional[_Union[AppendTokens, _Mapping]] = ..., check: _Optional[_Union[CheckPoint, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., stop: _Optional[_Union[StopGeneration, _Mapping]] = ..., rollback: _Optional[_Union[Rollback, _Mapping]] = ..., verify: _Optional[_Union[VerifyDraft, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., append_text: _Optional[_Union[AppendText, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("prompt_token_ids", "vocab", "sampling", "policy", "top_k", "client", "protocol_version", "constraint")
+    __slots__ = ("prompt_token_ids", "vocab", "sampling", "policy", "top_k", "client", "protocol_version", "constraint", "prompt_text")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +203,7 @@ class OpenSession(_message.Message):
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     vocab: VocabFingerprint
     sampling: SamplingParams
@@ -205,7 +212,16 @@ class OpenSession(_message.Message):
     client: str
     protocol_version: str
     constraint: Constraint
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., top_k: _Optional[int] = ..., client: _Optional[str] = ..., protocol_version: _Optional[str] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ...) -> None: ...
+    prompt_text: bytes
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., vocab: _Optional[_Union[VocabFingerprint, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., top_k: _Optional[int] = ..., client: _Optional[str] = ..., protocol_version: _Optional[str] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., prompt_text: _Optional[bytes] = ...) -> None: ...
+
+class AppendText(_message.Message):
+    __slots__ = ("text", "views")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
+    text: bytes
+    views: _containers.RepeatedCompositeFieldContainer[EdgeToken]
+    def __init__(self, text: _Optional[bytes] = ..., views: _Optional[_Iterable[_Union[EdgeToken, _Mapping]]] = ...) -> None: ...
 
 class Constraint(_message.Message):
     __slots__ = ("grammar", "frequency_penalty", "presence_penalty", "logit_bias", "completion_start")
@@ -331,16 +347,18 @@ class Appended(_message.Message):
     def __init__(self, length: _Optional[int] = ...) -> None: ...
 
 class PositionScore(_message.Message):
-    __slots__ = ("position", "topk", "logprobs_at_edge_topk", "token_logprob")
+    __slots__ = ("position", "topk", "logprobs_at_edge_topk", "token_logprob", "offset")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_AT_EDGE_TOPK_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     position: int
     topk: TopK
     logprobs_at_edge_topk: _containers.RepeatedScalarFieldContainer[float]
     token_logprob: float
-    def __init__(self, position: _Optional[int] = ..., topk: _Optional[_Union[TopK, _Mapping]] = ..., logprobs_at_edge_topk: _Optional[_Iterable[float]] = ..., token_logprob: _Optional[float] = ...) -> None: ...
+    offset: int
+    def __init__(self, position: _Optional[int] = ..., topk: _Optional[_Union[TopK, _Mapping]] = ..., logprobs_at_edge_topk: _Optional[_Iterable[float]] = ..., token_logprob: _Optional[float] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class CheckPointResult(_message.Message):
     __slots__ = ("scores", "forward_ms", "batch_size", "compute_s")
@@ -355,16 +373,18 @@ class CheckPointResult(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[_Union[PositionScore, _Mapping]]] = ..., forward_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class CloudToken(_message.Message):
-    __slots__ = ("position", "token_id", "topk", "token_logprob")
+    __slots__ = ("position", "token_id", "topk", "token_logprob", "text")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     position: int
     token_id: int
     topk: TopK
     token_logprob: float
-    def __init__(self, position: _Optional[int] = ..., token_id: _Optional[int] = ..., topk: _Optional[_Union[TopK, _Mapping]] = ..., token_logprob: _Optional[float] = ...) -> None: ...
+    text: bytes
+    def __init__(self, position: _Optional[int] = ..., token_id: _Optional[int] = ..., topk: _Optional[_Union[TopK, _Mapping]] = ..., token_logprob: _Optional[float] = ..., text: _Optional[bytes] = ...) -> None: ...
 
 class HandoffDone(_message.Message):
     __slots__ = ("reason", "length", "compute_s")

@@ -1,0 +1,200 @@
+"""Handoff across tokenizers on tiny models (edge/cross.py, cloud/text_session.py).
+
+P is tiny A. Q is tiny A with shuffled ids (the same model over texts, another vocabulary) or a tiny
+model with a 600-token tokenizer (other weights, shorter tokens, other special ids), so token
+boundaries and ids differ from P's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from handoff.edge.cloud_harness import llama_backend_factory
+from handoff.edge.cross import CrossGenerator, cross_generator
+from handoff.edge.policy import PolicyConfig
+from handoff.edge.runner import EdgeRunner
+from handoff.edge.verifier_client import InProcessTransport, VerifierClient
+from handoff.shared.errors import VerifierError
+from handoff.shared.sampling import SamplingSettings
+from handoff.shared.wire import pb
+
+PROMPT = "Sort a list."
+
+
+async def _with(cloud: Path, edge: Path, tmp: Path, body, **settings):
+    from handoff.cloud.service import VerifierService
+    from handoff.cloud.settings import CloudSettings
+
+    backend = llama_backend_factory(cloud)()
+    service = VerifierService(backend, CloudSettings(batch_wait_s=0.0, max_sessions=4, **settings))
+    await service.start()
+    runner = EdgeRunner(edge, k=20, n_ctx=1024, n_threads=1)
+    try:
+        client = VerifierClient(InProcessTransport(service))
+        return await body(runner, client)
+    finally:
+        runner.close()
+        await service.stop()
+        backend.close()
+
+
+def _prompt(runner: EdgeRunner) -> list[int]:
+    return runner.model.tokenize(runner.model.chat_prompt([{"role": "user", "content": PROMPT}]))
+
+
+def generate(cloud, edge, tmp, policy: PolicyConfig, n: int, *, mode="hybrid", samplings=(None,)):
+    """One generation per sampling setting (greedy by default) through a cross-tokenizer generator."""
+
+    async def body(runner, client):
+        gen = await cross_generator(runner, client, policy, mode=mode, cache_dir=tmp / "align")
+        return [await gen.generate(_prompt(runner), n, sampling=s or SamplingSettings()) for s in samplings]
+
+    return asyncio.run(_with(cloud, edge, tmp, body))
+
+
+def cloud_text(cloud, n: int) -> str:
+    """P alone (greedy, one tokenizer end to end: the direct path's cloud-only generation), its text."""
+    from handoff.edge.cloud_harness import generate_with_server
+
+    return generate_with_server(cloud, cloud, PolicyConfig(), n, mode="cloud", prompt=PROMPT).text
+
+
+def test_identical_text_models_never_hand_off(tiny_gguf_a, tiny_gguf_a_permuted, tmp_path) -> None:
+    """Q is P with other ids: every position aligns and the divergence over shared tokens is ~0."""
+    (r,) = generate(
+        tiny_gguf_a, tiny_gguf_a_permuted, tmp_path, PolicyConfig(kind="rollback", threshold=0.01), 48
+    )
+    assert r.handoffs == 0 and r.counts()["edge"] == 48 and r.check_points >= 5
+    kls = [t.kl for t in r.records]
+    assert sum(k is not None for k in kls) >= 40  # aligned and scored
+    assert max(k for k in kls if k is not None) < 1e-3
+
+
+def test_a_different_model_is_corrected_and_greedy_rollback_text_is_ps_where_p_wrote(
+    tiny_gguf_a, tiny_gguf_small_vocab, tmp_path
+) -> None:
+    (r,) = generate(
+        tiny_gguf_a, tiny_gguf_small_vocab, tmp_path, PolicyConfig(kind="rollback", threshold=1.5), 40
+    )
+    counts = r.counts()
+    assert r.handoffs >= 1 and counts["corrected"] >= 1 and counts["edge"] >= 1
+    assert r.rollbacks >= 1  # cut inside windows, at boundaries both tokenizations share
+    # Every committed edge token was scored at an aligned boundary, with a finite KL.
+    assert all(t.kl is not None and np.isfinite(t.kl) for t in r.records if t.source == "edge" and t.checked)
+
+
+@pytest.mark.parametrize("edge_fixture", ["tiny_gguf_a_permuted", "tiny_gguf_small_vocab"])
+def test_greedy_exact_across_tokenizers_is_cloud_only_text(
+    tiny_gguf_a, edge_fixture, request, tmp_path
+) -> None:
+    """TLI drafts verified by P: greedy output is P's greedy text, token for token in P's ids."""
+    edge = request.getfixturevalue(edge_fixture)
+    (hybrid,) = generate(tiny_gguf_a, edge, tmp_path, PolicyConfig(kind="exact"), 48)
+    (alone,) = generate(tiny_gguf_a, edge, tmp_path, PolicyConfig(kind="exact"), 48, mode="cloud")
+    assert alone.counts()["cloud"] == 48
+    assert hybrid.text == alone.text
+    assert cloud_text(tiny_gguf_a, 48).startswith(hybrid.text)
+    if edge_fixture == "tiny_gguf_a_permuted":
+        assert hybrid.draft_accepted == hybrid.draft_tokens > 0  # the same model: every draft stands
+
+
+def test_exact_across_tokenizers_samples_ps_distribution(
+    tiny_gguf_a, tiny_gguf_small_vocab, homogeneity_p, tmp_path
+) -> None:
+    """The first two characters of the answer under TLI (seeded) against P alone (other seeds): one
+    distribution (chi-square); Q's own answers fail the same test."""
+    runs = 200
+    seeds = [SamplingSettings(temperature=1.0, seed=s) for s in range(runs)]
+    others = [SamplingSettings(temperature=1.0, seed=10_000 + s) for s in range(runs)]
+
+    async def body(runner, client):
+        tli = await cross_generator(runner, client, PolicyConfig(kind="exact"), cache_dir=tmp_path / "al")
+        alone = CrossGenerator(
+            runner, client, tli.vocabulary, PolicyConfig(kind="exact"), tli.alignment, mode="cloud"
+        )
+        ids = _prompt(runner)
+        a = [(await tli.generate(ids, 3, sampling=s)).text[:2] for s in seeds]
+        b = [(await alone.generate(ids, 3, sampling=s)).text[:2] for s in others]
+        c = []
+        for s in others:  # Q alone
+            runner.start(ids, s)
+            c.append(
+                runner.detokenize([runner.step().token_id for _ in range(3)]).decode(errors="replace")[:2]
+            )
+        return a, b, c
+
+    a, b, c = asyncio.run(_with(tiny_gguf_a, tiny_gguf_small_vocab, tmp_path, body))
+    assert len(set(a)) >= 5  # P's answers vary: a test with room to fail
+    assert homogeneity_p([(x,) for x in a], [(x,) for x in b]) > 0.001
+    assert homogeneity_p([(x,) for x in c], [(x,) for x in b]) < 1e-4
+
+
+def test_rollback_across_misaligned_boundaries_loses_and_repeats_no_text(
+    tiny_gguf_a, tiny_gguf_small_vocab, tmp_path
+) -> None:
+    """The committed records' bytes are exactly what each side holds: Q's context and P's session text."""
+
+    async def body(runner, client):
+        gen = await cross_generator(runner, client, PolicyConfig(kind="rollback", threshold=1.5, check_interval=5),
+                                    cache_dir=tmp_path / "al")  # fmt: skip
+        ids = _prompt(runner)
+        r = await gen.generate(ids, 60)
+        q_text = runner.detokenize(runner.tokens[len(ids) :])
+        return r, q_text
+
+    r, q_text = asyncio.run(_with(tiny_gguf_a, tiny_gguf_small_vocab, tmp_path, body))
+    assert r.rollbacks >= 2 and r.counts()["corrected"] >= 2
+    committed = "".join(t.text for t in r.records).encode()
+    # Q's context holds the committed text (plus the tail of a final window not committed, if any).
+    assert q_text.decode(errors="replace").startswith(committed.decode(errors="replace")[:-4])
+
+
+def test_text_sessions_refuse_bad_requests(tiny_gguf_a, tiny_gguf_small_vocab, tmp_path) -> None:
+    async def body(runner, client):
+        vocab = (await cross_generator(runner, client, PolicyConfig(), cache_dir=tmp_path / "al")).vocabulary
+        s = await client.open_session([], vocab, prompt_text=b"Hello")
+        errors = []
+        for bad in ("check", "rollback"):
+            with pytest.raises(VerifierError) as e:
+                await (s.check(0, 99) if bad == "check" else s.rollback(5))  # past the text
+            errors.append(e.value.code)
+            s = await client.open_session([], vocab, prompt_text=b"Hello")
+        assert await s.append_text(b" world", [pb.EdgeToken(position=0)]) == 6
+        with pytest.raises(VerifierError) as e:  # a view outside the appended bytes
+            await s.append_text(b"!", [pb.EdgeToken(position=99)])
+        errors.append(e.value.code)
+        s = await client.open_session([], vocab, prompt_text=b"Hello")
+        await s.append_text("é".encode()[:1])  # half a character: P cannot go on from there
+        with pytest.raises(VerifierError) as e:
+            async for _ in s.handoff(2):
+                pass
+        errors.append(e.value.code)
+        with pytest.raises(VerifierError) as e:
+            await client.open_session([1, 2], vocab, prompt_text=b"Hello")
+        errors.append(e.value.code)
+        return errors
+
+    codes = asyncio.run(_with(tiny_gguf_a, tiny_gguf_small_vocab, tmp_path, body))
+    assert codes == [
+        "INVALID_ARGUMENT",
+        "INVALID_ARGUMENT",
+        "INVALID_ARGUMENT",
+        "FAILED_PRECONDITION",
+        "INVALID_ARGUMENT",
+    ]
+
+
+def test_unsupported_policies_are_refused(tiny_gguf_a, tiny_gguf_small_vocab, tmp_path) -> None:
+    from handoff.shared.errors import ShapeError
+
+    async def body(runner, client):
+        gen = await cross_generator(runner, client, PolicyConfig(), cache_dir=tmp_path / "al")
+        for policy in (PolicyConfig(kind="correction"), PolicyConfig(agree_tokens=2)):
+            with pytest.raises(ShapeError, match="across tokenizers"):
+                CrossGenerator(runner, client, gen.vocabulary, policy, gen.alignment)
+
+    asyncio.run(_with(tiny_gguf_a, tiny_gguf_small_vocab, tmp_path, body))
