@@ -175,6 +175,9 @@ async def handoff(svc: VerifierService, s: _Session, req: pb.Handoff, rid: int, 
     side = s.text
     assert side is not None
     await settle(svc, s, "handoff", whole=True)
+    if s.fed >= len(s.tokens):  # a check point over the text's end fed its last token: feed it again
+        await svc.scheduler.call(svc.backend.truncate, s.seq, len(s.tokens) - 1)
+        s.fed = len(s.tokens) - 1
     async for reply in svc._handoff(s, req, rid, stop):
         if reply.HasField("token"):
             piece = side.tokenizer.piece(reply.token.token_id)
