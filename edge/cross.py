@@ -44,7 +44,13 @@ from handoff.edge.records import GenerationResult, OnToken, TokenRecord
 from handoff.edge.runner import EdgeRunner, EdgeStep
 from handoff.edge.verifier_client import RemoteSession, VerifierClient
 from handoff.edge.wire import sampling_to_proto
-from handoff.shared.alignment import VocabAlignment, intersection_draft, intersection_kl, with_stops
+from handoff.shared.alignment import (
+    VocabAlignment,
+    char_concepts_across,
+    intersection_draft,
+    intersection_kl,
+    with_stops,
+)
 from handoff.shared.errors import ShapeError, VerifierError
 from handoff.shared.llama_cpp_model import GGUFTokenizer, gguf_tokenizer
 from handoff.shared.retokenize import Change, TextTokens, complete_utf8
@@ -121,6 +127,10 @@ class CrossGenerator:
             )
         if policy.agree_tokens:
             raise ShapeError("early hand-back (agree_tokens) is not available across tokenizers")
+        if policy.divergence not in ("token", "char"):
+            raise ShapeError(
+                f"divergence {policy.divergence!r} is not available across tokenizers (token, char are)"
+            )
         if alignment.q_to_p.size != runner.n_vocab:
             raise ShapeError(
                 f"the alignment is for a vocabulary of {alignment.q_to_p.size} tokens, Q has {runner.n_vocab}"
@@ -129,6 +139,11 @@ class CrossGenerator:
         self.vocabulary, self.alignment, self.mode = vocabulary, alignment, mode
         self.link_config = link or LinkConfig()
         self.tokenizer = gguf_tokenizer(runner.model.path)
+        # The next-character divergence's concepts over intersection_kl's ids; None: over tokens.
+        self.concept_of = None
+        if policy.divergence == "char":
+            pieces = [self.tokenizer.piece(q) if q >= 0 else None for q in range(runner.n_vocab)]
+            self.concept_of = char_concepts_across(alignment, pieces)
 
     @property
     def threshold(self) -> float:
@@ -467,7 +482,7 @@ class _Run:
                 p_at_q[shared] = sc.logprobs_at_edge_topk
             kls[j] = intersection_kl(
                 p_ids[None], p_lp[None], s.topk_ids[None], s.topk_logprobs[None], self.g.alignment,
-                p_logprobs_at_q_ids=p_at_q[None],
+                p_logprobs_at_q_ids=p_at_q[None], concept_of=self.g.concept_of,
             )[0]  # fmt: skip
         return kls
 

@@ -102,10 +102,10 @@ class EdgeSettings(BaseSettings):
     budget_gain: float = Field(
         _P.budget_gain, gt=0, description="budget: the gain of the control of log tau."
     )
-    divergence: Literal["token", "surface", "concept"] = Field(
+    divergence: Literal["token", "surface", "char", "concept"] = Field(
         _P.divergence,
-        description="KL over tokens, over surface forms (case and leading space folded) or over concepts "
-        "(clusters of P's output embeddings); each a lower bound of the token KL.",
+        description="KL over tokens, over surface forms (case and leading space folded), over the next "
+        "character, or over concepts (clusters of P's output embeddings); each a lower bound of the token KL.",
     )
     concepts: int = Field(_P.concepts, ge=2, description="divergence concept: the number of clusters.")
     ensemble_weight: float = Field(

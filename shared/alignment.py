@@ -228,6 +228,7 @@ def intersection_kl(
     q_logprobs: Any,
     alignment: VocabAlignment,
     p_logprobs_at_q_ids: Any | None = None,
+    concept_of: np.ndarray | None = None,
 ) -> np.ndarray:
     """KL(P_S || Q_S) per position from top-k views in two vocabularies (see the module docstring).
 
@@ -239,6 +240,8 @@ def intersection_kl(
         alignment: the two vocabularies' alignment.
         p_logprobs_at_q_ids: [n, kq] P's log-probabilities at Q's ids mapped into P's space (-inf
             where P has no such token), or None.
+        concept_of: [2 Vp + Vq] concept ids over the mapped id space (char_concepts_across): the KL
+            over concepts of the shared tokens (e.g. the next character), or None: over tokens.
 
     Returns:
         [n] nats >= 0, a lower bound of KL(P_S || Q_S); tokens outside the intersection count in
@@ -258,7 +261,35 @@ def intersection_kl(
     # P's unshared tokens: moved past every id Q's side can have, so that they never match.
     p_out = alignment.p_to_q[p] < 0
     p_mapped = np.where(p_out, alignment.p_to_q.size + alignment.q_to_p.size + p, p)
-    return topk_kl(p_mapped, p_logprobs, q_in_p, q_lp, p_logprobs_at_q_ids=p_at_q)
+    return topk_kl(p_mapped, p_logprobs, q_in_p, q_lp, p_logprobs_at_q_ids=p_at_q, concept_of=concept_of)
+
+
+def char_concepts_across(alignment: VocabAlignment, q_pieces: Sequence[bytes | None]) -> np.ndarray:
+    """Concept ids over intersection_kl's id space: a shared token's first character, every other id its own.
+
+    With them intersection_kl is the KL over the next character among the shared tokens: tokens that
+    begin the same text (" hel" and " hello") stop counting as a disagreement, whatever the two
+    tokenizers make of the rest. Tokens outside the intersection only ever fall in a rest bucket.
+
+    Args:
+        alignment: the vocabularies' alignment.
+        q_pieces: [Vq] Q's tokens' bytes (a shared token's bytes are P's too).
+
+    Returns:
+        [2 Vp + Vq] int64 concept ids.
+    """
+    from handoff.shared.concepts import first_char
+
+    vp, vq = alignment.p_to_q.size, alignment.q_to_p.size
+    if len(q_pieces) != vq:
+        raise ShapeError(f"q_pieces: expected {vq} tokens, got {len(q_pieces)}")
+    out = np.arange(2 * vp + vq, dtype=np.int64) + 2 * vp + vq  # own concepts, past every shared one
+    keys: dict[str, int] = {}
+    for p in np.flatnonzero(alignment.p_to_q >= 0):
+        key = first_char(q_pieces[alignment.p_to_q[p]])
+        if key is not None:
+            out[p] = keys.setdefault(key, len(keys))
+    return out
 
 
 def intersection_draft(

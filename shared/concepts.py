@@ -28,7 +28,7 @@ from handoff.shared.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-DIVERGENCES: tuple[str, ...] = ("token", "surface", "concept")
+DIVERGENCES: tuple[str, ...] = ("token", "surface", "char", "concept")
 
 
 @lru_cache(maxsize=1)
@@ -100,6 +100,32 @@ def surface_concepts(vocabulary: Vocabulary) -> ConceptMap:
         key = f"\0{i}" if key is None else key
         out[i] = ids.setdefault(key, len(ids))
     return ConceptMap(out, "surface")
+
+
+def first_char(text: str | bytes | None) -> str | None:
+    """The first character of a token's text (its first byte, escaped, when the text starts inside
+    a UTF-8 character); None for a token without text (a control token)."""
+    if not text:
+        return None
+    if isinstance(text, str):
+        return text[0]
+    for n in range(1, min(4, len(text)) + 1):
+        try:
+            return text[:n].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return f"\\x{text[0]:02x}"
+
+
+def char_concepts(vocabulary: Vocabulary) -> ConceptMap:
+    """Tokens whose text starts with the same character share a concept: the KL over the next
+    character (what text comes next, whatever its tokenization), a lower bound of the token KL."""
+    ids: dict[str, int] = {}
+    out = np.empty(len(vocabulary), dtype=np.int32)
+    for i, token in enumerate(vocabulary.tokens):
+        key = first_char(token_text(token))
+        out[i] = ids.setdefault(f"\0{i}" if key is None else key, len(ids))  # no text: its own concept
+    return ConceptMap(out, "char")
 
 
 def cluster_concepts(
@@ -195,6 +221,9 @@ def concept_map_for(divergence: str, vocabulary: Vocabulary, k: int = 1024) -> n
     if divergence == "surface":
         path = concept_map_path(settings.cache_dir, vocabulary, "surface", 0)
         return load_or_build(path, lambda: surface_concepts(vocabulary).concept_of)
+    if divergence == "char":
+        path = concept_map_path(settings.cache_dir, vocabulary, "char", 0)
+        return load_or_build(path, lambda: char_concepts(vocabulary).concept_of)
     if divergence != "concept":
         raise ShapeError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
     from handoff.shared.models import resolve

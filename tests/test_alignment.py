@@ -209,3 +209,47 @@ def test_the_edge_aligns_with_the_clouds_vocabulary_over_grpc(
     np.testing.assert_array_equal(again.p_to_q, reference.p_to_q)
     assert (first.q_digest, first.p_digest) == (reference.q_digest, reference.p_digest)
     assert error.code == "INVALID_ARGUMENT" and "token piece range" in str(error)
+
+
+def test_next_character_divergence_groups_shared_tokens_by_their_first_character() -> None:
+    """ " hel" and " hello" start the same text: over the next character they agree, over tokens not."""
+    from handoff.shared.alignment import char_concepts_across, with_stops
+
+    q_pieces = [b" hel", b" hello", b"x", b"\xc3\xa9t\xc3\xa9", None]
+    p_pieces = [b" hello", b"x", b" hel", None, b"\xc3\xa9t\xc3\xa9", b"zz"]
+    a = with_stops(align(q_pieces, p_pieces), 4, 3)
+    concepts = char_concepts_across(a, q_pieces)
+    vp, vq = 6, 5
+    assert concepts.shape == (2 * vp + vq,)
+    assert concepts[0] == concepts[2] != concepts[1]  # " hello", " hel" share " "; "x" does not
+    assert concepts[3] >= 2 * vp + vq  # the end of turn: its own concept
+    assert len(set(concepts[vp:].tolist())) == vp + vq  # ids outside the intersection: their own
+    # P is sure of " hello", Q of " hel": far apart over tokens, close over the next character.
+    p_ids, p_lp = np.array([[0, 1]]), np.log(np.array([[0.9, 0.1]]))
+    q_ids, q_lp = np.array([[0, 1, 2]]), np.log(np.array([[0.85, 0.05, 0.1]]))
+    p_at_q = np.log(np.array([[0.001, 0.9, 0.1]]))  # P at Q's " hel", " hello", "x"
+    token = intersection_kl(p_ids, p_lp, q_ids, q_lp, a, p_at_q)[0]
+    char = intersection_kl(p_ids, p_lp, q_ids, q_lp, a, p_at_q, concept_of=concepts)[0]
+    assert token > 1.0 and char < 0.01
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_the_next_character_divergence_is_below_the_token_divergence(seed) -> None:
+    from handoff.shared.alignment import char_concepts_across
+
+    rng = np.random.default_rng(seed)
+    letters = [bytes([c]) for c in b"abc"]
+    q_pieces = [rng.choice(letters) + rng.choice(letters) for _ in range(12)]
+    p_pieces = list(dict.fromkeys([*q_pieces[:8], b"zz", b"zy"]))
+    q_pieces = list(dict.fromkeys(q_pieces))
+    a = align(q_pieces, p_pieces)
+    concepts = char_concepts_across(a, q_pieces)
+    p, q = _dist(rng, len(p_pieces), 2.0), _dist(rng, len(q_pieces), 2.0)
+    kp, kq = min(4, len(p)), min(4, len(q))
+    p_ids = np.argsort(-p)[:kp][None]
+    q_ids = np.argsort(-q)[:kq][None]
+    mapped = a.q_to_p[q_ids]
+    p_at_q = np.where(mapped >= 0, np.log(np.maximum(p[np.maximum(mapped, 0)], 1e-300)), -np.inf)
+    args = (p_ids, np.log(p[p_ids]), q_ids, np.log(q[q_ids]), a, p_at_q)
+    assert intersection_kl(*args, concept_of=concepts)[0] <= intersection_kl(*args)[0] + 1e-9

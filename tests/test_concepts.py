@@ -50,6 +50,18 @@ def test_surface_concepts_fold_case_and_leading_space_only():
     assert m.n_concepts == 5 and m.merged_tokens() == 7
 
 
+def test_char_concepts_group_tokens_by_their_first_character():
+    from handoff.shared.concepts import char_concepts, first_char
+
+    c = char_concepts(Vocabulary(tuple(TOKENS))).concept_of
+    texts = [token_text(t) for t in TOKENS]
+    for i in range(len(TOKENS)):
+        for j in range(len(TOKENS)):
+            same = texts[i] is not None and texts[j] is not None and texts[i][0] == texts[j][0]
+            assert (c[i] == c[j]) == (same or i == j), (TOKENS[i], TOKENS[j])
+    assert first_char("é!".encode()) == "é" and first_char(b"\xa9x") == "\\xa9" and first_char(b"") is None
+
+
 def test_cluster_concepts_recover_planted_groups():
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((3, 32)) * 5

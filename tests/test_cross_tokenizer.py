@@ -63,24 +63,30 @@ def cloud_text(cloud, n: int) -> str:
     return generate_with_server(cloud, cloud, PolicyConfig(), n, mode="cloud", prompt=PROMPT).text
 
 
-def test_identical_text_models_never_hand_off(tiny_gguf_a, tiny_gguf_a_permuted, tmp_path) -> None:
-    """Q is P with other ids: every position aligns and the divergence over shared tokens is ~0."""
-    (r,) = generate(
-        tiny_gguf_a, tiny_gguf_a_permuted, tmp_path, PolicyConfig(kind="rollback", threshold=0.01), 48
-    )
+@pytest.mark.parametrize("divergence", ["token", "char"])
+def test_identical_text_models_never_hand_off(
+    divergence, tiny_gguf_a, tiny_gguf_a_permuted, tmp_path
+) -> None:
+    """Q is P with other ids: every position aligns and the divergence over shared tokens (or over the
+    next character) is ~0."""
+    policy = PolicyConfig(kind="rollback", threshold=0.01, divergence=divergence)
+    (r,) = generate(tiny_gguf_a, tiny_gguf_a_permuted, tmp_path, policy, 48)
     assert r.handoffs == 0 and r.counts()["edge"] == 48 and r.check_points >= 5
     kls = [t.kl for t in r.records]
     assert sum(k is not None for k in kls) >= 40  # aligned and scored
     assert max(k for k in kls if k is not None) < 1e-3
 
 
-@pytest.mark.parametrize("kind", ["rollback", "seed"])
+@pytest.mark.parametrize(
+    ("kind", "divergence"), [("rollback", "token"), ("seed", "token"), ("rollback", "char")]
+)
 def test_a_different_model_hands_over_at_aligned_boundaries(
-    kind, tiny_gguf_a, tiny_gguf_small_vocab, tmp_path
+    kind, divergence, tiny_gguf_a, tiny_gguf_small_vocab, tmp_path
 ) -> None:
     """Rollback cuts windows where both tokenizations start a token; seed hands over after a whole
     window (the check point over the text's end fed P's last token: the handoff feeds it again)."""
-    (r,) = generate(tiny_gguf_a, tiny_gguf_small_vocab, tmp_path, PolicyConfig(kind=kind, threshold=1.5), 40)
+    policy = PolicyConfig(kind=kind, threshold=1.5 if divergence == "token" else 1.2, divergence=divergence)
+    (r,) = generate(tiny_gguf_a, tiny_gguf_small_vocab, tmp_path, policy, 40)
     counts = r.counts()
     assert r.cloud_failures == 0 and r.handoffs >= 1 and counts["edge"] >= 1
     if kind == "rollback":

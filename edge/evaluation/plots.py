@@ -67,7 +67,7 @@ def _hybrid_by_interval(summary: Mapping[str, Any]) -> dict[int | None, list[Map
 
 
 POLICY_MARKERS = {
-    "exact": "D", "correction": "P", "skip": "s", "budget": "^", "entropy": "v", "surface": "<", "concept": ">", "safe": "*", "mixture": "X", "expert": "x",
+    "exact": "D", "correction": "P", "skip": "s", "budget": "^", "entropy": "v", "surface": "<", "char": "h", "concept": ">", "safe": "*", "mixture": "X", "expert": "x",
 }  # fmt: skip
 
 

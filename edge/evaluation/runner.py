@@ -64,7 +64,7 @@ class RunSpec:
         }
 
 
-VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router", "surface", "concept", "safe", "mixture",
+VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router", "surface", "char", "concept", "safe", "mixture",
             "mixture-weighted", "expert")  # fmt: skip
 
 
@@ -117,7 +117,7 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
         return RunSpec(f"skip-tau{value:g}", "hybrid", replace(base, threshold=value, skip="top1"), "skip")
     if name == "budget":
         return RunSpec(f"budget{value:g}", "hybrid", replace(base, budget=value), "budget")
-    if name in ("surface", "concept"):
+    if name in ("surface", "char", "concept"):
         policy = replace(base, threshold=value, divergence=name)
         return RunSpec(f"{name}-tau{value:g}", "hybrid", policy, name)
     if name == "expert":

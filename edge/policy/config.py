@@ -60,8 +60,9 @@ class PolicyConfig:
     router: str = ""
     gate_threshold: float | None = None
     # What the KL is over: "token" (each id its own bucket), "surface" (ids equal up to case and
-    # leading whitespace share one) or "concept" (k-means clusters of P's output embeddings, `concepts`
-    # of them); handoff.shared.concepts. Always a lower bound of the token KL.
+    # leading whitespace share one), "char" (ids whose text starts with the same character share one:
+    # the next-character distribution) or "concept" (k-means clusters of P's output embeddings,
+    # `concepts` of them); handoff.shared.concepts. Always a lower bound of the token KL.
     divergence: str = "token"
     concepts: int = 1024
     # safe (selective ensembling, edge/policy/ensemble.py): P's weight in the average of P and Q, and
