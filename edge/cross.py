@@ -270,6 +270,7 @@ class _Run:
                     policy=self.policy.to_proto(), routing_key=key, prompt_text=prompt_text,
                 ))  # fmt: skip
                 result.servers.append(self.session.server_id)
+                result.open_bytes = (self.session.bytes_sent, self.session.bytes_received)
             except (VerifierError, TimeoutError) as e:
                 if g.mode == "cloud":
                     raise VerifierError("UNAVAILABLE", f"cloud-only generation: {e}") from None
@@ -418,7 +419,7 @@ class _Run:
             if self.session is not None:
                 try:
                     views = [self._view(s, int(o)) for s, o in zip(steps, offsets, strict=False)]
-                    await self.bounded(self.session.append_text(b"".join(pieces), views))
+                    await self.bounded(self.session.append_text_nowait(b"".join(pieces), views))
                     answer = await self.bounded(self.session.check(base, int(offsets[-1])))
                     scores = {int(sc.offset): sc for sc in answer.scores}
                     self.result.check_points += 1

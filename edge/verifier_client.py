@@ -588,6 +588,14 @@ class RemoteSession:
         self.length = reply.appended.length
         return self.length
 
+    async def append_text_nowait(self, text: bytes, views: Sequence[pb.EdgeToken] = ()) -> None:
+        """append_text without waiting (the check point sent next is answered after it); an error
+        surfaces on the next awaited request."""
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+        msg = pb.EdgeMessage(append_text=pb.AppendText(text=text, views=list(views)))
+        await self._send(msg, future)
+
     async def check(self, from_position: int, through_position: int) -> pb.CheckPointResult:
         """P's views at every position in [from_position, through_position]."""
         reply = await self._request(
