@@ -53,7 +53,17 @@ def test_package_and_service():
 def test_every_session_step_has_a_message():
     edge = {f.name for f in pb.EdgeMessage.DESCRIPTOR.oneofs_by_name["body"].fields}
     cloud = {f.name for f in pb.CloudMessage.DESCRIPTOR.oneofs_by_name["body"].fields}
-    assert edge == {"open", "append", "check", "handoff", "stop", "rollback", "verify", "close"}
+    assert edge == {
+        "open",
+        "append",
+        "append_text",
+        "check",
+        "handoff",
+        "stop",
+        "rollback",
+        "verify",
+        "close",
+    }
     assert cloud == {
         "opened",
         "appended",
