@@ -407,9 +407,9 @@ class _Run:
         return steps, pieces, times
 
     async def _windows(self) -> bool:
-        if not self.text.ready:  # P's last token ended inside a character: Q takes its bytes as they are
-            await self.in_pool(self.text.force)
         while self.committed < self.max_tokens:
+            if not self.text.ready:  # P's last token ended inside a character and P is gone
+                await self.in_pool(self.text.force)  # Q takes those bytes as they are
             base = self.text.length
             steps, pieces, times = await self._draft_window()
             if not steps:
@@ -446,7 +446,6 @@ class _Run:
                 continue
             cut = int(offsets[keep])
             if keep < len(steps):
-                self.result.discarded_drafts += len(steps) - keep - 1
                 await self.in_pool(self.text.cut, cut)
                 try:
                     self.result.rollbacks += 1

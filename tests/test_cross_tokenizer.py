@@ -252,3 +252,30 @@ def test_generate_with_smollm2_on_the_edge_and_the_default_cloud(run_handoff) ->
         assert "391" in out["text"], out["text"]
         assert out["stop_reason"] == "stop_token" and out["cloud_failures"] == 0
         assert out["by_source"]["cloud"] + out["by_source"]["corrected"] >= 1  # SmolLM2 alone says 381
+
+
+def test_a_cloud_that_fails_mid_generation_leaves_the_edge_generating_alone(
+    tiny_gguf_a, tiny_gguf_small_vocab, tmp_path, monkeypatch
+) -> None:
+    """The third check point fails (the session ends with an error): the edge commits its own tokens
+    from there, unchecked and marked unreachable, up to max_tokens."""
+    from handoff.cloud import text_session
+
+    check, calls = text_session.check, []
+
+    async def failing(svc, s, req):
+        calls.append(req.from_position)
+        if len(calls) == 3:
+            raise VerifierError("UNAVAILABLE", "the GPU fell off the bus")
+        return await check(svc, s, req)
+
+    monkeypatch.setattr(text_session, "check", failing)
+    (r,) = generate(
+        tiny_gguf_a, tiny_gguf_small_vocab, tmp_path, PolicyConfig(kind="rollback", threshold=50.0), 40
+    )
+    counts = r.counts()
+    assert r.cloud_failures == 1 and len(calls) == 3 and len(r.records) == 40
+    assert (
+        counts["unchecked_unreachable"] == 40 - 16 and counts["edge"] == 40
+    )  # two windows of 8 were checked
+    assert r.stop_reason == "max_tokens"
