@@ -372,5 +372,8 @@ def test_default_pair_through_two_replicas_gives_the_single_servers_tokens(run_h
     alone = generate_against(*start_server(cloud))
     on_ray = generate_against(*ray_cloud(cloud, "--replicas", "2"))
     assert on_ray["text"] == alone["text"] and on_ray["tokens"] == alone["tokens"]
-    assert on_ray["by_source"] == alone["by_source"] and on_ray["check_points"] == alone["check_points"]
+    # check_points also counts windows uploaded behind a check point that handed over (then thrown
+    # away): how many depends on when answers arrive. The positions P's answers decided do not.
+    assert on_ray["by_source"] == alone["by_source"] and on_ray["handoffs"] == alone["handoffs"]
+    assert on_ray["accounting"]["checked_positions"] == alone["accounting"]["checked_positions"]
     assert on_ray["servers"][0].startswith("ray-replica-") and not alone["servers"][0].startswith("ray-")
