@@ -161,7 +161,7 @@ def generate(
         out.print_json(json.dumps({"text": result.text} | result.summary() | {"cloud": cloud_info}))
         return
     for record in result.records:
-        if record.token_id not in stops:  # the end-of-turn marker ends the answer; it is not text
+        if record.raw is not None or record.token_id not in stops:  # the end of turn is not text
             out.print(record.text, style=_style(record), end="", highlight=False, markup=False)
     out.print()
     err.print(f"[dim]{stats_line(result, cloud_info)}[/dim]", soft_wrap=True)
@@ -227,16 +227,18 @@ def chat(
                 stops = assistant.runner.stop_token_ids
 
                 def show(record, decoder=decoder, detokenize=detokenize, stops=stops) -> None:
-                    if record.token_id in stops:
+                    if record.raw is None and record.token_id in stops:  # raw: P's token, P's id
                         return
-                    piece = decoder.decode(detokenize([record.token_id]))
+                    piece = decoder.decode(
+                        record.raw if record.raw is not None else detokenize([record.token_id])
+                    )
                     out.print(piece, style=_style(record), end="", highlight=False, markup=False)
 
                 result = await assistant.generate(
                     assistant.chat_prompt_ids(messages), max_tokens, sampling=sampling, on_token=show
                 )
                 out.print(decoder.decode(b"", final=True))
-                answer = "".join(r.text for r in result.records if r.token_id not in stops)
+                answer = result.answer_text(stops)
                 messages.append({"role": "assistant", "content": answer})
                 err.print(f"[dim]{stats_line(result, assistant.cloud_info)}[/dim]", soft_wrap=True)
 

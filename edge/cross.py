@@ -340,7 +340,7 @@ class _Run:
             position=tok.position, token_id=tok.token_id, source="corrected" if replaced is not None else "cloud",
             checked=True, p_logprob=float(tok.token_logprob), p_topk_ids=p_ids.tolist(),
             p_topk_logprobs=p_lp.tolist(), replaced_token_id=replaced, t_generated=self.clock(),
-            t_received=self.clock(),
+            t_received=self.clock(), raw=piece,
         ), piece)  # fmt: skip
         return not piece and int(tok.token_id) in self._p_stops()
 

@@ -333,10 +333,13 @@ class TextAssembler:
 
     def add(self, record: TokenRecord) -> bool:
         """Take a committed token; True when the completion now contains a stop string."""
-        if self._end is not None or record.token_id in self._stop_ids:
+        # P's token across tokenizers: its id is not Q's; one without text is P's end of turn.
+        ends = not record.raw if record.raw is not None else record.token_id in self._stop_ids
+        if self._end is not None or ends:
             return self._end is not None
         before = len(self._text)
-        self._text += self._decoder.decode(self._detokenize([record.token_id]))
+        raw = record.raw if record.raw is not None else self._detokenize([record.token_id])
+        self._text += self._decoder.decode(raw)
         self._tokens.append(OutToken(record, before, len(self._text)))
         if self.stops and len(self._text) > before:
             # Text before `before` held no stop string, and any suffix of it that could start one was
@@ -434,16 +437,19 @@ class LogprobFormatter:
             piece = self._pieces[token_id] = self._detokenize([token_id])
         return piece
 
-    def _entry(self, token_id: int, lp: float | None) -> dict[str, Any]:
-        raw = self._bytes(token_id)
+    def _entry(self, token_id: int, lp: float | None, raw: bytes | None = None) -> dict[str, Any]:
+        raw = self._bytes(token_id) if raw is None else raw
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": _finite(lp), "bytes": list(raw)}
 
     def chat(self, tokens: Sequence[OutToken]) -> list[dict[str, Any]]:
-        """`choices[0].logprobs.content` entries of a chat completion."""
+        """`choices[0].logprobs.content` entries of a chat completion (across tokenizers a P token's
+        alternatives are P's ids, which the edge cannot spell: they are left out)."""
         out = []
         for t in tokens:
             lp, ids, lps = producer_view(t.record)
-            entry = self._entry(t.record.token_id, lp)
+            if t.record.raw is not None:
+                ids, lps = [], []
+            entry = self._entry(t.record.token_id, lp, t.record.raw)
             entry["top_logprobs"] = [
                 self._entry(i, v) for i, v in list(zip(ids, lps, strict=False))[: self.top]
             ]
@@ -455,7 +461,12 @@ class LogprobFormatter:
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for t in tokens:
             lp, ids, lps = producer_view(t.record)
-            out["tokens"].append(self._bytes(t.record.token_id).decode("utf-8", errors="replace"))
+            raw = t.record.raw
+            if raw is not None:  # P's token across tokenizers: its alternatives are P's ids
+                ids, lps = [], []
+            else:
+                raw = self._bytes(t.record.token_id)
+            out["tokens"].append(raw.decode("utf-8", errors="replace"))
             out["token_logprobs"].append(_finite(lp))
             top: dict[str, float] = {}
             for i, v in list(zip(ids, lps, strict=False))[: self.top]:

@@ -7,7 +7,7 @@ record per TokenRecord, a "summary" record. edge/simulation/traces.py reads it b
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Literal
 
@@ -51,6 +51,9 @@ class TokenRecord:
     unchecked: Unchecked | None = None  # an edge token committed without P's check: why (None: checked)
     gate_score: float | None = None  # gated policies: the router's score of this position (higher: check)
     expert: str | None = None  # a mixture of experts: the expert that drafted it ("mixture": weighted)
+    # The token's bytes when token_id is not one of Q's (P's own tokens across tokenizers,
+    # edge/cross.py); None: Q's vocabulary spells it. Not in traces (`text` is).
+    raw: bytes | None = None
 
 
 @dataclass
@@ -186,8 +189,18 @@ class GenerationResult:
             "stop_reason": self.stop_reason,
         }
 
+    def answer_text(self, stop_ids: Iterable[int]) -> str:
+        """The answer's text without the end-of-turn token ("<|im_end|>" is not part of an answer).
+
+        Args:
+            stop_ids: Q's end-of-generation ids. Only records without `raw` carry Q's ids: across
+                tokenizers a P token's id may equal a Q stop id (P's "#" is SmolLM2's <|im_end|>).
+        """
+        stops = set(stop_ids)
+        return "".join(r.text for r in self.records if not (r.raw is None and r.token_id in stops))
+
     def trace(self) -> list[dict]:
-        return [asdict(r) for r in self.records]
+        return [{k: v for k, v in asdict(r).items() if k != "raw"} for r in self.records]
 
     def write_trace(self, f: IO[str], meta: dict[str, Any] | None = None) -> None:
         """JSONL: a "generation" record (settings), one "token" record per token, a "summary" record."""

@@ -242,13 +242,14 @@ def test_eval_runs_every_policy(tiny_gguf_a, tiny_gguf_a_near, tmp_path, run_han
 
 
 def test_the_answer_text_leaves_out_the_end_of_turn_of_either_vocabulary():
-    from handoff.edge.evaluation.runner import answer_text
-    from handoff.edge.records import TokenRecord
+    from handoff.edge.records import GenerationResult, TokenRecord
 
     stop = 2  # Q's <|im_end|>; with another tokenizer on the edge, P's id 2 is the text "#"
-    same = [TokenRecord(0, 5, "edge", text="x = 1"), TokenRecord(1, stop, "cloud", text="<|im_end|>")]
-    assert answer_text(same, [stop]) == "x = 1"
-    cross = [TokenRecord(0, 2, "cloud", text="#"), TokenRecord(1, 7, "edge", text=" ok"),
-             TokenRecord(2, stop, "edge", text="<|im_end|>")]  # fmt: skip
-    assert answer_text(cross, [stop], cross=True) == "# ok"
-    assert answer_text(cross, [stop]) == " ok"  # what the one-vocabulary rule would have dropped
+    same = GenerationResult([], records=[TokenRecord(0, 5, "edge", text="x = 1"),
+                                         TokenRecord(1, stop, "cloud", text="<|im_end|>")])  # fmt: skip
+    assert same.answer_text([stop]) == "x = 1"
+    cross = GenerationResult([], records=[TokenRecord(0, 2, "cloud", text="#", raw=b"#"),
+                                          TokenRecord(1, 7, "edge", text=" ok"),
+                                          TokenRecord(2, stop, "edge", text="<|im_end|>")])  # fmt: skip
+    assert cross.answer_text([stop]) == "# ok"
+    assert [r["token_id"] for r in cross.trace()] == [2, 7, 2] and "raw" not in cross.trace()[0]

@@ -160,6 +160,22 @@ def _records(ids, source="edge"):
                         q_topk_logprobs=[-0.5, -1.0]) for i, t in enumerate(ids)]  # fmt: skip
 
 
+def test_text_assembler_and_logprobs_take_ps_tokens_by_their_bytes_across_tokenizers():
+    """Across tokenizers a cloud token's id is P's: its bytes come with the record (`raw`), an id equal
+    to a Q stop id is still text, and P's end of turn (no bytes) ends the answer."""
+    detok = _fake_detokenize({1: b"Hel", 7: b"<end>", 99: b"x"})
+    a = TextAssembler(detok, frozenset({7}), [])
+    p_hash = TokenRecord(position=1, token_id=7, source="cloud", raw=b"#", p_logprob=-0.1,
+                         p_topk_ids=[7, 151], p_topk_logprobs=[-0.1, -2.0])  # fmt: skip
+    p_end = TokenRecord(position=2, token_id=151645, source="cloud", raw=b"", p_logprob=-0.01)
+    for r in [*_records([1]), p_hash, p_end]:
+        assert not a.add(r)
+    text, toks = a.take(final=True)
+    assert text == "Hel#" and [t.record.token_id for t in toks] == [1, 7]
+    entry = LogprobFormatter(detok, top=2).chat(toks)[1]
+    assert entry == {"token": "#", "logprob": -0.1, "bytes": [35], "top_logprobs": []}
+
+
 def test_text_assembler_trims_stop_strings_across_tokens_and_holds_back_prefixes():
     pieces = {1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"\xc3", 6: b"\xa9!", 7: b"<end>", 99: b"x"}
     detok = _fake_detokenize(pieces)

@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +30,7 @@ from handoff.edge.evaluation.checkers import check
 from handoff.edge.evaluation.sandbox import SandboxLimits
 from handoff.edge.evaluation.tasks import Task
 from handoff.edge.policy import PolicyConfig
-from handoff.edge.records import GenerationResult, TokenRecord
+from handoff.edge.records import GenerationResult
 from handoff.shared.errors import ShapeError
 from handoff.shared.quality import oracle_positions
 from handoff.shared.sampling import SamplingSettings
@@ -228,19 +228,6 @@ def trace_oracle(result: GenerationResult) -> int | None:
     return int(oracle_positions(p, q).size)
 
 
-def answer_text(records: Sequence[TokenRecord], stop_ids: Iterable[int], *, cross: bool = False) -> str:
-    """The answer's text without the end-of-turn token ("<|im_end|>" is not part of an answer).
-
-    Args:
-        records: the generation's committed tokens.
-        stop_ids: Q's end-of-generation ids.
-        cross: Q's tokenizer is not P's: a cloud token's id is then P's (one may equal a Q stop id),
-            and only the edge's tokens are Q ids.
-    """
-    stops = set(stop_ids)
-    return "".join(r.text for r in records if not (r.token_id in stops and (not cross or r.source == "edge")))
-
-
 class Evaluation:
     """Tasks × runs through one Assistant's generator, resumable, with a results file and traces."""
 
@@ -351,7 +338,7 @@ class Evaluation:
             self._generators[spec.name] = gen
         ids = self.prompt_ids(task.prompt)
         result = await gen.generate(ids, self.max_tokens, sampling=self.sampling)
-        text = answer_text(result.records, base.runner.stop_token_ids, cross=cross)
+        text = result.answer_text(base.runner.stop_token_ids)
         # The sandbox is a blocking subprocess wait: keep it off the event loop.
         verdict = await asyncio.to_thread(check, task, text, self.limits)
         counts = result.counts()
