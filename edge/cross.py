@@ -16,7 +16,7 @@ Q's tokenizer at the unsettled tail only (shared/retokenize.py), its KV cache fo
   Lossless Speculative Decoding Algorithms for Heterogeneous Vocabularies", ICML 2025). Q drafts only
   tokens P also has (its top-k restricted to them, shared/alignment.intersection_draft), sent as P's
   ids; P verifies them with speculative sampling, so the output is distributed as P's own sampling and
-  greedy drafts give P's greedy text.
+  greedy drafts give P's greedy text (edge/cross_exact.py).
 - Mode "cloud": P writes everything (the baseline of a pair).
 
 Records: an edge token's token_id is Q's id, a cloud token's is P's id (its text is in the record).
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from handoff.edge.exact import DraftLength, draft_sampling
+from handoff.edge.cross_exact import tli_rounds
+from handoff.edge.exact import draft_sampling
 from handoff.edge.link import LinkConfig, within
 from handoff.edge.policy import HandoffPolicy, PolicyConfig, make_policy
 from handoff.edge.records import GenerationResult, OnToken, TokenRecord
@@ -47,7 +48,6 @@ from handoff.edge.wire import sampling_to_proto
 from handoff.shared.alignment import (
     VocabAlignment,
     char_concepts_across,
-    intersection_draft,
     intersection_kl,
     with_stops,
 )
@@ -56,7 +56,7 @@ from handoff.shared.llama_cpp_model import GGUFTokenizer, gguf_tokenizer
 from handoff.shared.retokenize import Change, TextTokens, complete_utf8
 from handoff.shared.sampling import SamplingSettings
 from handoff.shared.vocab import Vocabulary
-from handoff.shared.wire import pb, topk_from_proto, topk_to_proto
+from handoff.shared.wire import pb, topk_from_proto
 
 __all__ = ["CrossGenerator", "cross_generator"]
 
@@ -279,7 +279,7 @@ class _Run:
                 done = await (
                     self._cloud_only()
                     if g.mode == "cloud"
-                    else self._draft_rounds(draft_sampling(chosen, self.policy.top_k) or chosen)
+                    else tli_rounds(self, draft_sampling(chosen, self.policy.top_k) or chosen)
                     if drafts
                     else self._windows()
                 )
@@ -492,93 +492,6 @@ class _Run:
         view = pb.EdgeToken(position=offset, has_distribution=True)
         view.topk.ids.extend(int(i) for i in ids[ids >= 0])
         return view
-
-    # -- draft rounds (TLI) --------------------------------------------------------------------
-
-    async def _draft_rounds(self, sampling: SamplingSettings) -> bool:
-        length = DraftLength(self.policy.draft_tokens, self.policy.draft_tokens_max)
-        rng = sampling.rng()
-        while self.committed < self.max_tokens:
-            if self.session is None:
-                return await self._windows()  # the cloud is gone: the edge alone, unchecked
-            if not self.text.ready:
-                if await self._cloud_turn(1):
-                    return True
-                continue
-            base = self.text.length
-            steps, pieces, dists = [], [], []
-            while len(steps) < min(length.gamma, self.max_tokens - self.committed):
-                draft = await self.in_pool(self._draft_one, sampling, rng)
-                if draft is None:
-                    break
-                step, piece, dist = draft
-                steps.append(step)
-                pieces.append(piece)
-                dists.append(dist)
-                if step.token_id in self.stops:
-                    break
-            if not steps:  # nothing Q could draft is P's: P writes the token
-                if await self._cloud_turn(1):
-                    return True
-                continue
-            n_text = len(steps) - (1 if steps[-1].token_id in self.stops else 0)
-            self.text.own([s.token_id for s in steps[:n_text]], pieces[:n_text])
-            offsets = base + np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
-            draft_msg = [
-                pb.EdgeToken(position=int(offsets[j]), token_id=int(self.g.alignment.q_to_p[s.token_id]))
-                for j, s in enumerate(steps)
-            ]
-            t_up = self.clock()
-            try:
-                verdict = await self.bounded(self.session.verify(draft_msg, dists))
-            except (VerifierError, TimeoutError) as e:
-                self._fail(e)
-                for s, piece in zip(steps, pieces, strict=True):
-                    if await self._edge(s, piece, unchecked="unreachable", t=t_up):
-                        return True
-                continue
-            accepted = min(verdict.accepted, len(steps))
-            self.result.drafts += 1
-            self.result.draft_tokens += len(steps)
-            self.result.checked_positions += len(steps)
-            self.result.draft_accepted += accepted
-            length.record(accepted, len(steps))
-            for j in range(accepted):
-                if await self._edge(steps[j], pieces[j], checked=True, t=t_up):
-                    return True
-            if accepted < len(steps):
-                await self.in_pool(self.text.cut, int(offsets[accepted]))
-            if not verdict.HasField("next") or self.committed >= self.max_tokens:
-                continue
-            replaced = steps[accepted].token_id if accepted < len(steps) else None
-            if await self._cloud_token(verdict.next, replaced):
-                return True
-        return False
-
-    def _draft_one(self, sampling: SamplingSettings, rng: np.random.Generator):
-        """One TLI draft token: Q's top-k restricted to P's tokens; (step, piece, its distribution) or None."""
-        ids, lp, ent = self.runner.peek()
-        p_ids, probs = intersection_draft(ids, lp, sampling, self.g.alignment)  # [m], [m]
-        if p_ids.size == 0:
-            return None
-        position = self.runner.length  # the draw is keyed by (seed, Q's position): timing cannot change it
-        j = (
-            int(np.argmax(probs))
-            if sampling.greedy
-            else int(sampling.rng_for(position, rng, stream=2).choice(probs.size, p=probs))
-        )
-        p_id = int(p_ids[j])
-        q_id = int(self.g.alignment.p_to_q[p_id])
-        self.runner.append([q_id])
-        q_lp = float(lp[list(ids).index(q_id)])
-        step = EdgeStep(
-            position=position, token_id=q_id, topk_ids=ids, topk_logprobs=lp, entropy=ent,
-            sampled_logprob=float(np.log(probs[j])), token_logprob=q_lp, seconds=0.0,
-        )  # fmt: skip
-        piece = b"" if q_id in self.stops else self.g.tokenizer.piece(q_id)
-        live = probs > 0  # a greedy draft's distribution is its one token
-        dist = topk_to_proto(p_ids[live], np.log(probs[live]))
-        return step, piece, dist
 
 
 def _whole(data: bytes) -> bool:
