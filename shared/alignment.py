@@ -113,7 +113,9 @@ def with_stops(alignment: VocabAlignment, q_stop: int, p_stop: int) -> VocabAlig
         if not 0 <= i < arr.size:
             raise ShapeError(f"{name}: expected an id in [0, {arr.size}), got {i}")
     if q_to_p[q_stop] >= 0 or p_to_q[p_stop] >= 0:
-        raise ShapeError("with_stops: the end-of-turn tokens are text tokens of the intersection")
+        # A model whose end of turn is also a text token: pairing it would take that text's place.
+        logger.warning("the end-of-turn tokens are text tokens too: the end of turn stays unshared")
+        return alignment
     q_to_p[q_stop], p_to_q[p_stop] = p_stop, q_stop
     return VocabAlignment(q_to_p, p_to_q, alignment.q_digest, alignment.p_digest)
 
