@@ -1,12 +1,14 @@
 """Concept maps: token ids grouped into concepts, for divergence over concepts instead of tokens.
 
 Seed note §0.9.3: "map the token space to higher-level concepts, like king and queen to ruler, and
-compare the distributions over these concepts". Two maps, each computed once per model pair and
-cached under the vocabulary's fingerprint:
+compare the distributions over these concepts". Three maps, each computed once per vocabulary (or
+model pair) and cached under the vocabulary's fingerprint:
 
 - surface: tokens that decode to the same string after normalising case and leading whitespace
   (" The", "the", "THE") share a concept; tokens that are only whitespace, and control tokens, keep
   their own (a newline is not a space in code);
+- char: tokens whose text starts with the same character share a concept (the KL over the next
+  character; control tokens keep their own);
 - cluster: k-means clusters of P's output embedding matrix (the rows that turn P's last hidden state
   into logits): tokens P scores alike share a concept ("king"/"queen" if P puts them close).
 

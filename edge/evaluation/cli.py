@@ -67,7 +67,7 @@ def eval_command(
         str,
         typer.Option(
             help="Other policies' runs, comma-separated: exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
-            "surface:TAU, concept:TAU (KL over surface forms / concepts), router[:G] (--router FILE), "
+            "surface:TAU, char:TAU, concept:TAU (KL over surface forms / next characters / concepts), router[:G] (--router FILE), "
             "safe:W[:S] (selective ensembling: P's weight, sharpen below S; the base tau for consensus), "
             "mixture:TAU, mixture-weighted:TAU (--experts), expert:NAME[:TAU] (one expert alone)."
         ),

@@ -70,7 +70,8 @@ VARIANTS = ("exact", "correction", "skip", "budget", "entropy", "router", "surfa
 
 def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     """A run of another policy: "exact", "correction", "skip:TAU", "budget:FRACTION", "entropy:TAU" (nats of
-    Q's entropy), "surface:TAU" / "concept:TAU" (the KL over surface forms / over concepts against TAU),
+    Q's entropy), "surface:TAU" / "char:TAU" / "concept:TAU" (the KL over surface forms / over the next
+    character / over concepts against TAU),
     "router" / "router:G" (the learned router of the base's router file, at its own gate threshold or
     at G; the run is named after the file), or "safe:W" / "safe:W:S" (selective ensembling with P's
     weight W, sharpening below S; the base's tau is the consensus KL), "mixture:TAU" /
@@ -84,7 +85,7 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     if name not in VARIANTS:
         raise ValueError(
             f"policy {text!r}: expected one of exact, correction, skip:TAU, budget:FRACTION, entropy:TAU, "
-            "surface:TAU, concept:TAU, router[:G], safe:W[:S], mixture:TAU, mixture-weighted:TAU, expert:NAME[:TAU]"
+            "surface:TAU, char:TAU, concept:TAU, router[:G], safe:W[:S], mixture:TAU, mixture-weighted:TAU, expert:NAME[:TAU]"
         )
     if name == "router":
         if not base.router:
