@@ -38,7 +38,6 @@ from handoff.cloud.resume import RetainedSequences
 from handoff.cloud.scheduler import BatchScheduler, Forwarded
 from handoff.cloud.settings import CloudSettings
 from handoff.cloud.text_session import TextSide
-from handoff.shared.alignment import token_pieces
 from handoff.shared.constraints import ConstraintError, ConstraintState, RowAdjust
 from handoff.shared.errors import (
     CapacityError,
@@ -157,12 +156,14 @@ class VerifierService:
         self._reaper: asyncio.Task | None = None
         self._retained = RetainedSequences(settings.resume_sessions, settings.resume_ttl_s)
         self._tokenizers: dict[tuple[int, ...], object] = {}  # the grammar engine's, by stop ids
-        self._pieces: list[bytes | None] | None = None  # the vocabulary's bytes, once asked for
         self.server_id = settings.server_id or f"{socket.gethostname()}/{os.getpid()}"
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # P's tokenizer (text sessions, token pieces) is loaded now, off the event loop, not at the
+        # first GetInfo on it.
+        await asyncio.to_thread(self._text_tokenizer)
         self.scheduler.start()
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle(), name="session-reaper")
 
@@ -250,13 +251,11 @@ class VerifierService:
         return gguf_tokenizer(ref.path)
 
     def _token_pieces(self) -> list[bytes | None]:
-        """Each token's bytes (None: special), read once from the model's GGUF (shared/alignment.py)."""
-        if self._pieces is None:
-            ref = self.backend.model_ref
-            if ref is None or ref.kind != "gguf":
-                raise VerifierError("FAILED_PRECONDITION", "this backend has no GGUF vocabulary to serve")
-            self._pieces = token_pieces(ref.path)
-        return self._pieces
+        """Each token's bytes (None: special), read once from the model's GGUF (its tokenizer's)."""
+        tokenizer = self._text_tokenizer()
+        if tokenizer is None:
+            raise VerifierError("FAILED_PRECONDITION", "this backend has no GGUF vocabulary to serve")
+        return tokenizer.text_pieces()
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -418,7 +417,7 @@ class VerifierService:
             )
         if not req.HasField("vocab"):
             raise VerifierError("INVALID_ARGUMENT", "open: the edge's vocabulary fingerprint is missing")
-        side = await self._text_open(req) if req.prompt_text else None
+        side, prompt = await self._text_open(req) if req.prompt_text else (None, list(req.prompt_token_ids))
         if side is None:
             try:
                 check_compatible(
@@ -426,7 +425,6 @@ class VerifierService:
                 )
             except VocabularyMismatch as e:
                 raise VerifierError("FAILED_PRECONDITION", f"vocabulary mismatch: {e}") from None
-        prompt = list(req.prompt_token_ids) if side is None else side[1]
         if not prompt:
             raise VerifierError("INVALID_ARGUMENT", "open: the prompt is empty")
         self._check_ids(prompt, "prompt_token_ids")
@@ -460,14 +458,14 @@ class VerifierService:
             sampling=sampling,
             rng=sampling.rng(),
             stop_ids=frozenset(
-                req.sampling.stop_token_ids if side is None else side[0].tokenizer.stop_token_ids
+                req.sampling.stop_token_ids if side is None else side.tokenizer.stop_token_ids
             ),
             next_unchecked=len(prompt),
             fed=reused,
             reused=reused,
             constraint=constraint,
             completion_start=req.constraint.completion_start if constraint is not None else 0,
-            text=None if side is None else side[0],
+            text=side,
         )
         self._sessions[session.id] = session
         self.metrics.sessions.set(len(self._sessions))
@@ -724,6 +722,8 @@ class VerifierService:
                 "FAILED_PRECONDITION",
                 f"handoff with unchecked edge tokens at [{s.next_unchecked}, {len(s.tokens)}): check or roll them back first",
             )
+        # A text session's check point over the text's end fed every token: the first row needs the last.
+        await self._rows_from(s, len(s.tokens))
         reason = pb.HandoffDone.REASON_MAX_TOKENS
         compute = 0.0
         for _ in range(limit):
@@ -816,9 +816,7 @@ class VerifierService:
             q_probs[j, : len(d.ids)] = np.exp(np.asarray(d.logprobs, dtype=np.float64))
         rows = self._constrain(s, draft, "verify")
         adjust = None if s.constraint is None else [*rows.values(), s.row()]
-        if s.fed > start - 1:  # the row for the first draft position needs the last token fed again
-            await self.scheduler.call(self.backend.truncate, s.seq, start - 1)
-            s.fed = start - 1
+        await self._rows_from(s, start)
         s.tokens.extend(draft)
         try:
             done = await self._forward(s, s.tokens[s.fed :], n_out=gamma + 1, full_rows=True, adjust=adjust)
@@ -878,7 +876,11 @@ class VerifierService:
         if s.constraint is not None:
             s.constraint.truncate(length - s.completion_start)
         s.next_unchecked = min(s.next_unchecked, length)
-        keep = min(s.fed, length - 1)  # the row for position `length` needs token length-1 fed again
-        if keep < s.fed:
-            await self.scheduler.call(self.backend.truncate, s.seq, keep)
-            s.fed = keep
+        await self._rows_from(s, length)
+
+    async def _rows_from(self, s: _Session, position: int) -> None:
+        """Let the next forward pass compute P's row at `position`: the row comes out of the pass that
+        feeds token position-1, so a cache that holds it already forgets it (it is fed again)."""
+        if s.fed > position - 1:
+            await self.scheduler.call(self.backend.truncate, s.seq, position - 1)
+            s.fed = position - 1

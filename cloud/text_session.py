@@ -141,9 +141,7 @@ async def check(svc: VerifierService, s: _Session, req: pb.CheckPoint) -> pb.Che
     if not chosen:
         return pb.CheckPointResult()
     first, last = side.prompt_len + chosen[0], side.prompt_len + chosen[-1]
-    if s.fed > first - 1:  # the row for `first` needs token first-1 fed again
-        await svc.scheduler.call(svc.backend.truncate, s.seq, first - 1)
-        s.fed = first - 1
+    await svc._rows_from(s, first)
     positions = range(first, last + 1)
     # Per row: P at Q's ids (where Q's view starts at the same byte), then at P's own token.
     at = [side.views.get(starts[p - side.prompt_len], []) for p in positions]
@@ -175,9 +173,6 @@ async def handoff(svc: VerifierService, s: _Session, req: pb.Handoff, rid: int, 
     side = s.text
     assert side is not None
     await settle(svc, s, "handoff", whole=True)
-    if s.fed >= len(s.tokens):  # a check point over the text's end fed its last token: feed it again
-        await svc.scheduler.call(svc.backend.truncate, s.seq, len(s.tokens) - 1)
-        s.fed = len(s.tokens) - 1
     async for reply in svc._handoff(s, req, rid, stop):
         if reply.HasField("token"):
             piece = side.tokenizer.piece(reply.token.token_id)

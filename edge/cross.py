@@ -73,7 +73,6 @@ async def cross_generator(
     cache_dir: Path,
 ) -> CrossGenerator:
     """A CrossGenerator for Q's runner and the cloud behind client (the alignment cached in cache_dir)."""
-    from handoff.shared.alignment import token_pieces
     from handoff.shared.model_info import load_model_info
     from handoff.shared.models import ModelRef
 
@@ -85,9 +84,8 @@ async def cross_generator(
         raise VerifierError(
             "FAILED_PRECONDITION", f"the cloud model {info.model_id} serves no text-aligned sessions"
         )
-    pieces = await asyncio.to_thread(token_pieces, path)
-    alignment = await client.alignment(pieces, digest, cache_dir)
-    q_tok = gguf_tokenizer(path)
+    q_tok = await asyncio.to_thread(gguf_tokenizer, path)  # loaded once per process, pieces read once
+    alignment = await client.alignment(await asyncio.to_thread(q_tok.text_pieces), digest, cache_dir)
     both = with_stops(alignment, q_tok.stop_token_ids[0], int(info.stop_token_ids[0]))
     return CrossGenerator(runner, client, vocabulary, policy, both, mode=mode, link=link)
 
@@ -142,8 +140,7 @@ class CrossGenerator:
         # The next-character divergence's concepts over intersection_kl's ids; None: over tokens.
         self.concept_of = None
         if policy.divergence == "char":
-            pieces = [self.tokenizer.piece(q) if q >= 0 else None for q in range(runner.n_vocab)]
-            self.concept_of = char_concepts_across(alignment, pieces)
+            self.concept_of = char_concepts_across(alignment, self.tokenizer.text_pieces())
 
     @property
     def threshold(self) -> float:
@@ -203,8 +200,7 @@ class _QText:
 
     def foreign(self, data: bytes) -> None:
         """P's text: re-tokenised with Q's tokenizer, then settled so that Q can go on after it."""
-        self._apply(self.tt.extend(data))
-        self._apply(self.tt.extend(b"", settle=True))
+        self._apply(self.tt.extend(data, settle=True))
 
     def cut(self, length: int) -> None:
         """Cut the text to `length` bytes, at a boundary of Q's own tokens."""
@@ -235,7 +231,7 @@ class _Run:
         self.stops = set(self.runner.stop_token_ids)
         self.text = _QText(self.runner, g.tokenizer, len(prompt))
         self.session: RemoteSession | None = None
-        self.cloud_stop = False  # P wrote its end of turn
+        self.p_stops: frozenset[int] = frozenset()  # P's end-of-generation ids, from the session's info
         self._start = time.perf_counter()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-runner")
 
@@ -271,6 +267,8 @@ class _Run:
                 ))  # fmt: skip
                 result.servers.append(self.session.server_id)
                 result.open_bytes = (self.session.bytes_sent, self.session.bytes_received)
+                if self.session.info is not None:
+                    self.p_stops = frozenset(self.session.info.stop_token_ids)
             except (VerifierError, TimeoutError) as e:
                 if g.mode == "cloud":
                     raise VerifierError("UNAVAILABLE", f"cloud-only generation: {e}") from None
@@ -342,11 +340,7 @@ class _Run:
             p_topk_logprobs=p_lp.tolist(), replaced_token_id=replaced, t_generated=self.clock(),
             t_received=self.clock(), raw=piece,
         ), piece)  # fmt: skip
-        return not piece and int(tok.token_id) in self._p_stops()
-
-    def _p_stops(self) -> set[int]:
-        info = self.session.info if self.session is not None else None
-        return set(info.stop_token_ids) if info is not None else set()
+        return not piece and int(tok.token_id) in self.p_stops
 
     async def _cloud_turn(self, n: int, replaced: int | None = None) -> bool:
         """P writes up to n tokens (more while its text ends inside a character); True at its end of turn."""

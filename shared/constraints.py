@@ -23,7 +23,6 @@ The prompt does not count, as in vLLM. The grammar engine is llguidance (docs/gr
 
 from __future__ import annotations
 
-import atexit
 import math
 import warnings
 from collections import Counter
@@ -277,29 +276,24 @@ def merge_bias(
 # A completion under a constraint, token by token
 
 
-# (file, stop ids) -> (the vocabulary-only llama.cpp model, its llguidance tokenizer). The model stays
-# loaded: the tokenizer calls into its vocabulary to tokenize.
-_TOKENIZERS: dict[tuple[str, tuple[int, ...]], tuple[Any, Any]] = {}
+# (file, stop ids) -> llguidance's tokenizer. It calls into the vocabulary-only llama.cpp load of the
+# file (shared.llama_cpp_model.gguf_tokenizer), which stays loaded for the process.
+_TOKENIZERS: dict[tuple[str, tuple[int, ...]], Any] = {}
 
 
 def _tokenizer_for(path: str, eos: tuple[int, ...]):
     """llguidance's tokenizer of a GGUF's vocabulary (llama.cpp loads the vocabulary only, ~1 s)."""
     key = (path, eos)
     if key not in _TOKENIZERS:
-        import llama_cpp
         from llguidance.llamacpp import lltokenizer_from_vocab
 
-        from handoff.shared.llama_cpp_model import native_logs_shown, route_native_logs
+        from handoff.shared.llama_cpp_model import gguf_tokenizer
 
-        route_native_logs()
-        llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=native_logs_shown())
-        # Freed before the interpreter tears llama_cpp's module down (its __del__ would fail then).
-        atexit.register(llm.close)
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        vocab = gguf_tokenizer(path).vocab
         with warnings.catch_warnings():  # llguidance calls a deprecated alias once per token
             warnings.simplefilter("ignore", DeprecationWarning)
-            _TOKENIZERS[key] = (llm, lltokenizer_from_vocab(vocab, eos_token=list(eos)))
-    return _TOKENIZERS[key][1]
+            _TOKENIZERS[key] = lltokenizer_from_vocab(vocab, eos_token=list(eos))
+    return _TOKENIZERS[key]
 
 
 def grammar_tokenizer(gguf_path: str, stop_ids: Iterable[int]):

@@ -142,10 +142,12 @@ class GGUFTokenizer:
         route_native_logs()
         self.path = Path(path)
         self.llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=native_logs_shown())
-        self._piece = PieceReader(llama_cpp.llama_model_get_vocab(self.llm.model))
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)  # the llama_vocab pointer
+        self._piece = PieceReader(self.vocab)
         self.n_vocab = int(self.llm.n_vocab())
         self.stop_token_ids = stop_tokens(self.llm, self._piece)
         self._bytes: dict[int, int] | None = None  # byte -> its token, built when first needed
+        self._pieces: list[bytes | None] | None = None  # text_pieces(), read when first needed
 
     def tokenize(self, data: bytes, *, special: bool = False) -> list[int]:
         """Token ids of text, no BOS; `special`: markers such as <|im_start|> are read as their tokens.
@@ -167,12 +169,26 @@ class GGUFTokenizer:
             i = bad
         return out
 
+    def text_pieces(self) -> list[bytes | None]:
+        """Each token's bytes as the tokenizer's own type decodes them; None for special tokens
+        (control, user-defined and unused ones: they are not text). Read once (~0.2 s for 151k)."""
+        if self._pieces is None:
+            import llama_cpp
+
+            special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+            special |= llama_cpp.LLAMA_TOKEN_ATTR_UNUSED
+            attr = llama_cpp.llama_vocab_get_attr
+            self._pieces = [
+                None if attr(self.vocab, t) & special else (self._piece(t, False) or None)
+                for t in range(self.n_vocab)
+            ]
+        return list(self._pieces)
+
     def _byte_token(self, byte: int) -> int:
         if self._bytes is None:
             self._bytes = {}
-            for t in range(self.n_vocab):
-                piece = self._piece(t, False)
-                if len(piece) == 1:
+            for t, piece in enumerate(self.text_pieces()):
+                if piece is not None and len(piece) == 1:
                     self._bytes.setdefault(piece[0], t)
         if byte not in self._bytes:
             raise ShapeError(f"{self.path.name} has no token for the byte 0x{byte:02x}")
