@@ -33,8 +33,23 @@ def register(app: typer.Typer) -> None:
     app.add_typer(router_app, name="router")
 
 
-def _load(paths: list[Path], edge: str | None, hidden: bool, batch: int = 1):
-    """(generations, RouterData, vocabulary) of trace files, hidden states recomputed with Q when asked."""
+LabelsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--labels",
+        exists=True,
+        dir_okay=False,
+        help="Continuation labels (`handoff router label`): learn/score answer-changing disagreements; "
+        "generations without labels (P's answer wrong) are left out.",
+    ),
+]
+
+
+def _load(
+    paths: list[Path], edge: str | None, hidden: bool, batch: int = 1, labels: list[Path] | None = None
+):
+    """(RouterData, vocabulary) of trace files, hidden states recomputed with Q when asked, continuation
+    labels attached when given."""
     from handoff.edge.policy.features import token_classes
     from handoff.edge.routing.data import read_generations, to_data
     from handoff.edge.routing.extract import hidden_states
@@ -48,6 +63,14 @@ def _load(paths: list[Path], edge: str | None, hidden: bool, batch: int = 1):
     generations = read_generations(paths)
     if not generations:
         raise HandoffError(f"no cloud-only generations in {', '.join(map(str, paths))}")
+    if labels:
+        from handoff.edge.routing.data import read_labels, with_labels
+
+        generations = with_labels(generations, read_labels(labels))
+        if not generations:
+            raise HandoffError(
+                f"none of the generations in {', '.join(map(str, paths))} has labels in {labels}"
+            )
     states = hidden_states(ref.path, generations, threads=settings.threads, batch=batch) if hidden else None
     return to_data(generations, token_classes(vocabulary.tokens), states), vocabulary
 
@@ -80,6 +103,7 @@ def train(
     extract_batch: Annotated[
         int, typer.Option(min=1, help="Positions per decode when recomputing Q's hidden states (1: exact).")
     ] = 1,
+    labels: LabelsOpt = None,
     edge: EdgeModelOpt = None,
 ) -> None:
     """Fit a router on TRACES (cloud-only runs) and choose its threshold on --val."""
@@ -93,9 +117,9 @@ def train(
         model=model, hidden_dims=hidden_dims, l2=l2, target_checked=target_checked,
         only=tuple(f.strip() for f in only.split(",") if f.strip()),
     )  # fmt: skip  # type: ignore[arg-type]
-    train_data, vocabulary = _load(traces, edge, hidden_dims > 0, extract_batch)
+    train_data, vocabulary = _load(traces, edge, hidden_dims > 0, extract_batch, labels)
     if val:
-        val_data, _ = _load(val, edge, hidden_dims > 0, extract_batch)
+        val_data, _ = _load(val, edge, hidden_dims > 0, extract_batch, labels)
     else:  # hold out whole prompts
         train_data, val_data = split_by_prompt(train_data, val_every)
     # A validation generation whose prompt is also a training one would flatter the threshold.
@@ -107,10 +131,12 @@ def train(
         meta={"edge_vocabulary": vocabulary.name, "train_traces": [str(p) for p in traces],
               "val_traces": [str(p) for p in val or []], "val_every": None if val else val_every, "train_positions": len(train_data.labels),
               "train_generations": len(train_data.generations), "val_generations": len(val_data.generations),
-              "train_disagreement_rate": float(train_data.labels.mean())},
+              "train_disagreement_rate": float(train_data.disagreements.mean()),
+              "labels": [str(p) for p in labels] if labels else "argmax",
+              "train_label_rate": float(train_data.labels.mean())},
     )  # fmt: skip
     scores = router.probabilities(router.rows(val_data.scalars, val_data.hidden))
-    stats = at_threshold(scores, val_data.labels, val_data.group, router.threshold)
+    stats = at_threshold(scores, val_data.labels, val_data.group, router.threshold, val_data.disagreements)
     router = replace(router, meta=router.meta | {"validation": stats | {"auc": auc(scores, val_data.labels)}})
     router.save(out_path)
     out.print(f"router: {out_path} ({len(router.layers)} layer(s), {router.n_features} features)")
@@ -139,6 +165,7 @@ def evaluate(
             help="Leave one suite out: the validation traces (default: held-out prompts of --loso-train).",
         ),
     ] = None,
+    labels: LabelsOpt = None,
     edge: EdgeModelOpt = None,
 ) -> None:
     """Offline: how the router and the single-feature gates pick disagreements on TRACES (held out).
@@ -150,7 +177,7 @@ def evaluate(
     from handoff.edge.routing.report import evaluate_router, leave_one_suite_out, with_config
 
     router = load_router(router_path)
-    data, vocabulary = _load(traces, edge, router.hidden_dims > 0)
+    data, vocabulary = _load(traces, edge, router.hidden_dims > 0, labels=labels)
     router.check_vocabulary(vocabulary)
     result = evaluate_router(router, data, csv_values(fractions, float, "--fractions"))
     result["router_file"] = str(router_path)
@@ -158,7 +185,8 @@ def evaluate(
     if loso_train:
         hidden = router.hidden_dims > 0
         result["loso"] = leave_one_suite_out(
-            _load(loso_train, edge, hidden)[0], _load(loso_val, edge, hidden)[0] if loso_val else None, data,
+            _load(loso_train, edge, hidden, labels=labels)[0],
+            _load(loso_val, edge, hidden, labels=labels)[0] if loso_val else None, data,
             with_config(router), vocab_digest=router.vocab_digest, vocab_size=router.vocab_size,
             val_every=int(router.meta.get("val_every") or 4),
         )  # fmt: skip
@@ -172,8 +200,9 @@ def print_evaluation(result: dict[str, Any]) -> None:
     r = result["router"]
     out.print(
         f"{result['generations']} generations, {result['positions']} positions, "
-        f"{result['disagreement_rate']:.3f} disagreements; router at its threshold {r['threshold']:.3f}: "
-        f"checked {r['checked']:.3f}, recall {r['recall']:.3f}, reproduced {r['reproduced']:.3f}"
+        f"{result['disagreement_rate']:.3f} disagreements, {result['label_rate']:.3f} labelled "
+        f"({result['labels']}); router at its threshold {r['threshold']:.3f}: checked {r['checked']:.3f}, "
+        f"recall {r['recall']:.3f}, overrides {r['overrides']:.3f}, reproduced {r['reproduced']:.3f}"
     )
     table = Table(title="gates: recall / reproduced generations at a checked fraction")
     table.add_column("gate")
@@ -203,3 +232,65 @@ def print_evaluation(result: dict[str, Any]) -> None:
                 ),
             )
         out.print(t)
+
+
+@router_app.command("label")
+def label(
+    traces: TracesArg,
+    out_path: Annotated[Path, typer.Option("--out", help="The label file to write (JSONL).")] = Path(
+        "labels.jsonl"
+    ),
+    concurrency: Annotated[int, typer.Option(min=1, help="Generations continued side by side.")] = 4,
+    cloud: Annotated[
+        str | None, typer.Option(help="P: registry name or GGUF path (default: the cloud model).")
+    ] = None,
+) -> None:
+    """Continuation labels (R2R's divergent/neutral): at each disagreement of TRACES' cloud-only
+    generations that P answered right, P continues from Q's token; divergent if the answer then fails.
+
+    P runs here on the cloud backend the cloud settings choose (HANDOFF_CLOUD_* variables; deterministic
+    mode by default). Generated tasks only: the checker is found from the task id.
+    """
+    from tqdm import tqdm
+
+    from handoff.cloud.loader import load_backend
+    from handoff.cloud.settings import CloudSettings
+    from handoff.edge.evaluation.continuations import continuation_labels
+    from handoff.edge.routing.data import read_generations, write_labels
+    from handoff.shared.llama_cpp_model import gguf_tokenizer
+
+    generations = read_generations(traces)
+    if not generations:
+        raise HandoffError(f"no cloud-only generations in {', '.join(map(str, traces))}")
+    budgets = {g.max_tokens for g in generations}
+    if len(budgets) != 1 or None in budgets:
+        raise HandoffError(
+            f"the traces' runs need one token budget (max_tokens), found {sorted(map(str, budgets))}"
+        )
+    settings = CloudSettings(**({"model": cloud} if cloud else {}))
+    # Sessions are allocated up front in deterministic mode: only as many, and as long, as needed.
+    context = max(len(g.prompt_ids) for g in generations) + max(budgets) + 16
+    settings = settings.model_copy(
+        update={"max_sessions": concurrency, "max_context": min(settings.max_context, context)}
+    )
+    backend = load_backend(settings)
+    try:
+        if backend.model_ref is None or backend.model_ref.kind != "gguf":
+            raise HandoffError("router label needs P as a GGUF file (its tokenizer writes the answers)")
+        tok = gguf_tokenizer(backend.model_ref.path)
+        with tqdm(total=len(generations), desc="generations", unit="gen") as bar:
+            labels, stats = continuation_labels(
+                backend, generations, stop_ids=tok.stop_token_ids, detokenize=tok.detokenize,
+                max_tokens=int(budgets.pop()), concurrency=concurrency, progress=bar.update,
+            )  # fmt: skip
+    finally:
+        backend.close()
+    meta = {
+        "traces": [str(p) for p in traces],
+        "cloud_model": settings.model,
+        "deterministic": settings.deterministic,
+        "stats": vars(stats),
+    }
+    write_labels(out_path, labels, meta)
+    out.print(f"labels: {out_path}")
+    out.print(json.dumps(vars(stats), indent=1))

@@ -7,6 +7,10 @@ argmax disagreement: Q's most likely token at t is not P's (greedy) token — ex
 correction policy replaces. Along P's own text, a router that flags every such position makes the
 gated correction policy write P's text token for token.
 
+Continuation labels (`handoff router label`, edge/evaluation/continuations.py) refine that: of the
+disagreements, only those where Q's token, continued by P, changes whether the answer passes the
+task's checker are labelled positive ("divergent", R2R's labels); `with_labels` attaches them.
+
 Q's hidden states are not in traces (they would be large): extract() recomputes them with one
 batched pass of Q over each generation (EdgeRunner.score_sequence).
 """
@@ -14,9 +18,10 @@ batched pass of Q over each generation (EdgeRunner.score_sequence).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,18 @@ import numpy as np
 from handoff.edge.policy.features import SCALAR_FEATURES, scalar_features
 from handoff.shared.errors import ShapeError
 
-__all__ = ["Generation", "RouterData", "read_generations", "split_by_prompt", "to_data"]
+__all__ = [
+    "Generation",
+    "GenerationLabels",
+    "RouterData",
+    "generation_digest",
+    "read_generations",
+    "read_labels",
+    "split_by_prompt",
+    "to_data",
+    "with_labels",
+    "write_labels",
+]
 
 
 @dataclass(frozen=True)
@@ -44,11 +60,98 @@ class Generation:
     q_topk_logprobs: np.ndarray  # float64 [n, k]
     q_entropy: np.ndarray  # float64 [n]
     source: str  # file, for messages
+    max_tokens: int | None = None  # the run's token budget per generation
+    divergent: np.ndarray | None = None  # bool [n]: continuation labels, when attached (with_labels)
+
+    @property
+    def disagreements(self) -> np.ndarray:
+        """[n] bool: Q's most likely token is not P's token (an argmax disagreement)."""
+        return self.q_topk_ids[:, 0] != self.tokens
 
     @property
     def labels(self) -> np.ndarray:
-        """[n] bool: Q's most likely token is not P's token (an argmax disagreement)."""
-        return self.q_topk_ids[:, 0] != self.tokens
+        """[n] bool, what the router learns: the continuation labels when attached, else the argmax
+        disagreements."""
+        return self.disagreements if self.divergent is None else self.divergent
+
+    @property
+    def digest(self) -> str:
+        return generation_digest(self.prompt_ids, self.tokens)
+
+
+def generation_digest(prompt_ids: Sequence[int], tokens: Sequence[int] | np.ndarray) -> str:
+    """A short hash of a generation's prompt and P's tokens: continuation labels belong to it only."""
+    data = json.dumps([list(map(int, prompt_ids)), [int(t) for t in tokens]]).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GenerationLabels:
+    """Continuation labels of one cloud-only generation (only generations whose answer P got right).
+
+    positions: [d] the argmax disagreements (indices into the generation's tokens); divergent: [d]
+    whether P, continuing after Q's token there, no longer passes the checker; continuation_tokens:
+    [d] tokens P wrote after Q's token.
+    """
+
+    task_id: str
+    digest: str
+    positions: tuple[int, ...]
+    divergent: tuple[bool, ...]
+    continuation_tokens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.positions) == len(self.divergent) == len(self.continuation_tokens):
+            raise ShapeError(f"{self.task_id}: positions, divergent and continuation_tokens differ in length")
+
+
+def write_labels(path: Path, labels: Iterable[GenerationLabels], meta: dict[str, Any]) -> None:
+    """JSONL: a "labels" header (meta), then one record per generation."""
+    with path.open("w", encoding="utf-8") as f:
+        f.write(json.dumps({"record": "labels"} | meta) + "\n")
+        for g in labels:
+            f.write(json.dumps({"record": "generation"} | asdict(g)) + "\n")
+
+
+def read_labels(paths: Iterable[Path | str]) -> dict[str, GenerationLabels]:
+    """Continuation labels by generation digest, from files write_labels wrote."""
+    out: dict[str, GenerationLabels] = {}
+    for path in map(Path, paths):
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                rec = json.loads(line) if line.strip() else {}
+                if rec.get("record") != "generation":
+                    continue
+                try:
+                    g = GenerationLabels(
+                        str(rec["task_id"]), str(rec["digest"]), tuple(map(int, rec["positions"])),
+                        tuple(map(bool, rec["divergent"])), tuple(map(int, rec["continuation_tokens"])),
+                    )  # fmt: skip
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ShapeError(f"{path}:{line_no}: not a continuation-label record ({e})") from None
+                out[g.digest] = g
+    return out
+
+
+def with_labels(generations: Sequence[Generation], labels: dict[str, GenerationLabels]) -> list[Generation]:
+    """The generations that have continuation labels, with them attached (the others are left out:
+    the labeller skips generations whose answer P got wrong).
+
+    Raises:
+        ShapeError: labels whose positions are not the generation's disagreements.
+    """
+    out = []
+    for g in generations:
+        lab = labels.get(g.digest)
+        if lab is None:
+            continue
+        where = np.flatnonzero(g.disagreements)
+        if tuple(where.tolist()) != lab.positions:
+            raise ShapeError(f"{g.source}: the labels of {lab.task_id} are not at its disagreements")
+        divergent = np.zeros(len(g.tokens), dtype=bool)
+        divergent[where] = lab.divergent
+        out.append(replace(g, divergent=divergent))
+    return out
 
 
 def _open(path: Path):
@@ -96,6 +199,7 @@ def _generation(header: dict[str, Any], records: list[dict[str, Any]], where: st
         q_topk_logprobs=np.asarray([r["q_topk_logprobs"][:k] for r in records], dtype=np.float64),
         q_entropy=np.asarray([r["q_entropy"] for r in records], dtype=np.float64),
         source=where,
+        max_tokens=header.get("max_tokens"),
     )
 
 
@@ -103,8 +207,9 @@ def _generation(header: dict[str, Any], records: list[dict[str, Any]], where: st
 class RouterData:
     """Feature rows and labels of many generations, with which generation each row came from.
 
-    scalars: [N, len(SCALAR_FEATURES)]; hidden: [N, d] or None; labels: [N] bool; group: [N] int, the
-    index of the row's generation in `generations`.
+    scalars: [N, len(SCALAR_FEATURES)]; hidden: [N, d] or None; labels: [N] bool, what the router
+    learns (Generation.labels); group: [N] int, the index of the row's generation in `generations`;
+    disagreements: [N] bool argmax disagreements (each flagged one is an override token).
     """
 
     generations: tuple[Generation, ...]
@@ -112,6 +217,7 @@ class RouterData:
     hidden: np.ndarray | None
     labels: np.ndarray
     group: np.ndarray
+    disagreements: np.ndarray
 
     def subset(self, keep: np.ndarray) -> RouterData:
         """The rows of the generations where keep [len(generations)] is True (renumbered)."""
@@ -126,6 +232,7 @@ class RouterData:
             None if self.hidden is None else self.hidden[rows],
             self.labels[rows],
             renumber[self.group[rows]],
+            self.disagreements[rows],
         )
 
 
@@ -151,10 +258,11 @@ def to_data(
     """
     if hidden is not None and len(hidden) != len(generations):
         raise ShapeError(f"hidden: expected {len(generations)} arrays, got {len(hidden)}")
-    scalars, labels, groups, hid = [], [], [], []
+    scalars, labels, groups, hid, dis = [], [], [], [], []
     for i, g in enumerate(generations):
         scalars.append(generation_scalars(g, classes))
         labels.append(g.labels)
+        dis.append(g.disagreements)
         groups.append(np.full(len(g.tokens), i))
         if hidden is not None:
             h = np.asarray(hidden[i], dtype=np.float32)
@@ -170,6 +278,7 @@ def to_data(
         np.concatenate(hid) if hid else None,
         np.concatenate(labels) if labels else np.zeros(0, dtype=bool),
         np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64),
+        np.concatenate(dis) if dis else np.zeros(0, dtype=bool),
     )
 
 

@@ -59,17 +59,28 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def at_threshold(
-    scores: np.ndarray, labels: np.ndarray, group: np.ndarray, threshold: float
+    scores: np.ndarray,
+    labels: np.ndarray,
+    group: np.ndarray,
+    threshold: float,
+    disagreements: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Checked fraction, recall, precision and reproduced generations for `scores >= threshold`.
+    """Checked fraction, recall, precision, override tokens and reproduced generations for
+    `scores >= threshold`.
 
     Args:
-        scores: [N] gate scores; labels: [N] bool disagreements; group: [N] generation index per row.
+        scores: [N] gate scores; labels: [N] bool, the positions to flag (argmax disagreements, or
+            continuation labels); group: [N] generation index per row.
+        disagreements: [N] bool argmax disagreements, where a flag becomes an override token
+            (default: labels). With continuation labels, "reproduced" is then the share of
+            generations whose answer-changing disagreements are all flagged.
     """
     scores, labels, group = np.asarray(scores), np.asarray(labels, dtype=bool), np.asarray(group)
-    if not scores.shape == labels.shape == group.shape:
+    dis = labels if disagreements is None else np.asarray(disagreements, dtype=bool)
+    if not scores.shape == labels.shape == group.shape == dis.shape:
         raise ShapeError(
-            f"expected [N] scores, labels and group, got {scores.shape}, {labels.shape}, {group.shape}"
+            f"expected [N] scores, labels, group and disagreements, got {scores.shape}, {labels.shape}, "
+            f"{group.shape}, {dis.shape}"
         )
     flagged = scores >= threshold
     n_gen = int(group.max()) + 1 if group.size else 0
@@ -79,18 +90,22 @@ def at_threshold(
         "checked": float(flagged.mean()) if flagged.size else 0.0,
         "recall": float(flagged[labels].mean()) if labels.any() else None,
         "precision": float(labels[flagged].mean()) if flagged.any() else None,
-        "overrides": float((flagged & labels).mean()) if flagged.size else 0.0,
+        "overrides": float((flagged & dis).mean()) if flagged.size else 0.0,
         "reproduced": float((missed == 0).mean()) if n_gen else None,
     }
 
 
 def curve(
-    scores: np.ndarray, labels: np.ndarray, group: np.ndarray, fractions: Sequence[float]
+    scores: np.ndarray,
+    labels: np.ndarray,
+    group: np.ndarray,
+    fractions: Sequence[float],
+    disagreements: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """at_threshold at the thresholds that check each fraction of these positions (the frontier)."""
     scores = np.asarray(scores, dtype=np.float64)
     out = []
     for frac in fractions:
         thr = float(np.quantile(scores, 1.0 - frac, method="higher")) if scores.size else 0.0
-        out.append({"target": float(frac)} | at_threshold(scores, labels, group, thr))
+        out.append({"target": float(frac)} | at_threshold(scores, labels, group, thr, disagreements))
     return out

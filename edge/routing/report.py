@@ -37,10 +37,15 @@ def evaluate_router(router: RouterModel, data: RouterData, fractions: Sequence[f
     out: dict[str, Any] = {
         "positions": len(data.labels),
         "generations": len(data.generations),
-        "disagreement_rate": float(data.labels.mean()) if len(data.labels) else None,
-        "router": at_threshold(scores, data.labels, data.group, router.threshold),
+        "disagreement_rate": float(data.disagreements.mean()) if len(data.labels) else None,
+        "label_rate": float(data.labels.mean()) if len(data.labels) else None,
+        "labels": "continuation" if any(g.divergent is not None for g in data.generations) else "argmax",
+        "router": at_threshold(scores, data.labels, data.group, router.threshold, data.disagreements),
         "gates": {
-            name: {"auc": auc(s, data.labels), "curve": curve(s, data.labels, data.group, fractions)}
+            name: {
+                "auc": auc(s, data.labels),
+                "curve": curve(s, data.labels, data.group, fractions, data.disagreements),
+            }
             for name, s in gates.items()
         },
         "by_suite": {},
@@ -49,7 +54,9 @@ def evaluate_router(router: RouterModel, data: RouterData, fractions: Sequence[f
     for suite in sorted(set(suites.tolist())):
         part = data.subset(suites == suite)
         s = _scores(router, part)
-        out["by_suite"][suite] = at_threshold(s, part.labels, part.group, router.threshold) | {
+        out["by_suite"][suite] = at_threshold(
+            s, part.labels, part.group, router.threshold, part.disagreements
+        ) | {
             "auc": auc(s, part.labels),
             "positions": len(part.labels),
         }
@@ -83,7 +90,9 @@ def leave_one_suite_out(
         router = train_router(fit, held, config, vocab_digest=vocab_digest, vocab_size=vocab_size)
         part = test.subset(suites(test) == suite)
         s = _scores(router, part)
-        out[suite] = at_threshold(s, part.labels, part.group, router.threshold) | {"auc": auc(s, part.labels)}
+        out[suite] = at_threshold(s, part.labels, part.group, router.threshold, part.disagreements) | {
+            "auc": auc(s, part.labels)
+        }
     return out
 
 
