@@ -62,8 +62,23 @@ class GatedDriver(Driver, Protocol):
     async def hand_over(self, w: CheckWindow, pending: list[CheckWindow], current: CheckWindow) -> bool: ...
 
 
+@dataclass
+class _Held:
+    """A token under the gate drafted behind an unanswered check point: committed once every check
+    before it keeps its token, dropped if one of them is corrected."""
+
+    step: EdgeStep
+    t: float
+    score: float
+
+
 async def gated_round(gen: GatedDriver) -> bool:
     """Generate until a correction, a stop token, max_tokens or a lost cloud; True at a stop token.
+
+    Q drafts on behind a flagged position while its check point is in flight (up to the policy's
+    lookahead_windows unanswered check points; 0 = wait for each): tokens drafted behind it are held,
+    and committed the moment every check before them keeps its token. A correction drops them (on
+    both sides: the edge's context is truncated, the cloud's rolled back).
 
     Returns:
         True when a stop token was committed; False otherwise (the caller loops while tokens remain
@@ -72,7 +87,11 @@ async def gated_round(gen: GatedDriver) -> bool:
     link, core, runner = gen.link, gen.core, gen.runner
     assert link is not None
     interval = core.config.check_interval
-    unsent: list[EdgeStep] = []  # committed by design, not uploaded yet
+    lookahead = core.config.lookahead_windows
+    unsent: list[EdgeStep] = []  # drafted under the gate, not uploaded yet
+    queue: list[CheckWindow | _Held] = []  # drafted since the oldest unanswered check point, in order
+    scores: dict[int, float] = {}  # the gate score of each check window's position
+    drafted_stop = False
 
     async def flush() -> None:
         if unsent and link.alive() and link.session is not None:
@@ -82,51 +101,103 @@ async def gated_round(gen: GatedDriver) -> bool:
                 link.fail(e)  # a resync reopens the session with everything committed, these too
         unsent.clear()
 
-    while gen.committed < gen.max_tokens:
-        if not link.alive():
+    async def commit_free(step: EdgeStep, t: float, score: float) -> bool:
+        await gen.commit(
+            TokenRecord(
+                position=step.position, token_id=step.token_id, source="edge", checked=False,
+                unchecked="by_design", gate_score=score, q_entropy=step.entropy,
+                q_topk_ids=step.topk_ids.tolist(), q_topk_logprobs=step.topk_logprobs.tolist(),
+                q_logprob=step.token_logprob, t_generated=t,
+            )
+        )  # fmt: skip
+        return step.token_id in gen.stops
+
+    async def release_held() -> bool:
+        """Commit the held tokens up to the next unanswered check; True at a stop token."""
+        while queue and isinstance(queue[0], _Held):
+            h = queue.pop(0)
+            if await commit_free(h.step, h.t, h.score):
+                return True
+        return False
+
+    def windows() -> list[CheckWindow]:
+        return [x for x in queue if isinstance(x, CheckWindow)]
+
+    while True:
+        # Settle answered check points in order (unreachable ones commit their token unchecked).
+        while queue and isinstance(queue[0], CheckWindow):
+            w = queue[0]
+            if w.answer is not None and not w.answer.done() and link.alive():
+                break
+            if w.answer is not None and not w.answer.done():
+                w.answer.cancel()  # the cloud is gone: committed unchecked
+            queue.pop(0)
+            outcome = await gen.settle(w)
+            step, score = w.steps[0], scores.pop(id(w))
+            if outcome == "handover":
+                rest, queue[:] = list(queue), []
+                for x in rest:
+                    if isinstance(x, CheckWindow) and x.answer is not None and not x.answer.done():
+                        x.answer.cancel()  # its reply still comes, and is ignored
+                unsent.clear()  # dropped with the rest: the edge's context and the cloud's are cut back
+                if runner.sampling.greedy:
+                    # P's token is its view's top-1, the argmax it would generate (ties to the lower id
+                    # as in shared.sampling): placed without asking P to generate it.
+                    gen.result.discarded_drafts += len(rest)
+                    sc = w.answer.result().scores[0]  # type: ignore[union-attr]
+                    done = await place_in_place(gen, w, 0, int(sc.topk.ids[0]), "corrected", score)
+                else:
+                    held = CheckWindow([x.step for x in rest if isinstance(x, _Held)], [])
+                    done = await gen.hand_over(w, [x for x in rest if isinstance(x, CheckWindow)], held)
+            _mark_gate_score(gen, step.position, score)
+            if outcome == "stop":
+                return True
+            if outcome == "handover":
+                return done  # the controller's loop starts the next round
+            if await release_held():
+                await flush()
+                return True
+        if not link.alive() and not queue:
             unsent.clear()  # a resync sends the committed text
             return False
+        in_flight = sum(len(x.steps) if isinstance(x, CheckWindow) else 1 for x in queue)
+        may_draft = (
+            link.alive()
+            and not drafted_stop
+            and gen.committed + in_flight < gen.max_tokens
+            and len(windows()) <= lookahead
+        )
+        if not may_draft:
+            if not queue:
+                await flush()
+                return False  # max_tokens reached, everything committed
+            await gen.wait_answer(windows())
+            continue
         step: EdgeStep = await gen.in_pool(runner.step)
         t = gen.clock()
         score = core.gate(step, step.position - len(gen.prompt))
+        drafted_stop = step.token_id in gen.stops
         if not core.checks(score):
-            await gen.commit(
-                TokenRecord(
-                    position=step.position, token_id=step.token_id, source="edge", checked=False,
-                    unchecked="by_design", gate_score=score, q_entropy=step.entropy,
-                    q_topk_ids=step.topk_ids.tolist(), q_topk_logprobs=step.topk_logprobs.tolist(),
-                    q_logprob=step.token_logprob, t_generated=t,
-                )
-            )  # fmt: skip
             unsent.append(step)
-            if step.token_id in gen.stops:
+            if queue:
+                queue.append(_Held(step, t, score))
+            elif await commit_free(step, t, score):
                 await flush()
                 return True
-            if len(unsent) >= interval:
+            if len(unsent) >= interval or drafted_stop:
                 await flush()
             continue
         await flush()
         w = CheckWindow([step], [t])
+        scores[id(w)] = score
         await gen.upload(w, may_resync=False)
-        if w.answer is not None:
-            await gen.wait_answer([w])
-        outcome = await gen.settle(w)
-        done = outcome == "stop"
-        if outcome == "handover" and runner.sampling.greedy:
-            # P's token is its view's top-1, the argmax it would generate (ties to the lower id as
-            # in shared.sampling): placed without asking P to generate it.
-            sc = w.answer.result().scores[0]  # type: ignore[union-attr]
-            done = await place_in_place(gen, w, 0, int(sc.topk.ids[0]), "corrected", score)
-        elif outcome == "handover":
-            done = await gen.hand_over(w, [], CheckWindow([], []))
-        for r in reversed(gen.result.records):  # the trace keeps the score of the checked position
-            if r.position == step.position:
-                r.gate_score = score
-            if r.position <= step.position:
-                break
-        if done:
-            return True
-        if outcome == "handover":
-            return False  # the controller's loop starts the next round
-    await flush()
-    return False
+        queue.append(w)
+
+
+def _mark_gate_score(gen: GatedDriver, position: int, score: float) -> None:
+    """The trace keeps the gate score of a checked position (its record was committed by settle)."""
+    for r in reversed(gen.result.records):
+        if r.position == position:
+            r.gate_score = score
+        if r.position <= position:
+            break

@@ -292,7 +292,13 @@ def test_a_partial_gate_checks_only_flagged_positions_against_ps_own_prefix(
     edge = generate_with_server(tiny_gguf_a, tiny_gguf_b, PolicyConfig(), 60, mode="edge")
     median = float(np.median([rec.q_entropy for rec in edge.records]))
     router = _router_file(tmp_path, tiny_gguf_b, "q_entropy", median, "half.json")
-    r = generate_with_server(tiny_gguf_a, tiny_gguf_b, PolicyConfig(kind="router", router=router), 60)
+    # Waiting for each check point (lookahead 0), then drafting on behind one (lookahead 1).
+    r = generate_with_server(
+        tiny_gguf_a, tiny_gguf_b, PolicyConfig(kind="router", router=router, lookahead_windows=0), 60
+    )
+    ahead = generate_with_server(
+        tiny_gguf_a, tiny_gguf_b, PolicyConfig(kind="router", router=router, lookahead_windows=1), 60
+    )
     checked = [rec for rec in r.records if rec.checked]
     unchecked = [rec for rec in r.records if not rec.checked]
     assert checked and unchecked
@@ -310,6 +316,15 @@ def test_a_partial_gate_checks_only_flagged_positions_against_ps_own_prefix(
             p_choice = int(np.argmax(p.next_logits()))
             assert (rec.token_id == p_choice) and (rec.source in ("edge", "corrected"))
     assert r.check_points == len([rec for rec in checked if rec.source == "edge"]) + r.counts()["corrected"]
+    assert r.discarded_drafts == 0
+    # Drafting ahead changes when tokens are committed, never which: the same text, checks and sources;
+    # what was drafted behind a correction was dropped (its check points were sent all the same).
+    assert ahead.tokens == r.tokens and ahead.counts() == r.counts()
+    assert [(x.position, x.checked, x.source, x.unchecked) for x in ahead.records] == [
+        (x.position, x.checked, x.source, x.unchecked) for x in r.records
+    ]
+    assert ahead.accounting()["checked_positions"] == r.accounting()["checked_positions"]
+    assert ahead.discarded_drafts > 0 and ahead.check_points >= r.check_points
 
 
 def test_router_choices_pairs_are_distinct() -> None:

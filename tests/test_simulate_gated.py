@@ -46,9 +46,11 @@ def rec(position: int, source: str, unchecked: str | None = None, uploaded: floa
     }  # fmt: skip
 
 
-def generation(records: list[dict]) -> Generation:
-    # lookahead_windows 1 (the default): a gated generation is replayed with none all the same.
-    policy = {"check_interval": 4, "handback_tokens": 1, "lookahead_windows": 1, "top_k": 2, "kind": "router"}
+def generation(records: list[dict], lookahead: int = 0) -> Generation:
+    # lookahead_windows 0: the driver waits for each check point before it drafts on.
+    policy = {
+        "check_interval": 4, "handback_tokens": 1, "lookahead_windows": lookahead, "top_k": 2, "kind": "router",
+    }  # fmt: skip
     meta = {
         "prompt_ids": list(range(16)),
         "policy": policy,
@@ -188,3 +190,24 @@ def test_correction_cost_measured_from_traces():
     recs[6] |= {"t_answered": 2.0, "t_committed": 2.03}
     assert edge_model_from_traces([generation(recs)]).correct_s == pytest.approx(0.03)
     assert edge_model_from_traces([generation(recs[:3])]).correct_s is None  # none to measure: settle_s
+
+
+def test_drafting_ahead_overlaps_the_round_trip_and_a_correction_drops_what_was_drafted_behind_it():
+    """lookahead_windows 1 (edge/gated.py drafts on behind one unanswered check point)."""
+    gen = generation(gated_records(in_place=True), lookahead=1)
+    t = simulate(gen, NetworkModel(rtt_s=0.2), EDGE, CLOUD, CostModel())
+    # 16-18 at 0.8-1.0; 19 drafted 1.1, checked 1.2 -> 1.5 -> 1.6. Meanwhile 20 and 21 are drafted at
+    # 1.2 and 1.3 (held) and 22 at 1.4 (uploaded with its check: 1.5 -> 1.8 -> 1.9), so 19-21 commit
+    # together at 1.6. The edge drafts on behind 22 (1.5 ... 1.9); the answer replaces 22 at 1.9 and
+    # drops those drafts: 23 is drafted again, 2.0. Close -> 2.2.
+    assert t.commits == pytest.approx([0.8, 0.9, 1.0, 1.6, 1.6, 1.6, 1.9, 2.0])
+    assert t.seconds == pytest.approx(2.2)
+    assert (t.check_points, t.handoffs, t.rollbacks, t.round_trips) == (2, 0, 0, 3)
+    waited = simulate(generation(gated_records(in_place=True)), NetworkModel(rtt_s=0.2), EDGE, CLOUD)
+    assert waited.seconds == pytest.approx(2.7) and all(
+        a <= b + 1e-9 for a, b in zip(t.commits, waited.commits, strict=True)
+    )
+    # A correction by a handoff (sampling) is a cut as before, reached sooner: 22's answer at 1.9.
+    cut = simulate(generation(gated_records(), lookahead=1), NetworkModel(rtt_s=0.2), EDGE, CLOUD)
+    assert cut.commits == pytest.approx([0.8, 0.9, 1.0, 1.6, 1.6, 1.6, 2.6, 2.7])
+    assert (cut.handoffs, cut.rollbacks) == (1, 1)

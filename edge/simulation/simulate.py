@@ -237,7 +237,7 @@ class _Sim:
                 j = i  # the windows up to and including the first cut: one edge phase
                 while j < len(evs) and isinstance(evs[j], Window):
                     j += 1
-                    if evs[j - 1].cut:  # type: ignore[union-attr]
+                    if evs[j - 1].cut or self._redrafts(evs[j - 1]):  # type: ignore[arg-type]
                         break
                 t = self._edge_phase([e for e in evs[i:j] if isinstance(e, Window)], t)
                 i = j
@@ -284,17 +284,22 @@ class _Sim:
             i = j + (nxt is not None)
         return t
 
+    def _redrafts(self, w: Window) -> bool:
+        """A gated correction in place with drafting ahead: what was drafted behind it is dropped and
+        drafted again after it, so it ends an edge phase as a cut does."""
+        return w.in_place and self.gen.gated and self.lookahead > 0
+
     def _edge_phase(self, windows: list[Window], t: float) -> float:
         """Draft, upload and settle windows until the last (which may be cut); returns the edge's time.
 
         A token unchecked by design is queued alone as it is drafted (committed at once unless a
         check point ahead of it is still unanswered); only check-point windows count against the
-        lookahead.
+        lookahead. Behind a gated correction the edge drafts on (its time only: the drafts are dropped).
         """
         hybrid = self.gen.mode == "hybrid"
         pending: deque[tuple[Window, float]] = deque()  # uploaded windows and their answers' arrival
         to_draft = list(windows)
-        cut_follows = windows[-1].cut
+        cut_follows = windows[-1].cut or self._redrafts(windows[-1])
         drafting: Window | None = None
         drafted = 0
         while True:
@@ -305,6 +310,8 @@ class _Sim:
                 self.out.commits.extend([t] * w.kept)
                 if hybrid and w.in_place:
                     self.correct_in_place(t, w.records[0])
+                    if self._redrafts(w):
+                        return t
                 if w.placed is not None:  # the edge places its own token at the cut: no cloud turn
                     t += self.edge.correct
                     self.out.commits.append(t)
@@ -319,6 +326,11 @@ class _Sim:
             may_draft = waiting <= self.lookahead and (to_draft or drafting is not None or cut_follows)
             if may_draft:
                 if drafting is None:
+                    if not to_draft and self.gen.gated:
+                        # Beyond the recorded tokens, behind a gated correction: drafted and dropped
+                        # at the next answer (uploads unawaited, never checked): the edge's time only.
+                        t += self.edge.token_s
+                        continue
                     # Beyond the recorded windows: a speculative draft the cut will throw away.
                     drafting = to_draft.pop(0) if to_draft else Window(0, self.n_check, 0, False, True)
                     drafted = 0
@@ -392,9 +404,8 @@ def simulate(
     Args:
         gen: a recorded generation (mode edge, cloud or hybrid).
         lookahead: windows drafted ahead of an unanswered check point (default: the trace's policy;
-            0 for a gated generation, as its driver waits for each check).
+            a gated driver, edge/gated.py, drafts on behind as many unanswered check points).
     """
     if lookahead is None:
-        # The gated driver (edge/gated.py) waits for each check point before it drafts on.
-        lookahead = 0 if gen.gated else int(gen.policy.get("lookahead_windows", 1))
+        lookahead = int(gen.policy.get("lookahead_windows", 1))
     return _Sim(gen, net, edge, cloud, cost or CostModel(), lookahead).run()
