@@ -143,13 +143,14 @@ async def exact_round(gen: Driver) -> bool:
         )  # fmt: skip
         if s.token_id in gen.stops:
             return True
-    if accepted < len(steps):
-        await gen.in_pool(runner.truncate, start + accepted)
     if not verdict.HasField("next") or gen.committed >= gen.max_tokens:
+        if accepted < len(steps):
+            await gen.in_pool(runner.truncate, start + accepted)
         return False
     tok = verdict.next
     p_ids, p_lp = topk_from_proto(tok.topk)
-    await gen.in_pool(runner.append, [tok.token_id])
+    # The rejected drafts go and P's token takes their place in one forward pass.
+    await gen.in_pool(runner.replace_tail, start + accepted, [tok.token_id])
     rejected = accepted < len(steps)
     await gen.commit(
         TokenRecord(

@@ -45,8 +45,7 @@ async def place_in_place(
     link, runner, step = gen.link, gen.runner, w.steps[j]
     assert link is not None and w.answer is not None and w.kls is not None
     sc = w.answer.result().scores[j]
-    await gen.in_pool(runner.truncate, step.position)
-    await gen.in_pool(runner.append, [token])
+    await gen.in_pool(runner.replace_tail, step.position, [token])
     if link.alive() and link.session is not None:
         try:
             await gen.bounded(link.session.rollback_nowait(step.position))

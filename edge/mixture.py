@@ -347,6 +347,13 @@ class MixtureRunner:
         for p in [p for p in self._views if p >= length]:
             del self._views[p]
 
+    def replace_tail(self, length: int, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        for e in self._live():
+            e.runner.replace_tail(length + e.offset, ids)
+        for p in [p for p in self._views if p >= length]:
+            del self._views[p]
+
     def expert_views(self, positions: Sequence[int], p_ids: np.ndarray) -> tuple[np.ndarray, ...] | None:
         """Each active expert's view of drafted positions, for its KL from P (the views are then dropped).
 

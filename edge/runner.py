@@ -346,6 +346,28 @@ class EdgeRunner:
         self.model.truncate(length - 1)
         self.model.eval([last], hidden=self._hidden)
 
+    def replace_tail(self, length: int, ids: Iterable[int]) -> None:
+        """Roll the context back to `length` tokens and append ids there, in one forward pass.
+
+        truncate() then append() would evaluate the token at length - 1 again only for logits that
+        the appended tokens replace: a correction in place costs one decode, not two.
+
+        Args:
+            length: 0 <= length <= self.length.
+            ids: [n] token ids, n >= 1 (n = 0 is truncate(length)).
+        """
+        ids = self._check_ids(ids)
+        if not ids or length == self.length:
+            self.truncate(length)
+            self.append(ids)
+            return
+        if not 0 <= length <= self.length:
+            raise ShapeError(f"replace_tail: cannot roll a context of {self.length} tokens back to {length}")
+        if self._constraint is not None:
+            self._constraint.truncate(max(0, min(length - self._completion_start, self._constraint.length)))
+        self.model.truncate(length)
+        self.append(ids)
+
     def follow(self, core: object) -> None:
         """A generation starts under a policy core: one model has nothing to take from it (a mixture
         of experts takes its experts and weights, edge/mixture.py)."""

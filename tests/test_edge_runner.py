@@ -297,6 +297,30 @@ def test_score_appended_matches_step_by_step(make_runner, make_ref, prompt) -> N
 # 5. Rollback
 
 
+def test_replace_tail_is_truncate_then_append_in_one_pass(make_runner, prompt) -> None:
+    """A correction in place: roll back and put another token there, one decode instead of two."""
+    a, b = make_runner(), make_runner()
+    for r in (a, b):
+        r.start(prompt)
+        for _ in range(6):
+            r.step()
+    calls = []
+    evaluate = b.model.eval
+    b.model.eval = lambda ids, **kw: (calls.append(list(ids)), evaluate(ids, **kw))[1]
+    other = (a.tokens[len(prompt) + 3] + 1) % 900
+    a.truncate(len(prompt) + 3)
+    a.append([other])
+    b.replace_tail(len(prompt) + 3, [other])
+    assert calls == [[other]]  # no second look at the token before it
+    assert b.tokens == a.tokens == prompt + a.tokens[len(prompt) : len(prompt) + 3] + [other]
+    for _ in range(4):
+        x, y = a.step(), b.step()
+        assert (x.position, x.token_id) == (y.position, y.token_id)
+        np.testing.assert_allclose(x.topk_logprobs, y.topk_logprobs, rtol=0, atol=REGEN_ATOL)
+    with pytest.raises(ShapeError, match="cannot roll"):
+        b.replace_tail(b.length + 1, [other])
+
+
 def test_truncate_regenerates_the_same_tokens(make_runner, prompt) -> None:
     runner = make_runner()
     runner.start(prompt)
