@@ -353,14 +353,17 @@ def test_eval_runs_the_router_policy_by_its_file() -> None:
 
     with pytest.raises(ValueError, match="--router"):
         variant_spec("router", PolicyConfig())
-    spec = variant_spec("router", PolicyConfig(router="/x/gate-entropy.json"))
+    spec = variant_spec("router", PolicyConfig(router="/x/gate-entropy.json", lookahead_windows=0))
     assert (
         spec.name == "router-gate-entropy"
         and spec.policy.kind == "router"
         and spec.policy.gate_threshold is None
     )
-    spec = variant_spec("router:0.25", PolicyConfig(router="/x/router.json"))
+    spec = variant_spec("router:0.25", PolicyConfig(router="/x/router.json", lookahead_windows=0))
     assert spec.name == "router-router-g0.25" and spec.policy.gate_threshold == 0.25
+    # Drafting on behind unanswered checks is another run (its tokens are the same, its timing not).
+    spec = variant_spec("router", PolicyConfig(router="/x/router.json", lookahead_windows=2))
+    assert spec.name == "router-router-ahead2" and spec.policy.lookahead_windows == 2
     with pytest.raises(ValueError, match="probability"):
         variant_spec("router:high", PolicyConfig(router="/x/router.json"))
 

@@ -73,7 +73,7 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
     Q's entropy), "surface:TAU" / "char:TAU" / "concept:TAU" (the KL over surface forms / over the next
     character / over concepts against TAU),
     "router" / "router:G" (the learned router of the base's router file, at its own gate threshold or
-    at G; the run is named after the file), or "safe:W" / "safe:W:S" (selective ensembling with P's
+    at G; the run is named after the file, with -aheadN when it drafts on behind N unanswered checks), or "safe:W" / "safe:W:S" (selective ensembling with P's
     weight W, sharpening below S; the base's tau is the consensus KL), "mixture:TAU" /
     "mixture-weighted:TAU" (the edge's experts selected / mixed by divergence, --experts), or
     "expert:NAME" / "expert:NAME:TAU" (one of the experts alone: edge-only, or the KL policy at TAU).
@@ -96,7 +96,10 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
         except ValueError:
             raise ValueError(f"policy {text!r}: router:G needs a probability, e.g. router:0.2") from None
         policy = replace(base, kind="router", gate_threshold=gate)
-        return RunSpec(f"router-{stem}" + ("" if gate is None else f"-g{gate:g}"), "hybrid", policy, "router")
+        name = f"router-{stem}" + ("" if gate is None else f"-g{gate:g}")
+        if base.lookahead_windows:  # drafting on behind unanswered check points (edge/gated.py)
+            name += f"-ahead{base.lookahead_windows}"
+        return RunSpec(name, "hybrid", policy, "router")
     if name == "exact":
         return RunSpec("exact", "hybrid", replace(base, kind="exact"), "exact")
     if name == "correction":
