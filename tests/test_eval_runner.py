@@ -128,6 +128,38 @@ def test_resuming_redoes_nothing_and_only_what_is_new(first_run, tiny_gguf_a, ti
     assert len(more) == 20 and len(read_rows(out / "results.jsonl")) == before + 4
 
 
+def test_p_alone_is_not_redone_for_another_edge_policy_and_old_keys_still_resume(
+    first_run, tiny_gguf_a, tiny_gguf_b, tmp_path
+):
+    from handoff.edge.evaluation.runner import row_key
+
+    out, rows = first_run
+    # Results written before this change keyed P alone's rows with the edge policy: rewrite them so.
+    base = specs()[0].policy
+    large = RunSpec("large", "large", base)
+    fixed = Evaluation(None, None, tasks(), specs(), out, max_tokens=MAX_TOKENS, limits=FAST,  # type: ignore[arg-type]
+                       fixed={"edge": tiny_gguf_b.name}, progress=False).fixed  # fmt: skip
+    lines = []
+    for r in read_rows(out / "results.jsonl"):
+        if r["run"] == "large":
+            task = next(t for t in tasks() if t.task_id == r["task_id"])
+            assert r["key"] == row_key(large, task, fixed)
+            r = r | {"key": row_key(large, task, fixed, legacy=True)}
+            assert r["key"] != row_key(large, task, fixed)
+        lines.append(json.dumps(r))
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    # The legacy-keyed rows resume under the policy they were written with (nothing runs).
+    legacy = run(evaluate(tiny_gguf_a, tiny_gguf_b, tmp_path, specs()[:2], fail_after=0))
+    assert sorted(r["output"] for r in legacy) == sorted(
+        r["output"] for r in rows if r["mode"] in ("small", "large")
+    )
+    # Another edge policy (drafting ahead, another threshold): P alone and Q alone run nothing.
+    other = replace(base, lookahead_windows=3, threshold=0.7)
+    plan = [RunSpec("small", "small", other), RunSpec("large", "large", other)]
+    again = run(evaluate(tiny_gguf_a, tiny_gguf_b, out, plan, fail_after=0))
+    assert len(again) == 8 and {r["run"] for r in again} == {"small", "large"}
+
+
 def test_an_interrupted_run_resumes_where_it_stopped(tiny_gguf_a, tiny_gguf_b, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run(evaluate(tiny_gguf_a, tiny_gguf_b, tmp_path, specs(), fail_after=3))

@@ -123,6 +123,38 @@ def test_router_refuses_another_vocabulary(tmp_path: Path, tiny_gguf_a) -> None:
         policy.attach(vocab)
 
 
+def test_the_gates_previous_position_is_the_one_before_even_after_redrafting(
+    tmp_path: Path, tiny_gguf_a
+) -> None:
+    """Drafting ahead gates positions a correction then drops; the redrafted position must read its
+    true predecessor's entropy (a feature), as along P's text in training."""
+    from types import SimpleNamespace
+
+    from handoff.edge.cloud_harness import vocabulary_of
+
+    vocab = vocabulary_of(tiny_gguf_a)
+    fp = vocab.fingerprint
+    path = tmp_path / "prev.json"
+    one_feature_router("prev_entropy", 1.0, digest=fp.digest.hex(), size=fp.vocab_size).save(path)
+    policy = make_policy(PolicyConfig(kind="router", router=str(path)))
+    policy.attach(vocab)
+    policy.begin()
+
+    def step(entropy: float):
+        return SimpleNamespace(
+            topk_logprobs=np.asarray([-0.1, -2.0]), entropy=entropy, token_id=5, hidden=None
+        )
+
+    first = [policy.gate(step(h), t) for t, h in enumerate([0.5, 3.0, 0.2, 4.0])]
+    # Positions 2 and 3 were drafted behind a check at 1 that P corrected: 2 is drafted again.
+    again = policy.gate(step(0.9), 2)
+    assert again == pytest.approx(first[2])  # reads position 1's entropy (3.0), not 3's (4.0)
+    assert policy.gate(step(0.9), 3) != pytest.approx(first[3])  # now 2's redrafted entropy (0.9)
+    # A position gated with none before it (the first, or after a restart) reads zeros.
+    policy.begin()
+    assert policy.gate(step(3.0), 0) == pytest.approx(first[0])
+
+
 def test_router_policy_needs_a_file() -> None:
     with pytest.raises(ShapeError, match="router file"):
         make_policy(PolicyConfig(kind="router"))

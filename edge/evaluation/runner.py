@@ -189,13 +189,20 @@ def _small_key(policy: PolicyConfig) -> dict[str, str] | None:
     return {"use_experts": policy.use_experts} if policy.use_experts else None
 
 
-def row_key(spec: RunSpec, task: Task, fixed: dict[str, Any]) -> str:
-    """A hash of everything a result row depends on."""
-    blob = json.dumps(
-        {"spec": [spec.mode, _policy_key(spec.policy) if spec.mode != "small" else _small_key(spec.policy)],
-         "task": task.digest, **fixed},
-        sort_keys=True,
-    )  # fmt: skip
+def row_key(spec: RunSpec, task: Task, fixed: dict[str, Any], *, legacy: bool = False) -> str:
+    """A hash of everything a result row depends on.
+
+    P alone (the large run) depends on no edge policy setting: its key has none, so changing, say,
+    --lookahead-windows does not redo it. `legacy`: the key such rows had before (with the policy),
+    under which results files written earlier still resume.
+    """
+    if spec.mode == "small":
+        policy = _small_key(spec.policy)
+    elif spec.mode == "large" and not legacy:
+        policy = None
+    else:
+        policy = _policy_key(spec.policy)
+    blob = json.dumps({"spec": [spec.mode, policy], "task": task.digest, **fixed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -289,7 +296,14 @@ class Evaluation:
     def current_rows(self) -> list[dict[str, Any]]:
         """The rows of this plan found in the results file (the latest for a key that repeats)."""
         wanted = self.keys()
-        rows = {r["key"]: r for r in read_rows(self.results_path) if r.get("key") in wanted}
+        legacy = {
+            row_key(s, t, self.fixed, legacy=True): k for k, (s, t) in wanted.items() if s.mode == "large"
+        }
+        rows: dict[str, dict[str, Any]] = {}
+        for r in read_rows(self.results_path):
+            key = legacy.get(r.get("key"), r.get("key"))
+            if key in wanted:
+                rows[key] = r | {"key": key}
         return list(rows.values())
 
     async def run(self) -> list[dict[str, Any]]:

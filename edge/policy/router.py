@@ -254,7 +254,10 @@ class RouterPolicy(CorrectionPolicy):
         self.model = load_router(config.router)
         self.gate_threshold = self.model.threshold if config.gate_threshold is None else config.gate_threshold
         self._classes: np.ndarray | None = None
-        self._prev = (0.0, 0.0)
+        # (offset, entropy, top-1 log-probability) of the last gated steps, in order: a step gated
+        # again at an offset (redrafted after a correction) reads its true predecessor, not the drafts
+        # the correction dropped.
+        self._history: list[tuple[int, float, float]] = []
 
     @property
     def needs_hidden(self) -> bool:
@@ -268,10 +271,13 @@ class RouterPolicy(CorrectionPolicy):
         self._classes = _classes(vocabulary)
 
     def begin(self) -> None:
-        self._prev = (0.0, 0.0)
+        self._history = []
 
     def gate(self, step: Any, offset: int) -> float:
         """The router's probability that P must check this edge step; also advances its history.
+
+        The previous-position features are the last gated step's before `offset` (gating at an offset
+        again forgets the steps gated at or after it).
 
         Args:
             step: an EdgeStep (topk_logprobs [k], entropy, token_id, hidden [d] or None).
@@ -282,17 +288,21 @@ class RouterPolicy(CorrectionPolicy):
         """
         if self._classes is None:
             raise ShapeError("RouterPolicy.attach(vocabulary) must be called before gating")
+        while self._history and self._history[-1][0] >= offset:
+            self._history.pop()
+        prev = self._history[-1][1:] if self._history else (0.0, 0.0)
         scalars = scalar_features(
             np.asarray(step.topk_logprobs)[None, :],
             np.asarray([step.entropy]),
             self._classes[[step.token_id]],
             np.asarray([offset]),
-            np.asarray([self._prev[0]]),
-            np.asarray([self._prev[1]]),
+            np.asarray([prev[0]]),
+            np.asarray([prev[1]]),
         )  # [1, f]
         hidden = getattr(step, "hidden", None)
         rows = self.model.rows(scalars, None if hidden is None else np.asarray(hidden)[None, :])
-        self._prev = (float(step.entropy), float(step.topk_logprobs[0]))
+        self._history.append((offset, float(step.entropy), float(step.topk_logprobs[0])))
+        del self._history[:-64]  # drafts ahead are few: older steps are never read again
         return float(self.model.probabilities(rows)[0])
 
     def checks(self, score: float) -> bool:
