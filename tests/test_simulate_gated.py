@@ -211,3 +211,17 @@ def test_drafting_ahead_overlaps_the_round_trip_and_a_correction_drops_what_was_
     cut = simulate(generation(gated_records(), lookahead=1), NetworkModel(rtt_s=0.2), EDGE, CLOUD)
     assert cut.commits == pytest.approx([0.8, 0.9, 1.0, 1.6, 1.6, 1.6, 2.6, 2.7])
     assert (cut.handoffs, cut.rollbacks) == (1, 1)
+
+
+def test_check_points_sent_for_drafts_a_correction_dropped_are_charged():
+    """Drafting ahead may send check points for positions a correction then drops: the summary counts
+    them, the records do not; their device time and bytes are charged, their wait is not."""
+    plain = generation(gated_records(in_place=True), lookahead=1)
+    extra = generation(gated_records(in_place=True), lookahead=1)
+    extra.summary["check_points"] = 2 + 3
+    a = simulate(plain, NetworkModel(rtt_s=0.2), EDGE, CLOUD, CostModel())
+    b = simulate(extra, NetworkModel(rtt_s=0.2), EDGE, CLOUD, CostModel())
+    assert b.commits == a.commits and b.seconds == a.seconds
+    assert (b.check_points, b.checked_positions) == (a.check_points + 3, a.checked_positions + 3)
+    assert b.gpu_seconds == pytest.approx(a.gpu_seconds + 3 * 0.3)
+    assert b.bytes_up > a.bytes_up and b.bytes_down > a.bytes_down

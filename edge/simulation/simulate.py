@@ -244,11 +244,28 @@ class _Sim:
             else:
                 t = self._cloud_turn(ev, t, after_cut=i > 0 and isinstance(evs[i - 1], Window))
                 i += 1
+        if gen.gated:
+            self._dropped_checks()
         if gen.mode != "edge":
             c = control_bytes(gen.prompt_len + len(gen.records))
             t = self.request(t, c["close_up"], c["close_down"], 0.0, 0.0)
         out.seconds = max([t, *out.commits])
         return out
+
+    def _dropped_checks(self) -> None:
+        """Check points a gated run sent for drafts a correction then dropped (drafting ahead): not in
+        the token records, but in the summary's count. Charged as one-position checks: bytes and
+        device time (they occupy the cloud while the edge goes on, so no edge wait is added)."""
+        dropped = int(self.gen.summary.get("check_points") or 0) - self.out.check_points
+        if dropped <= 0:
+            return
+        like = next((r for r in reversed(self.gen.records) if r.get("checked")), None)
+        b = window_bytes([like or {"position": 0, "token_id": 0}], self.k, greedy=self.gen.greedy)
+        self.out.check_points += dropped
+        self.out.checked_positions += dropped
+        self.out.bytes_up += dropped * b.up
+        self.out.bytes_down += dropped * b.down
+        self.out.gpu_seconds += dropped * self.cloud.gpu_seconds_per_check(1, self.s)
 
     def _exact(self, t: float) -> float:
         """The exact policy: draft rounds, each one VerifyDraft round trip (a forward over gamma + 1)."""
