@@ -308,21 +308,27 @@ def test_split_into_several_decodes(make_backend, monkeypatch: pytest.MonkeyPatc
     whole = big.new_sequence()
     assert_rows_close(out, big.forward([full_item(whole, prompts[0] + prompts[1] + prompts[2])])[0])
 
-    # Deterministic mode: one sequence per call, padded to a multiple of 4 rows (at least 8), and
-    # the rows equal bit for bit however they were split.
+    # Deterministic mode: blocks padded to a multiple of 4 rows (at least 8); blocks of one length
+    # from different sequences share a call up to n_batch rows; the rows equal bit for bit however
+    # they were split and shared.
     det_big = make_backend(n_batch=512, deterministic=True, deterministic_path="padded")
     det_small = make_backend(n_batch=16, deterministic=True, deterministic_path="padded")
+    det_mid = make_backend(n_batch=24, deterministic=True, deterministic_path="padded")
     single = make_backend(n_batch=16, deterministic=True, deterministic_path="single")
     monkeypatch.setattr(lib, "llama_decode", real)
     exact = [det_big.forward([full_item(det_big.new_sequence(), p)])[0] for p in prompts]
     monkeypatch.setattr(lib, "llama_decode", counting)
     calls.clear()
     outs = det_small.forward([full_item(det_small.new_sequence(), p) for p in prompts])
-    assert calls == [12, 16, 8, 12]
+    # Blocks: 9 -> 12; 19 -> 16 + (3 -> 8); 12. The two 12s would make 24 > n_batch: apart.
+    assert calls == [12, 12, 16, 8]
+    calls.clear()
+    shared = det_mid.forward([full_item(det_mid.new_sequence(), p) for p in prompts])
+    assert calls == [24, 20]  # the two 12-row blocks in one call; 19 -> 20
     calls.clear()
     single.forward([full_item(single.new_sequence(), p) for p in prompts])
     assert calls == [1] * 40  # "single": the one-token decode path, one call per token
-    for out, ref in zip(outs, exact, strict=True):
+    for out, ref in zip([*outs, *shared], exact + exact, strict=True):
         assert np.array_equal(out.topk_logprobs, ref.topk_logprobs) and np.array_equal(
             out.topk_ids, ref.topk_ids
         )

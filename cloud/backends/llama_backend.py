@@ -23,14 +23,18 @@ a row's logits depend on the micro-batch it is computed in — micro-batches of 
 last `n % 4` rows of larger ones, take other matmul kernels than rows in full groups of 4 (up to 0.5
 nats of top-1 log-probability on random-token text) — and, in the unified KV pool, on how other
 sessions' cells are interleaved with the session's own (up to 0.03 nats). So in deterministic mode
-every session has its own KV stream (its cells are its positions, in order), each session's tokens
-are decoded in their own `llama_decode` calls, and every call is padded with dummy tokens at later
-positions to a row count that is at least MIN_ROWS and a multiple of ROW_GROUP, with the logits of
-every row requested. The causal mask
-keeps the dummy rows out of the real rows' attention, their cells are removed right after, and
-every real row is computed by the same kernels on the same cells whatever else the server does and
-however the session's tokens were split. A self-check at load time verifies this on the machine
-(`check_invariance`) and refuses to start deterministic when it does not hold.
+every session has its own KV stream (its cells are its positions, in order), and its tokens go in
+blocks padded with dummy tokens at later positions to a row count that is at least MIN_ROWS and a
+multiple of ROW_GROUP, with the logits of every row requested ("padded"), or one token per call
+("single"). Padded blocks of the same length from different sessions share a `llama_decode` call:
+llama.cpp splits it into micro-batches of whole blocks (equal tokens per sequence), so each row is
+still in a full group of 4 in a micro-batch of >= 8 rows and attends over its own stream. Blocks of
+different lengths never share a call: the split would leave a short tail micro-batch (measured on
+the 1.5B: a 12-row block sharing a call with an 8-row one, logits off by up to 0.33). The causal mask keeps the dummy rows out of
+the real rows' attention, their cells are removed right after, and every real row is computed by
+the same kernels on the same cells whatever else the server does and however the session's tokens
+were split. A self-check at load time verifies this on the machine (`check_invariance`) and refuses
+to start deterministic when it does not hold.
 """
 
 from __future__ import annotations
@@ -343,14 +347,13 @@ class LlamaCppBackend(Backend):
         ]
         old_lengths = [s.length for s in seqs]
         try:
-            for chunk, n_pad in self._chunks(rows):
+            for chunk, pads in self._chunks(rows):
                 self._decode(chunk)
                 if read_logits:
                     for b, (i, _, _, _, out) in enumerate(chunk):
                         if out >= 0:
                             logits[i][out] = self._row_logits(b)
-                if n_pad:  # the dummy rows' cells: gone before anything else runs
-                    _, _, pos, sid, _ = chunk[-n_pad]
+                for sid, pos in pads:  # the dummy rows' cells: gone before anything else runs
                     if not self._lib.llama_memory_seq_rm(self._mem, sid, pos, -1):
                         raise HandoffError(f"llama.cpp could not remove the padding of sequence {sid}")
         except BaseException:
@@ -361,38 +364,60 @@ class LlamaCppBackend(Backend):
         return logits
 
     def _chunks(self, rows: list[tuple[int, int, int, int, int]]):
-        """The llama_decode calls for a forward's rows: (rows of the call, how many are padding).
+        """The llama_decode calls for a forward's rows: (rows of the call, [(seq_id, first padding
+        position)] whose cells to remove after it).
 
         Fast mode: up to n_batch rows per call, any sequences together. Deterministic mode: one row
-        per call ("single"), or one sequence per call padded to padded_rows() with dummy tokens after
-        the real ones ("padded").
+        per call ("single"), or blocks padded to padded_rows() with dummy tokens after the real ones
+        ("padded"). Blocks of one length from different sequences share a call (at most one block per
+        sequence, n_batch rows in all, by seq id): llama.cpp then splits the call into micro-batches of
+        whole blocks (split_equal: equal tokens per sequence, consecutive ids), so every row is still
+        in a micro-batch of >= MIN_ROWS rows and in a full group of ROW_GROUP, and attention reads its
+        own sequence's stream. Measured bit-identical to a call per block; the self-check verifies it.
         """
         if not self.deterministic:
             for start in range(0, len(rows), self.n_batch):
-                yield rows[start : start + self.n_batch], 0
+                yield rows[start : start + self.n_batch], []
             return
         if self.deterministic_path == "single":
             for row in rows:
-                yield [row], 0
+                yield [row], []
             return
         step = self.n_batch  # a multiple of ROW_GROUP, >= MIN_ROWS
         by_item: dict[int, list[tuple[int, int, int, int, int]]] = {}
         for row in rows:
             by_item.setdefault(row[0], []).append(row)
+        # rounds[r]: the r-th block of every item (a sequence's blocks go in successive calls).
+        rounds: list[list[tuple[int, list[tuple[int, int, int, int, int]], int]]] = []
         for i, item_rows in by_item.items():
-            for start in range(0, len(item_rows), step):
+            for r, start in enumerate(range(0, len(item_rows), step)):
                 real = item_rows[start : start + step]
                 n_pad = padded_rows(len(real)) - len(real)
                 _, _, pos, sid, _ = real[-1]
                 pad = [(i, PAD_TOKEN, pos + 1 + j, sid, -1) for j in range(n_pad)]
-                yield real + pad, n_pad
+                if r == len(rounds):
+                    rounds.append([])
+                rounds[r].append((sid, real + pad, n_pad))
+        for blocks in rounds:
+            by_length: dict[int, list[tuple[int, list[tuple[int, int, int, int, int]], int]]] = {}
+            for block in sorted(blocks, key=lambda b: b[0]):
+                by_length.setdefault(len(block[1]), []).append(block)
+            for length, same in by_length.items():
+                per_call = max(1, step // length)
+                for start in range(0, len(same), per_call):
+                    call = same[start : start + per_call]
+                    yield (
+                        [row for _, block, _ in call for row in block],
+                        [(sid, block[-n_pad][2]) for sid, block, n_pad in call if n_pad],
+                    )
 
     def check_invariance(self, n_tokens: int = 12) -> None:
         """Verify on this machine that deterministic rows do not depend on how tokens are passed in.
 
-        Scores the same tokens on a scratch sequence in one forward with every row's logits, and
-        again after a prefix without logits, one token per forward, with another sequence's tokens
-        decoded in between; compares the logits bit for bit.
+        Scores the same tokens on a scratch sequence in one forward with every row's logits; again
+        after a prefix without logits, one token per forward, with another sequence's tokens decoded
+        in between; and again in one forward shared with another sequence's block of the same length
+        (on a longer cache). Compares the logits bit for bit.
 
         Raises:
             ModelError: they differ (this CPU or quantization takes other kernels than measured);
@@ -420,6 +445,19 @@ class LlamaCppBackend(Backend):
             self.release(b)
             if other is not None:
                 self.release(other)
+        if other is not None:  # the same tokens in a call shared with another sequence's block
+            c, d = self.new_sequence(), self.new_sequence()
+            try:
+                self._decode_items([ForwardItem(d, tokens[::-1], 0, 1)], read_logits=False)  # a longer cache
+                shared = self._decode_items(
+                    [ForwardItem(c, tokens, len(tokens), 1), ForwardItem(d, tokens[1:] + tokens[:1], 1, 1)],
+                    read_logits=True,
+                )[0][half:]
+            finally:
+                self.release(c)
+                self.release(d)
+            ones.extend(shared)
+            whole = np.concatenate([whole, whole])
         if not np.array_equal(whole, np.stack(ones)):
             diff = float(np.abs(whole - np.stack(ones)).max())
             raise ModelError(
