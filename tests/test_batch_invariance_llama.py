@@ -98,7 +98,7 @@ def test_deterministic_rows_hold_past_a_kv_block_boundary(tiny_gguf_q4k: Path, p
 
 
 def test_deterministic_padding_leaves_no_cells_behind(tiny_gguf_q4k: Path) -> None:
-    from handoff.cloud.backends.llama_backend import padded_rows
+    from handoff.cloud.backends.llama_calls import padded_rows
 
     assert [padded_rows(n) for n in (1, 7, 8, 9, 12, 13)] == [8, 8, 8, 12, 12, 16]
     with backend(tiny_gguf_q4k, deterministic=True, deterministic_path="padded") as b:
@@ -115,10 +115,10 @@ def test_deterministic_padding_leaves_no_cells_behind(tiny_gguf_q4k: Path) -> No
 
 
 def test_the_self_check_refuses_a_machine_where_the_split_matters(tiny_gguf_a: Path, monkeypatch) -> None:
-    from handoff.cloud.backends import llama_backend
+    from handoff.cloud.backends import llama_calls
 
     # Without the padding, the tiny F32 model's rows depend on the split (one row takes another kernel).
-    monkeypatch.setattr(llama_backend, "padded_rows", lambda n: n)
+    monkeypatch.setattr(llama_calls, "padded_rows", lambda n: n)
     with pytest.raises(ModelError, match="not bit-invariant"):
         backend(tiny_gguf_a, deterministic=True, deterministic_path="padded")
 
@@ -156,3 +156,31 @@ def test_default_cloud_model_is_batch_invariant_in_deterministic_mode() -> None:
 def test_a_single_sequence_backend_checks_itself(tiny_gguf_q4k: Path) -> None:
     with backend(tiny_gguf_q4k, deterministic=True, max_sequences=1) as b:
         assert b.deterministic and b.active_sequences == 0
+
+
+def test_padded_calls_share_only_blocks_of_one_length_one_per_sequence() -> None:
+    """The padded path's call plan on hand-made rows (cloud/backends/llama_calls.py)."""
+    from handoff.cloud.backends.llama_calls import PAD_TOKEN, padded_calls
+
+    def item(i: int, sid: int, n: int, start: int) -> list[tuple[int, int, int, int, int]]:
+        return [(i, 100 + j, start + j, sid, j) for j in range(n)]
+
+    # Sequences 5, 2, 7 with 3, 8 and 20 new tokens; step 16: blocks 3 -> 8, 8 -> 8, 16 + (4 -> 8).
+    rows = item(0, 5, 3, 40) + item(1, 2, 8, 10) + item(2, 7, 20, 0)
+    calls = list(padded_calls(rows, 16))
+    shape = [[(r[3], r[1] == PAD_TOKEN and r[4] == -1) for r in call] for call, _ in calls]
+    # Round 0: the two 8-row blocks share a call (by seq id: 2 then 5), the 16-row one is alone;
+    # round 1: sequence 7's second block, after its first.
+    assert [len(c) for c, _ in calls] == [16, 16, 8]
+    assert [sid for sid, _ in shape[0][::8]] == [2, 5] and {sid for sid, _ in shape[1]} == {7}
+    assert sum(pad for _, pad in shape[0]) == 5 and sum(pad for _, pad in shape[2]) == 4
+    assert calls[0][1] == [(5, 43)] and calls[1][1] == [] and calls[2][1] == [(7, 20)]
+    # Every real row exactly once, each sequence's rows in order.
+    real = [r for c, _ in calls for r in c if r[4] >= 0]
+    assert sorted(real) == sorted(rows)
+    for sid in (2, 5, 7):
+        positions = [r[2] for r in real if r[3] == sid]
+        assert positions == sorted(positions)
+    # Blocks share a call only up to step rows: 3 sequences of 8 rows with step 16 make 2 calls.
+    three = item(0, 0, 8, 0) + item(1, 1, 8, 0) + item(2, 2, 8, 0)
+    assert [len(c) for c, _ in padded_calls(three, 16)] == [16, 8]

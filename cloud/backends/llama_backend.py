@@ -23,18 +23,13 @@ a row's logits depend on the micro-batch it is computed in — micro-batches of 
 last `n % 4` rows of larger ones, take other matmul kernels than rows in full groups of 4 (up to 0.5
 nats of top-1 log-probability on random-token text) — and, in the unified KV pool, on how other
 sessions' cells are interleaved with the session's own (up to 0.03 nats). So in deterministic mode
-every session has its own KV stream (its cells are its positions, in order), and its tokens go in
-blocks padded with dummy tokens at later positions to a row count that is at least MIN_ROWS and a
-multiple of ROW_GROUP, with the logits of every row requested ("padded"), or one token per call
-("single"). Padded blocks of the same length from different sessions share a `llama_decode` call:
-llama.cpp splits it into micro-batches of whole blocks (equal tokens per sequence), so each row is
-still in a full group of 4 in a micro-batch of >= 8 rows and attends over its own stream. Blocks of
-different lengths never share a call: the split would leave a short tail micro-batch (measured on
-the 1.5B: a 12-row block sharing a call with an 8-row one, logits off by up to 0.33). The causal mask keeps the dummy rows out of
-the real rows' attention, their cells are removed right after, and every real row is computed by
-the same kernels on the same cells whatever else the server does and however the session's tokens
-were split. A self-check at load time verifies this on the machine (`check_invariance`) and refuses
-to start deterministic when it does not hold.
+every session has its own KV stream (its cells are its positions, in order), and its tokens go one
+per call ("single") or in padded blocks with the logits of every row requested, blocks of one length
+from different sessions sharing calls ("padded": llama_calls.py says why that is safe). The causal
+mask keeps the dummy rows out of the real rows' attention, their cells are removed right after, and
+every real row is computed by the same kernels on the same cells whatever else the server does and
+however the session's tokens were split. A self-check at load time verifies this on the machine
+(`check_invariance`) and refuses to start deterministic when it does not hold.
 """
 
 from __future__ import annotations
@@ -46,6 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from handoff.cloud.backend import Backend, ForwardItem, ForwardOutput, make_backend_info, views_from_logits
+from handoff.cloud.backends.llama_calls import MIN_ROWS, ROW_GROUP, padded_calls
 from handoff.shared.errors import CapacityError, HandoffError, ModelError, ShapeError
 from handoff.shared.llama_cpp_model import route_native_logs
 from handoff.shared.logs import show_native_logs
@@ -55,10 +51,6 @@ from handoff.shared.settings import HandoffSettings
 
 logger = logging.getLogger(__name__)
 
-# Deterministic mode's padding: at least MIN_ROWS rows per llama_decode call, a multiple of ROW_GROUP.
-MIN_ROWS = 8
-ROW_GROUP = 4
-PAD_TOKEN = 0  # any valid id: the dummy rows' values never reach a real row
 DETERMINISTIC_PATHS = ("single", "padded")
 
 _backend_initialized = False
@@ -83,11 +75,6 @@ def _llama_lib():
             lib.llama_backend_init()
             _backend_initialized = True
     return lib
-
-
-def padded_rows(n: int) -> int:
-    """Rows of a deterministic llama_decode call holding n real rows: >= MIN_ROWS, a multiple of ROW_GROUP."""
-    return max(MIN_ROWS, -(-n // ROW_GROUP) * ROW_GROUP)
 
 
 class LlamaSequence:
@@ -368,12 +355,8 @@ class LlamaCppBackend(Backend):
         position)] whose cells to remove after it).
 
         Fast mode: up to n_batch rows per call, any sequences together. Deterministic mode: one row
-        per call ("single"), or blocks padded to padded_rows() with dummy tokens after the real ones
-        ("padded"). Blocks of one length from different sequences share a call (at most one block per
-        sequence, n_batch rows in all, by seq id): llama.cpp then splits the call into micro-batches of
-        whole blocks (split_equal: equal tokens per sequence, consecutive ids), so every row is still
-        in a micro-batch of >= MIN_ROWS rows and in a full group of ROW_GROUP, and attention reads its
-        own sequence's stream. Measured bit-identical to a call per block; the self-check verifies it.
+        per call ("single"), or padded blocks, those of one length from different sequences sharing
+        calls ("padded": llama_calls.padded_calls).
         """
         if not self.deterministic:
             for start in range(0, len(rows), self.n_batch):
@@ -383,33 +366,7 @@ class LlamaCppBackend(Backend):
             for row in rows:
                 yield [row], []
             return
-        step = self.n_batch  # a multiple of ROW_GROUP, >= MIN_ROWS
-        by_item: dict[int, list[tuple[int, int, int, int, int]]] = {}
-        for row in rows:
-            by_item.setdefault(row[0], []).append(row)
-        # rounds[r]: the r-th block of every item (a sequence's blocks go in successive calls).
-        rounds: list[list[tuple[int, list[tuple[int, int, int, int, int]], int]]] = []
-        for i, item_rows in by_item.items():
-            for r, start in enumerate(range(0, len(item_rows), step)):
-                real = item_rows[start : start + step]
-                n_pad = padded_rows(len(real)) - len(real)
-                _, _, pos, sid, _ = real[-1]
-                pad = [(i, PAD_TOKEN, pos + 1 + j, sid, -1) for j in range(n_pad)]
-                if r == len(rounds):
-                    rounds.append([])
-                rounds[r].append((sid, real + pad, n_pad))
-        for blocks in rounds:
-            by_length: dict[int, list[tuple[int, list[tuple[int, int, int, int, int]], int]]] = {}
-            for block in sorted(blocks, key=lambda b: b[0]):
-                by_length.setdefault(len(block[1]), []).append(block)
-            for length, same in by_length.items():
-                per_call = max(1, step // length)
-                for start in range(0, len(same), per_call):
-                    call = same[start : start + per_call]
-                    yield (
-                        [row for _, block, _ in call for row in block],
-                        [(sid, block[-n_pad][2]) for sid, block, n_pad in call if n_pad],
-                    )
+        yield from padded_calls(rows, self.n_batch)  # n_batch: a multiple of ROW_GROUP, >= MIN_ROWS
 
     def check_invariance(self, n_tokens: int = 12) -> None:
         """Verify on this machine that deterministic rows do not depend on how tokens are passed in.
