@@ -1,8 +1,8 @@
 """Greedy `--policy exact` writes P's cloud-only text token for token, alone and on a busy server.
 
-The exact policy's verdicts come from P's rows at draft positions (γ tokens per pass), cloud-only
-generation from one-token passes: only a batch-invariant cloud (deterministic mode) makes the two
-agree at every near-tie. P is the tiny Q4_K_M model (the real models' quantized kernels), Q the tiny
+Over 25 prompts, at least 20 of them answered with 300 tokens. The exact policy's verdicts come from
+P's rows at draft positions (γ tokens per pass), cloud-only generation from one-token passes: only a
+batch-invariant cloud (deterministic mode) makes the two agree at every near-tie. P is the tiny Q4_K_M model (the real models' quantized kernels), Q the tiny
 F32 one with other weights, so drafts are often rejected and corrected.
 """
 
@@ -20,6 +20,8 @@ PROMPTS = [
     "Why is the sky blue?", "Write a haiku.", "List prime numbers.", "Summarise a story.",
     "Tell me a joke.", "Define entropy.", "How do magnets work?", "Translate hello.",
     "Write a function that adds.", "What is a tree?", "Plan a trip.", "Describe the moon.",
+    "Write a long story about a lighthouse.", "Explain how a compiler works.", "Describe a busy market.",
+    "Teach me chess openings.", "Write an essay on rivers.",
 ]  # fmt: skip
 MAX_TOKENS = 300
 
@@ -70,7 +72,8 @@ def test_greedy_exact_equals_cloud_only_alone_and_under_load(tiny_gguf_q4k, tiny
 
     reference, alone, busy, load_tokens = run(go())
     assert load_tokens > 0
-    assert sum(len(t) for t in reference) >= 20 * 100  # long answers (a stop token may end some early)
+    # At least 20 answers run the full 300 tokens (the tiny model ends a few early with a stop token).
+    assert sum(len(t) >= MAX_TOKENS for t in reference) >= 20, [len(t) for t in reference]
     for i, (ref, a, b) in enumerate(zip(reference, alone, busy, strict=True)):
         assert a.tokens == ref, f"prompt {i}: exact alone departs from cloud-only"
         assert b.tokens == ref, f"prompt {i}: exact under load departs from cloud-only"
