@@ -14,6 +14,8 @@ import typer
 from handoff.cloud import cli as cloud_cli
 from handoff.edge import cli as edge_cli
 from handoff.edge.evaluation import cli as eval_cli
+from handoff.edge.evaluation.checkers import passes
+from handoff.edge.evaluation.tasks import generated_task
 from handoff.edge.routing import cli as router_cli
 from handoff.edge.simulation import cli as simulate_cli
 from handoff.shared import cli as shared_cli
@@ -52,6 +54,8 @@ def _root(*, settings: HandoffSettings) -> None:
 
 for layer in (shared_cli, cloud_cli, edge_cli, eval_cli, router_cli, simulate_cli):
     layer.register(app)
+# `router label` judges continuations with the evaluation's tasks: the leaves do not import each other.
+router_cli.use_tasks(generated_task, passes)
 
 
 def main(argv: list[str] | None = None) -> int:

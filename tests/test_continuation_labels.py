@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from handoff.cloud.backend import ForwardItem
-from handoff.edge.evaluation.continuations import continuation_labels, generated_task
-from handoff.edge.evaluation.tasks import Task
+from handoff.edge.evaluation.tasks import Task, generated_task
+from handoff.edge.routing.continuations import continuation_labels
 from handoff.edge.routing.data import (
     Generation,
     read_generations,
@@ -25,7 +25,7 @@ from handoff.edge.routing.data import (
     with_labels,
     write_labels,
 )
-from handoff.shared.errors import HandoffError, ShapeError
+from handoff.shared.errors import ShapeError
 from handoff.shared.models import ModelRef
 
 MAX_TOKENS = 24
@@ -145,8 +145,10 @@ def test_label_file_round_trips_and_attaches_only_to_its_generation(backend, tmp
 def test_generated_task_ids_name_their_task() -> None:
     task = generated_task("sorting-d1-s0-0003")
     assert task.task_id == "sorting-d1-s0-0003" and task.suite == "sorting"
-    with pytest.raises(HandoffError, match="not a generated task"):
+    with pytest.raises(ValueError, match="not a generated task"):
         generated_task("humaneval/12")
+    with pytest.raises(ValueError, match="not a generated task"):
+        generated_task("nosuchsuite-d2-s0-0001")
 
 
 @pytest.mark.real_models

@@ -152,3 +152,8 @@ def check(task: Task, text: str, limits: SandboxLimits | None = None) -> CheckRe
     if task.checker == "list":
         return check_list(text, task.answer)
     return check_exact(text, task.answer)
+
+
+def passes(task: Task, text: str) -> bool:
+    """Whether an output passes its task's checker (continuation labels: edge/routing/continuations.py)."""
+    return check(task, text).correct

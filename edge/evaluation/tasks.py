@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -371,6 +372,24 @@ def generate_suite(suite: str, n: int, *, seed: int = 0, difficulty: int = 2) ->
             prompt, answer, checker = _MAKERS[suite](rng, difficulty)
             tasks.append(Task(task_id, suite, prompt, checker, answer=answer))
     return tasks
+
+
+_TASK_ID = re.compile(r"^(?P<suite>[a-z_]+)-d(?P<difficulty>\d)-s(?P<seed>\d+)-(?P<index>\d{4})$")
+
+
+def generated_task(task_id: str) -> Task:
+    """The generated task a task id names (`arithmetic-d2-s1-0007`: suite, difficulty, seed, index).
+
+    Raises:
+        ValueError: not a generated task's id.
+    """
+    m = _TASK_ID.match(task_id)
+    if m is None or m["suite"] not in SUITES:
+        raise ValueError(f"{task_id!r} is not a generated task's id (suite-dD-sS-NNNN)")
+    index = int(m["index"])
+    task = generate_suite(m["suite"], index + 1, seed=int(m["seed"]), difficulty=int(m["difficulty"]))[index]
+    assert task.task_id == task_id, (task.task_id, task_id)
+    return task
 
 
 # -- external suites -----------------------------------------------------------------------------

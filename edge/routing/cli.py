@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,9 +29,21 @@ TracesArg = Annotated[
 FRACTIONS = "0.05,0.1,0.15,0.2,0.3"
 
 
+# (task id -> task, (task, answer text) -> passes): the evaluation's, which `router label` needs. The
+# root command line hands them over (use_tasks): routing and evaluation are leaves that do not import
+# each other.
+_TASKS: tuple[Callable[[str], Any], Callable[[Any, str], bool]] | None = None
+
+
 def register(app: typer.Typer) -> None:
     """Add `router` to the root command."""
     app.add_typer(router_app, name="router")
+
+
+def use_tasks(task_of: Callable[[str], Any], passes: Callable[[Any, str], bool]) -> None:
+    """The tasks and checker `router label` judges continuations with (edge/evaluation)."""
+    global _TASKS
+    _TASKS = (task_of, passes)
 
 
 LabelsOpt = Annotated[
@@ -255,9 +268,19 @@ def label(
 
     from handoff.cloud.loader import load_backend
     from handoff.cloud.settings import CloudSettings
-    from handoff.edge.evaluation.continuations import continuation_labels
+    from handoff.edge.routing.continuations import continuation_labels
     from handoff.edge.routing.data import read_generations, write_labels
     from handoff.shared.llama_cpp_model import gguf_tokenizer
+
+    if _TASKS is None:
+        raise HandoffError("router label needs the evaluation's tasks (handoff.cli hands them over)")
+    task_of, passes = _TASKS
+
+    def task_or_error(task_id: str) -> Any:
+        try:
+            return task_of(task_id)
+        except ValueError as e:
+            raise HandoffError(f"router label judges generated tasks only: {e}") from None
 
     generations = read_generations(traces)
     if not generations:
@@ -281,7 +304,8 @@ def label(
         with tqdm(total=len(generations), desc="generations", unit="gen") as bar:
             labels, stats = continuation_labels(
                 backend, generations, stop_ids=tok.stop_token_ids, detokenize=tok.detokenize,
-                max_tokens=int(budgets.pop()), concurrency=concurrency, progress=bar.update,
+                max_tokens=int(budgets.pop()), task_of=task_or_error, passes=passes,
+                concurrency=concurrency, progress=bar.update,
             )  # fmt: skip
     finally:
         backend.close()

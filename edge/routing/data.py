@@ -7,7 +7,7 @@ argmax disagreement: Q's most likely token at t is not P's (greedy) token — ex
 correction policy replaces. Along P's own text, a router that flags every such position makes the
 gated correction policy write P's text token for token.
 
-Continuation labels (`handoff router label`, edge/evaluation/continuations.py) refine that: of the
+Continuation labels (`handoff router label`, edge/routing/continuations.py) refine that: of the
 disagreements, only those where Q's token, continued by P, changes whether the answer passes the
 task's checker are labelled positive ("divergent", R2R's labels); `with_labels` attaches them.
 

@@ -9,41 +9,30 @@ most likely token q_t is not P's token), P continues greedily from P's text up t
 within the run's token budget; t is divergent when that answer no longer passes. Generations that P
 got wrong are left out: there, routing to P keeps P's wrong answer whatever the label.
 
-The continuations run on the cloud backend directly (one KV sequence per generation, truncated back
+The tasks and their checker come from the evaluation (edge/evaluation), passed in by the command
+line. The continuations run on the cloud backend directly (one KV sequence per generation, truncated back
 after each continuation; several generations share each forward call).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from handoff.cloud.backend import Backend, ForwardItem, ForwardOutput
-from handoff.edge.evaluation.checkers import check
-from handoff.edge.evaluation.tasks import Task, generate_suite
 from handoff.edge.routing.data import Generation, GenerationLabels
 from handoff.shared.errors import HandoffError
 
-__all__ = ["LabelStats", "continuation_labels", "generated_task"]
+__all__ = ["LabelStats", "continuation_labels"]
 
 logger = logging.getLogger(__name__)
 
-_TASK_ID = re.compile(r"^(?P<suite>[a-z_]+)-d(?P<difficulty>\d)-s(?P<seed>\d+)-(?P<index>\d{4})$")
-
-
-def generated_task(task_id: str) -> Task:
-    """The generated task a task id names (`arithmetic-d2-s1-0007`: suite, difficulty, seed, index)."""
-    m = _TASK_ID.match(task_id)
-    if m is None:
-        raise HandoffError(f"{task_id!r} is not a generated task's id (suite-dD-sS-NNNN)")
-    index = int(m["index"])
-    task = generate_suite(m["suite"], index + 1, seed=int(m["seed"]), difficulty=int(m["difficulty"]))[index]
-    assert task.task_id == task_id, (task.task_id, task_id)
-    return task
+# A task, as the evaluation defines it (edge/evaluation/tasks.py): the labeller only passes it on.
+Task = Any
 
 
 @dataclass
@@ -61,10 +50,6 @@ class LabelStats:
 # A step of one generation's walk: ("forward", tokens, n_out) -> ForwardOutput, or ("truncate", length).
 _Step = tuple
 _Walk = Generator[_Step, ForwardOutput | None, GenerationLabels]
-
-
-def _passes(task: Task, text: str) -> bool:
-    return check(task, text).correct
 
 
 def _walk(
@@ -107,9 +92,9 @@ def continuation_labels(
     stop_ids: Sequence[int],
     detokenize: Callable[[Sequence[int]], bytes],
     max_tokens: int,
+    task_of: Callable[[str], Task],
+    passes: Callable[[Task, str], bool],
     concurrency: int = 4,
-    task_of: Callable[[str], Task] = generated_task,
-    passes: Callable[[Task, str], bool] = _passes,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[GenerationLabels], LabelStats]:
     """Continuation labels of the generations P answered correctly.
@@ -121,8 +106,9 @@ def continuation_labels(
         detokenize: token ids -> bytes (P's tokenizer).
         max_tokens: the runs' token budget per generation (continuations stop where P's would have).
         concurrency: generations walked side by side (their tokens share forward calls).
-        task_of: task id -> the task.
-        passes: (task, answer text) -> whether it passes (the task's checker).
+        task_of: task id -> the task (evaluation.tasks.generated_task: routing does not import the
+            evaluation, a leaf of its own; the command line passes it in).
+        passes: (task, answer text) -> whether it passes (evaluation.checkers.passes).
         progress: called with 1 per generation finished or skipped.
 
     Returns:
