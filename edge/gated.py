@@ -45,6 +45,7 @@ class CheckWindow:
     kls: np.ndarray | None = None  # [n] once answered
     keep: int = 0  # tokens the policy keeps once answered
     token: int | None = None  # the token the policy places at position `keep` itself (WindowDecision)
+    gate_score: float | None = None  # a gated round's check: the gate's score of its one position
 
 
 class GatedDriver(Driver, Protocol):
@@ -89,8 +90,8 @@ async def gated_round(gen: GatedDriver) -> bool:
     interval = core.config.check_interval
     lookahead = core.config.lookahead_windows
     unsent: list[EdgeStep] = []  # drafted under the gate, not uploaded yet
-    queue: list[CheckWindow | _Held] = []  # drafted since the oldest unanswered check point, in order
-    scores: dict[int, float] = {}  # the gate score of each check window's position
+    # Drafted since the oldest unanswered check point, in order: one token per entry.
+    queue: list[CheckWindow | _Held] = []
     drafted_stop = False
 
     async def flush() -> None:
@@ -133,7 +134,7 @@ async def gated_round(gen: GatedDriver) -> bool:
                 w.answer.cancel()  # the cloud is gone: committed unchecked
             queue.pop(0)
             outcome = await gen.settle(w)
-            step, score = w.steps[0], scores.pop(id(w))
+            step, score = w.steps[0], w.gate_score
             if outcome == "handover":
                 rest, queue[:] = list(queue), []
                 for x in rest:
@@ -160,11 +161,10 @@ async def gated_round(gen: GatedDriver) -> bool:
         if not link.alive() and not queue:
             unsent.clear()  # a resync sends the committed text
             return False
-        in_flight = sum(len(x.steps) if isinstance(x, CheckWindow) else 1 for x in queue)
         may_draft = (
             link.alive()
             and not drafted_stop
-            and gen.committed + in_flight < gen.max_tokens
+            and gen.committed + len(queue) < gen.max_tokens
             and len(windows()) <= lookahead
         )
         if not may_draft:
@@ -188,13 +188,12 @@ async def gated_round(gen: GatedDriver) -> bool:
                 await flush()
             continue
         await flush()
-        w = CheckWindow([step], [t])
-        scores[id(w)] = score
+        w = CheckWindow([step], [t], gate_score=score)
         await gen.upload(w, may_resync=False)
         queue.append(w)
 
 
-def _mark_gate_score(gen: GatedDriver, position: int, score: float) -> None:
+def _mark_gate_score(gen: GatedDriver, position: int, score: float | None) -> None:
     """The trace keeps the gate score of a checked position (its record was committed by settle)."""
     for r in reversed(gen.result.records):
         if r.position == position:

@@ -329,14 +329,7 @@ class EdgeRunner:
         Args:
             length: 0 <= length <= self.length.
         """
-        try:
-            length = operator.index(length)
-        except TypeError:
-            raise ShapeError(f"truncate: expected an int length, got {length!r}") from None
-        if not 0 <= length <= self.length:
-            raise ShapeError(f"truncate: cannot roll a context of {self.length} tokens back to {length}")
-        if self._constraint is not None:
-            self._constraint.truncate(max(0, min(length - self._completion_start, self._constraint.length)))
+        length = self._cut(length, "truncate")
         if length == self.length:
             return  # the logits of the last token are still the current ones
         if length == 0:
@@ -357,16 +350,25 @@ class EdgeRunner:
             ids: [n] token ids, n >= 1 (n = 0 is truncate(length)).
         """
         ids = self._check_ids(ids)
-        if not ids or length == self.length:
+        if not ids:
             self.truncate(length)
-            self.append(ids)
             return
+        length = self._cut(length, "replace_tail")
+        if length < self.length:
+            self.model.truncate(length)
+        self.append(ids)
+
+    def _cut(self, length: int, what: str) -> int:
+        """`length` checked as a rollback point of this context, and the constraint rolled back to it."""
+        try:
+            length = operator.index(length)
+        except TypeError:
+            raise ShapeError(f"{what}: expected an int length, got {length!r}") from None
         if not 0 <= length <= self.length:
-            raise ShapeError(f"replace_tail: cannot roll a context of {self.length} tokens back to {length}")
+            raise ShapeError(f"{what}: cannot roll a context of {self.length} tokens back to {length}")
         if self._constraint is not None:
             self._constraint.truncate(max(0, min(length - self._completion_start, self._constraint.length)))
-        self.model.truncate(length)
-        self.append(ids)
+        return length
 
     def follow(self, core: object) -> None:
         """A generation starts under a policy core: one model has nothing to take from it (a mixture

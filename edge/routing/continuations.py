@@ -157,14 +157,20 @@ def continuation_labels(
         active.append((i, seq, walk, step))
 
     queue = list(todo)
-    while queue or active:
-        while queue and len(active) < concurrency:
-            start(*queue.pop(0))
-        batch, active[:] = list(active), []
-        items = [ForwardItem(seq, list(step[1]), step[2], k=1) for _, seq, _, step in batch]
-        outputs = backend.forward(items)
-        for (i, seq, walk, _), output in zip(batch, outputs, strict=True):
-            advance(i, seq, walk, output)
+    batch: list[tuple[int, object, _Walk, _Step]] = []
+    try:
+        while queue or active:
+            while queue and len(active) < concurrency:
+                start(*queue.pop(0))
+            batch, active[:] = list(active), []
+            items = [ForwardItem(seq, list(step[1]), step[2], k=1) for _, seq, _, step in batch]
+            outputs = backend.forward(items)
+            for (i, seq, walk, _), output in zip(batch, outputs, strict=True):
+                advance(i, seq, walk, output)
+            batch = []
+    finally:  # a failure half way leaves no sequence behind (release is a no-op on released ones)
+        for _, seq, _, _ in [*batch, *active]:
+            backend.release(seq)
     labels = [results[i] for i, _, _ in todo]
     stats.generations = len(labels)
     stats.continuations = sum(len(lab.positions) for lab in labels)
