@@ -400,7 +400,9 @@ class _Generation:
         scores = answer.result().scores
         w.kls = window_kl(w.steps, scores, self.core.concept_of)
         self.result.checked_positions += len(w.steps)
-        decision = self.core.decide(window_view(w.steps, w.kls, scores, self.runner)).checked(len(w.steps))
+        decision = self.core.decide(
+            window_view(w.steps, w.kls, scores, self.runner, len(self.prompt))
+        ).checked(len(w.steps))
         if decision.token is not None and not self.core.places_tokens:
             raise ShapeError(
                 f"policy {self.core.kind!r} returned a token to place but has places_tokens False"

@@ -162,6 +162,14 @@ class GenerationResult:
         kls = [r.kl for r in self.records if r.kl is not None]
         return float(np.mean(kls)) if kls else None
 
+    def kept_disagreements(self) -> int:
+        """Edge tokens P checked and would not have chosen (P's most likely token differed), kept all
+        the same (a threshold under tau, or the router's override gate)."""
+        return sum(
+            1 for r in self.records
+            if r.source == "edge" and r.checked and r.p_topk_ids and r.p_topk_ids[0] != r.token_id
+        )  # fmt: skip
+
     def summary(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
@@ -181,6 +189,7 @@ class GenerationResult:
             "cloud_compute_s": self.cloud_compute_s,
             "open_bytes": self.open_bytes,
             "skipped_uploads": self.skipped_uploads,
+            "kept_disagreements": self.kept_disagreements(),
             "drafts": self.drafts,
             **self.acceptance(),
             "accounting": self.accounting(),

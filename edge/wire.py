@@ -131,7 +131,11 @@ def cloud_token_kl(
 
 
 def window_view(
-    steps: Sequence[EdgeStep], kls: np.ndarray, scores: Sequence[pb.PositionScore], runner: Any
+    steps: Sequence[EdgeStep],
+    kls: np.ndarray,
+    scores: Sequence[pb.PositionScore],
+    runner: Any,
+    prompt_len: int | None = None,
 ) -> WindowView:
     """What the policy judges an answered window on: Q's views, the KLs and P's views.
 
@@ -141,6 +145,7 @@ def window_view(
         scores: [n] the check point's answer, at the same positions.
         runner: the edge's runner (EdgeRunner or MixtureRunner); a mixture of experts adds each
             expert's KL and top-1 (expert_views).
+        prompt_len: the prompt's tokens, for the view's offsets (None: no offsets).
 
     Returns:
         The WindowView, with P's top-1 [n], top-k [n, kp] and P's values at Q's ids [n, k] (NaN rows
@@ -172,4 +177,5 @@ def window_view(
         p_logprobs_at_q=np.minimum(at_q, 0.0),
         expert_kls=e_kls,
         expert_top1_ids=e_top1,
+        offsets=None if prompt_len is None else np.asarray([s.position - prompt_len for s in steps]),
     )

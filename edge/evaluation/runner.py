@@ -385,6 +385,8 @@ class Evaluation:
             "other_cloud_tokens": acc["other_cloud_tokens"],
             "ensembled_tokens": acc["ensembled_tokens"],
             "checked_positions": acc["checked_positions"],
+            # checked edge tokens P would not have chosen, kept (a threshold, an override gate)
+            "kept_disagreements": result.kept_disagreements(),
             "round_trips": acc["round_trips"],
             "cloud_seconds": acc["cloud_seconds"],
             "seconds": result.seconds,

@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from handoff.edge.policy.core import CorrectionPolicy, register_policy
+from handoff.edge.policy.core import CorrectionPolicy, WindowDecision, register_policy
 from handoff.edge.policy.features import SCALAR_FEATURES, scalar_features, token_classes
+from handoff.edge.policy.override import OverrideGate, override_features
 from handoff.shared.errors import HandoffError, ShapeError
 
 if TYPE_CHECKING:
     from handoff.edge.policy.config import PolicyConfig
-    from handoff.edge.policy.triggers import TokenScorer
+    from handoff.edge.policy.triggers import TokenScorer, WindowView
     from handoff.shared.vocab import Vocabulary
 
 __all__ = ["ROUTER_VERSION", "RouterMismatch", "RouterModel", "RouterPolicy", "load_router"]
@@ -62,6 +63,8 @@ class RouterModel:
         hidden_mean: [d], hidden_proj: [d, r]: the hidden state's projection; None without it.
         vocab_digest, vocab_size: the pair's vocabulary fingerprint (shared.vocab).
         meta: how it was trained and what it scored (free-form, written by the trainer).
+        override: the override gate, applied where a check's answer disagrees with Q; None: every
+            disagreement is corrected.
     """
 
     mean: np.ndarray
@@ -73,6 +76,7 @@ class RouterModel:
     hidden_mean: np.ndarray | None = None
     hidden_proj: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    override: OverrideGate | None = None  # which of P's disagreements to take (edge/policy/override.py)
 
     def __post_init__(self) -> None:
         f = self.n_features
@@ -179,6 +183,7 @@ class RouterModel:
             "hidden_mean": None if self.hidden_mean is None else _pack(self.hidden_mean),
             "hidden_proj": None if self.hidden_proj is None else _pack(self.hidden_proj),
             "meta": self.meta,
+            **({} if self.override is None else {"override": self.override.to_json(_pack)}),
         }
 
     def save(self, path: Path | str) -> None:
@@ -205,7 +210,15 @@ class RouterModel:
             hidden_mean=None if hm is None else _unpack(hm),
             hidden_proj=None if hp is None else _unpack(hp),
             meta=dict(data.get("meta") or {}),
+            override=None if data.get("override") is None else _override(data["override"]),
         )
+
+
+def _override(data: dict[str, Any]) -> OverrideGate:
+    try:
+        return OverrideGate.from_json(data, _unpack)
+    except ShapeError as e:
+        raise RouterMismatch(f"the router file's override gate: {e}") from None
 
 
 @cache
@@ -232,6 +245,13 @@ def _classes(vocabulary: Vocabulary) -> np.ndarray:
     return token_classes(vocabulary.tokens)
 
 
+@cache
+def _surface(vocabulary: Vocabulary) -> np.ndarray:
+    from handoff.shared.concepts import surface_concepts
+
+    return surface_concepts(vocabulary).concept_of
+
+
 @register_policy("router")
 class RouterPolicy(CorrectionPolicy):
     """Gated correction: a learned router on Q's view picks the positions P checks (edge/gated.py).
@@ -254,6 +274,7 @@ class RouterPolicy(CorrectionPolicy):
         self.model = load_router(config.router)
         self.gate_threshold = self.model.threshold if config.gate_threshold is None else config.gate_threshold
         self._classes: np.ndarray | None = None
+        self._surface: np.ndarray | None = None
         # (offset, entropy, top-1 log-probability) of the last gated steps, in order: a step gated
         # again at an offset (redrafted after a correction) reads its true predecessor, not the drafts
         # the correction dropped.
@@ -269,6 +290,8 @@ class RouterPolicy(CorrectionPolicy):
         super().attach(vocabulary)
         self.model.check_vocabulary(vocabulary)
         self._classes = _classes(vocabulary)
+        if self.model.override is not None:
+            self._surface = _surface(vocabulary)
 
     def begin(self) -> None:
         self._history = []
@@ -308,3 +331,27 @@ class RouterPolicy(CorrectionPolicy):
     def checks(self, score: float) -> bool:
         """A position is sent to P when its router score is at or over the gate threshold."""
         return score >= self.gate_threshold
+
+    def decide(self, view: WindowView) -> WindowDecision:
+        """Correct the first disagreement with P's argmax that the override gate takes (all of them
+        without a gate); the others keep Q's token.
+
+        Args:
+            view: the answered window, with P's top-k and the positions' offsets.
+        """
+        gate = self.model.override
+        if gate is None:
+            return super().decide(view)
+        if view.p_topk_ids is None or view.p_topk_logprobs is None or view.offsets is None:
+            raise ShapeError("the override gate needs P's top-k answer and the offsets (WindowView)")
+        if self._classes is None or self._surface is None:
+            raise ShapeError("RouterPolicy.attach(vocabulary) must be called before deciding")
+        differs = view.p_topk_ids[:, 0] != view.token_ids  # [n]
+        if not differs.any():
+            return WindowDecision(view.n, False)
+        rows = override_features(
+            view.token_ids, view.q_topk_ids, view.q_topk_logprobs, view.q_entropy, view.p_topk_ids,
+            view.p_topk_logprobs, view.offsets, self._classes, self._surface,
+        )  # fmt: skip  # [n, f]
+        take = np.flatnonzero(differs & gate.overrides(rows))  # [m] ascending
+        return WindowDecision(int(take[0]), True) if take.size else WindowDecision(view.n, False)

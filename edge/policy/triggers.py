@@ -55,6 +55,7 @@ class WindowView:
     expert_kls: [n, E] float, each expert's top-k KL(P || expert) when a mixture of experts drafts
         (edge/mixture.py), or None.
     expert_top1_ids: [n, E] int, each expert's most likely token at each position, or None.
+    offsets: [n] int, tokens since the prompt's end at each position (>= 0), or None.
     """
 
     token_ids: np.ndarray
@@ -68,6 +69,7 @@ class WindowView:
     p_logprobs_at_q: np.ndarray | None = None
     expert_kls: np.ndarray | None = None
     expert_top1_ids: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         ids = int_array("token_ids", self.token_ids, 1, "[n]")  # [n]
@@ -96,6 +98,12 @@ class WindowView:
             same_length("p_top1_ids", p_top1, "token_ids", n)
         p_ids, p_lp, p_at_q = self._p_views(n, topk_ids.shape)
         e_kls, e_top1 = self._expert_views(n)
+        offsets = None
+        if self.offsets is not None:
+            offsets = int_array("offsets", self.offsets, 1, "[n]")  # [n]
+            same_length("offsets", offsets, "token_ids", n)
+            if (offsets < 0).any():
+                raise ShapeError("offsets: expected tokens since the prompt's end, >= 0")
         # Frozen: store the checked arrays (read-only, so a scorer cannot change what the next sees).
         for name, arr in (
             ("token_ids", ids),
@@ -109,6 +117,7 @@ class WindowView:
             ("p_logprobs_at_q", p_at_q),
             ("expert_kls", e_kls),
             ("expert_top1_ids", e_top1),
+            ("offsets", offsets),
         ):
             if arr is not None:
                 arr = arr.copy()

@@ -203,6 +203,15 @@ def evaluate(
             with_config(router), vocab_digest=router.vocab_digest, vocab_size=router.vocab_size,
             val_every=int(router.meta.get("val_every") or 4),
         )  # fmt: skip
+    if router.override is not None:
+        from handoff.edge.policy.features import token_classes
+        from handoff.edge.routing.report import evaluate_override
+        from handoff.shared.concepts import surface_concepts
+
+        result["override"] = evaluate_override(
+            router, data, token_classes(vocabulary.tokens), surface_concepts(vocabulary).concept_of,
+            csv_values(fractions, float, "--fractions"),
+        )  # fmt: skip
     print_evaluation(result)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -245,6 +254,84 @@ def print_evaluation(result: dict[str, Any]) -> None:
                 ),
             )
         out.print(t)
+    if "override" in result:
+        o = result["override"]
+        out.print(
+            f"override gate (threshold {o['threshold']:.3f}) on {o['disagreements']} disagreements: AUC "
+            f"{'n/a' if o['auc'] is None else format(o['auc'], '.3f')}, takes {o['taken']:.3f} of them"
+        )
+        t = Table(title="router + override gate: checked / overrides / recall / reproduced")
+        for col in ("gate", "checked", "overrides", "recall", "reproduced"):
+            t.add_column(col)
+        for name, m in [("every position", o["every_position"]), ("router", o["router"])] + [
+            (f"{c['target']:.0%} checked", c) for c in o["curve"]
+        ]:
+            t.add_row(
+                name,
+                *(
+                    ("n/a" if m[k] is None else f"{m[k]:.3f}")
+                    for k in ("checked", "overrides", "recall", "reproduced")
+                ),
+            )
+        out.print(t)
+
+
+@router_app.command("override")
+def override(
+    router_path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The router file.")],
+    traces: TracesArg,
+    labels: Annotated[
+        list[Path],
+        typer.Option(
+            exists=True, dir_okay=False, help="Continuation labels of TRACES (`handoff router label`)."
+        ),
+    ],
+    out_path: Annotated[Path, typer.Option("--out", help="The router file to write, with the gate.")] = Path(
+        "router-override.json"
+    ),
+    target_recall: Annotated[
+        float,
+        typer.Option(
+            min=0.01, max=1.0, help="Share of validation's answer-changing disagreements to override."
+        ),
+    ] = 0.9,
+    val_every: Annotated[int, typer.Option(min=2, help="Hold out every N-th prompt for the threshold.")] = 4,
+    l2: Annotated[float, typer.Option(min=0.0, help="L2 penalty.")] = 1e-2,
+    edge: EdgeModelOpt = None,
+) -> None:
+    """Add an override gate to a router: which of P's disagreements to correct, learned from TRACES'
+    continuation labels (divergent vs neutral); its threshold keeps --target-recall of the held-out
+    prompts' divergent disagreements."""
+    from handoff.edge.policy.features import token_classes
+    from handoff.edge.policy.router import load_router
+    from handoff.edge.routing.data import override_rows, split_by_prompt
+    from handoff.edge.routing.metrics import auc
+    from handoff.edge.routing.train import train_override
+    from handoff.shared.concepts import surface_concepts
+
+    router = load_router(router_path)
+    data, vocabulary = _load(traces, edge, False, labels=labels)
+    router.check_vocabulary(vocabulary)
+    classes, surface = token_classes(vocabulary.tokens), surface_concepts(vocabulary).concept_of
+    train_data, val_data = split_by_prompt(data, val_every)
+    rows, y, _ = override_rows(train_data.generations, classes, surface)
+    val_rows, val_y, _ = override_rows(val_data.generations, classes, surface)
+    meta = {
+        "train_traces": [str(p) for p in traces], "labels": [str(p) for p in labels], "val_every": val_every,
+        "l2": l2, "train_disagreements": len(y), "train_divergent": int(y.sum()),
+        "val_disagreements": len(val_y), "val_divergent": int(val_y.sum()),
+    }  # fmt: skip
+    gate = train_override(rows, y, val_rows, val_y, target_recall, l2=l2, meta=meta)
+    taken = gate.overrides(val_rows)
+    validation = {
+        "auc": auc(gate.probabilities(val_rows), val_y),
+        "recall": float(taken[val_y].mean()),
+        "taken": float(taken.mean()),
+    }
+    gate = replace(gate, meta=gate.meta | {"validation": validation})
+    replace(router, override=gate).save(out_path)
+    out.print(f"router with an override gate: {out_path}")
+    out.print(json.dumps(gate.meta, indent=1))
 
 
 @router_app.command("label")

@@ -35,6 +35,7 @@ __all__ = [
     "GenerationLabels",
     "RouterData",
     "generation_digest",
+    "override_rows",
     "read_generations",
     "read_labels",
     "split_by_prompt",
@@ -62,6 +63,8 @@ class Generation:
     source: str  # file, for messages
     max_tokens: int | None = None  # the run's token budget per generation
     divergent: np.ndarray | None = None  # bool [n]: continuation labels, when attached (with_labels)
+    p_topk_ids: np.ndarray | None = None  # int64 [n, kp], P's top-k at each position (None: not traced)
+    p_topk_logprobs: np.ndarray | None = None  # float64 [n, kp]
 
     @property
     def disagreements(self) -> np.ndarray:
@@ -189,6 +192,7 @@ def _generation(header: dict[str, Any], records: list[dict[str, Any]], where: st
     if any(not r.get("q_topk_ids") for r in records):
         raise ShapeError(f"{where}: a position lacks Q's view; the router needs full cloud-only traces")
     k = min(len(r["q_topk_ids"]) for r in records)
+    kp = min(len(r.get("p_topk_ids") or ()) for r in records)
     return Generation(
         task_id=str(header.get("task_id", where)),
         suite=str(header.get("suite", "")),
@@ -200,6 +204,10 @@ def _generation(header: dict[str, Any], records: list[dict[str, Any]], where: st
         q_entropy=np.asarray([r["q_entropy"] for r in records], dtype=np.float64),
         source=where,
         max_tokens=header.get("max_tokens"),
+        p_topk_ids=np.asarray([r["p_topk_ids"][:kp] for r in records], dtype=np.int64) if kp else None,
+        p_topk_logprobs=(
+            np.asarray([r["p_topk_logprobs"][:kp] for r in records], dtype=np.float64) if kp else None
+        ),
     )
 
 
@@ -280,6 +288,52 @@ def to_data(
         np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64),
         np.concatenate(dis) if dis else np.zeros(0, dtype=bool),
     )
+
+
+def override_rows(
+    generations: Sequence[Generation], classes: np.ndarray, surface: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The override gate's rows: every argmax disagreement of the labelled generations.
+
+    At a disagreement t along P's text, the check would have answered with P's top-k there while Q's
+    token was its own top-1; the label is the continuation label (Q's token changes the answer), or
+    True without continuation labels.
+
+    Args:
+        generations: with P's top-k traced (continuation labels attached: with_labels).
+        classes: [V] token classes; surface: [V] surface-form ids (policy/override.py).
+
+    Returns:
+        rows [N, len(OVERRIDE_FEATURES)], labels [N] bool (divergent), group [N] generation index;
+        the rows are in the order of the generations' disagreements (RouterData.disagreements).
+    """
+    from handoff.edge.policy.override import OVERRIDE_FEATURES, override_features
+
+    rows, labels, group = [], [], []
+    for i, g in enumerate(generations):
+        if g.p_topk_ids is None or g.p_topk_logprobs is None:
+            raise ShapeError(
+                f"{g.source}: the override gate needs P's top-k at every position (a full trace)"
+            )
+        at = np.flatnonzero(g.disagreements)  # [d]
+        rows.append(
+            override_features(
+                g.q_topk_ids[at, 0],
+                g.q_topk_ids[at],
+                g.q_topk_logprobs[at],
+                g.q_entropy[at],
+                g.p_topk_ids[at],
+                g.p_topk_logprobs[at],
+                at,
+                classes,
+                surface,
+            )
+        )
+        labels.append(g.labels[at])
+        group.append(np.full(len(at), i))
+    if not rows:
+        return np.zeros((0, len(OVERRIDE_FEATURES))), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64)
+    return np.concatenate(rows), np.concatenate(labels).astype(bool), np.concatenate(group)
 
 
 def split_by_prompt(data: RouterData, every: int) -> tuple[RouterData, RouterData]:

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 
 from handoff.edge.policy.router import RouterModel
-from handoff.edge.routing.data import RouterData, split_by_prompt
+from handoff.edge.routing.data import RouterData, override_rows, split_by_prompt
 from handoff.edge.routing.metrics import BASELINE_GATES, at_threshold, auc, baseline_scores, curve
 from handoff.edge.routing.train import TrainConfig, train_router
 
-__all__ = ["evaluate_router", "leave_one_suite_out", "with_config"]
+__all__ = ["evaluate_override", "evaluate_router", "leave_one_suite_out", "with_config"]
 
 
 def _scores(router: RouterModel, data: RouterData) -> np.ndarray:
@@ -100,3 +100,60 @@ def with_config(router: RouterModel) -> TrainConfig:
     """The TrainConfig a router was trained with (from its file's meta), for retraining it elsewhere."""
     cfg = router.meta.get("train_config") or {}
     return replace(TrainConfig(), **{k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def evaluate_override(
+    router: RouterModel,
+    data: RouterData,
+    classes: np.ndarray,
+    surface: np.ndarray,
+    fractions: Sequence[float],
+) -> dict[str, Any]:
+    """The router's override gate on held-out traces, alone and behind the router's flags.
+
+    A flagged disagreement becomes an override token only where the gate takes it; a labelled one
+    (continuation labels: divergent) the gate declines is missed like an unflagged one.
+
+    Args:
+        router: a router with an override gate.
+        data: held-out rows (with continuation labels for the recall figures).
+        classes, surface: [V] the vocabulary's token classes and surface-form ids.
+        fractions: checked fractions of the frontier.
+
+    Returns:
+        {"auc", "taken", "recall", "generations_kept"} over all disagreements (every position
+        checked), "router" at the router's threshold and "curve" at each checked fraction, each with
+        checked, overrides, recall and reproduced as in metrics.at_threshold.
+    """
+    gate = router.override
+    if gate is None:
+        raise ValueError("this router has no override gate (handoff router override)")
+    rows, labels, _group = override_rows(data.generations, classes, surface)
+    probs = gate.probabilities(rows) if len(rows) else np.zeros(0)
+    take = np.zeros(len(data.labels), dtype=bool)  # [N]
+    take[data.disagreements] = probs >= gate.threshold
+    n_gen = len(data.generations)
+
+    def combined(flagged: np.ndarray, target: float | None) -> dict[str, Any]:
+        corrected = flagged & take  # [N]
+        missed = np.bincount(data.group[data.labels & ~corrected], minlength=n_gen)
+        return {
+            "target": target,
+            "checked": float(flagged.mean()),
+            "overrides": float((corrected & data.disagreements).mean()),
+            "recall": float(corrected[data.labels].mean()) if data.labels.any() else None,
+            "reproduced": float((missed == 0).mean()) if n_gen else None,
+        }
+
+    scores = _scores(router, data)
+    return {
+        "threshold": gate.threshold,
+        "disagreements": len(rows),
+        "auc": auc(probs, labels) if len(rows) else None,
+        "taken": float(take[data.disagreements].mean()) if len(rows) else None,
+        "every_position": combined(np.ones(len(data.labels), dtype=bool), 1.0),
+        "router": combined(scores >= router.threshold, None),
+        "curve": [
+            combined(scores >= np.quantile(scores, 1.0 - f, method="higher"), float(f)) for f in fractions
+        ],
+    }

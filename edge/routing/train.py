@@ -13,11 +13,20 @@ from typing import Any, Literal
 import numpy as np
 
 from handoff.edge.policy.features import SCALAR_FEATURES
+from handoff.edge.policy.override import OverrideGate
 from handoff.edge.policy.router import RouterModel
 from handoff.edge.routing.data import RouterData
 from handoff.shared.errors import ShapeError
 
-__all__ = ["TrainConfig", "choose_threshold", "fit_logistic", "fit_mlp", "pca", "train_router"]
+__all__ = [
+    "TrainConfig",
+    "choose_threshold",
+    "fit_logistic",
+    "fit_mlp",
+    "pca",
+    "train_override",
+    "train_router",
+]
 
 
 @dataclass(frozen=True)
@@ -209,3 +218,39 @@ def train_router(
         mean, scale, layers, threshold, vocab_digest, vocab_size, hidden_mean, hidden_proj,
         meta={"train_config": asdict(config), **(meta or {})},
     )  # fmt: skip
+
+
+def train_override(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    val_rows: np.ndarray,
+    val_labels: np.ndarray,
+    target_recall: float,
+    *,
+    l2: float = 1e-2,
+    meta: dict[str, Any] | None = None,
+) -> OverrideGate:
+    """Fit the override gate (logistic) on disagreements; its threshold keeps target_recall of the
+    validation disagreements that change the answer.
+
+    Args:
+        rows, val_rows: [N, f] override_features rows of argmax disagreements (training, validation).
+        labels, val_labels: [N] bool, divergent (continuation labels).
+        target_recall: share of the validation's divergent disagreements the gate must still override.
+    """
+    rows, val_rows = np.asarray(rows, dtype=np.float64), np.asarray(val_rows, dtype=np.float64)
+    labels, val_labels = np.asarray(labels, dtype=bool), np.asarray(val_labels, dtype=bool)
+    if rows.ndim != 2 or labels.shape != (rows.shape[0],) or val_labels.shape != (val_rows.shape[0],):
+        raise ShapeError(f"expected rows [N, f] and labels [N], got {rows.shape}, {labels.shape}")
+    if not labels.any() or labels.all() or not val_labels.any():
+        raise ShapeError("the override gate needs divergent and neutral training disagreements, "
+                         "and divergent validation ones")  # fmt: skip
+    if not 0.0 < target_recall <= 1.0:
+        raise ShapeError(f"target_recall: expected a fraction in (0, 1], got {target_recall}")
+    mean = rows.mean(axis=0)
+    scale = np.where(rows.std(axis=0) > 1e-9, rows.std(axis=0), 1.0)
+    w, b = fit_logistic((rows - mean) / scale, labels.astype(np.float64), l2)
+    draft = OverrideGate(mean, scale, w, b, 0.0)
+    positives = draft.probabilities(val_rows)[val_labels]
+    threshold = float(np.quantile(positives, 1.0 - target_recall, method="lower"))
+    return OverrideGate(mean, scale, w, b, threshold, meta={"target_recall": target_recall, **(meta or {})})

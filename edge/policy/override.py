@@ -1,0 +1,184 @@
+"""The override gate: once P has answered a check, which of its disagreements are worth a cloud token.
+
+An argmax disagreement (P's most likely token is not Q's) is not always a mistake: Q may write "Let's"
+where P writes "To", and the answer comes out the same. Continuation labels (`handoff router label`,
+edge/routing/continuations.py; R2R's divergent vs neutral, Fu et al., arXiv 2505.21600) say which
+disagreements change the answer: about a third on the default pair. Neither Q's confidence (AUC 0.54)
+nor P's margin (0.60) tells the two kinds apart alone; with both models' views, the classes of the two
+tokens and the position, a logistic regression does (held-out AUC in docs/router.md). The gate runs
+on the edge where a check's answer lands: a disagreement scored under its threshold keeps Q's token
+(no override, no cloud token); the others are corrected as before.
+
+The gate lives in the router file (RouterModel.override, `handoff router override`), so it shares the
+router's vocabulary fingerprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from handoff.edge.policy.features import TOKEN_CLASSES
+from handoff.shared.errors import ShapeError
+
+__all__ = ["OVERRIDE_FEATURES", "OverrideGate", "override_features"]
+
+_DIGIT, _WORD_START, _WORD_PIECE, _SPACE, _SYMBOL = (
+    TOKEN_CLASSES.index(c) for c in ("digit", "word_start", "word_piece", "whitespace", "symbol")
+)
+
+OVERRIDE_FEATURES: tuple[str, ...] = (
+    "p_top1_logprob",  # P's log-probability of its own choice
+    "p_margin",  # log P(P's choice) - log P(Q's token), the latter floored at P's k-th value
+    "p_topk_entropy",  # -sum p log p over P's top-k
+    "q_top1_logprob",
+    "q_margin_to_p",  # log Q(Q's token) - log Q(P's choice), the latter floored at Q's k-th value
+    "q_entropy",
+    "log_offset",  # log(1 + tokens since the prompt's end)
+    "q_digit",
+    "p_digit",
+    "both_digit",
+    "both_word",  # both tokens start or continue a word
+    "q_symbol",
+    "p_symbol",
+    "q_whitespace",
+    "p_whitespace",
+    "same_surface",  # the two tokens' texts are equal up to case and leading whitespace
+)
+
+
+def _logprob_of(ids: np.ndarray, logprobs: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """[n] log-probability of wanted[i] in row i of a top-k view, floored at the row's k-th value."""
+    hit = ids == wanted[:, None]  # [n, k]
+    return np.where(hit.any(axis=1), np.where(hit, logprobs, 0.0).sum(axis=1), logprobs.min(axis=1))
+
+
+def override_features(
+    token_ids: np.ndarray,
+    q_topk_ids: np.ndarray,
+    q_topk_logprobs: np.ndarray,
+    q_entropy: np.ndarray,
+    p_topk_ids: np.ndarray,
+    p_topk_logprobs: np.ndarray,
+    offsets: np.ndarray,
+    classes: np.ndarray,
+    surface: np.ndarray,
+) -> np.ndarray:
+    """The override gate's feature rows at checked positions.
+
+    Args:
+        token_ids: [n] Q's tokens.
+        q_topk_ids, q_topk_logprobs: [n, k] Q's top-k view.
+        q_entropy: [n] Q's entropy, nats.
+        p_topk_ids, p_topk_logprobs: [n, kp] P's top-k view (the check point's answer); column 0 is
+            P's choice.
+        offsets: [n] tokens since the prompt's end.
+        classes: [V] token classes (features.token_classes).
+        surface: [V] surface-form ids (shared.concepts.surface_concepts): equal ids, equal text up to
+            case and leading whitespace.
+
+    Returns:
+        [n, len(OVERRIDE_FEATURES)] float64.
+    """
+    tok = np.asarray(token_ids, dtype=np.int64)  # [n]
+    n = tok.shape[0]
+    q_ids, q_lp = np.asarray(q_topk_ids, dtype=np.int64), np.asarray(q_topk_logprobs, dtype=np.float64)
+    p_ids, p_lp = np.asarray(p_topk_ids, dtype=np.int64), np.asarray(p_topk_logprobs, dtype=np.float64)
+    ent, off = np.asarray(q_entropy, dtype=np.float64), np.asarray(offsets, dtype=np.float64)
+    if tok.ndim != 1 or q_ids.ndim != 2 or q_ids.shape != q_lp.shape or q_ids.shape[0] != n:
+        raise ShapeError(
+            f"expected token_ids [n] and Q's view [n, k], got {tok.shape}, {q_ids.shape}, {q_lp.shape}"
+        )
+    if p_ids.ndim != 2 or p_ids.shape != p_lp.shape or p_ids.shape[0] != n or p_ids.shape[1] < 1:
+        raise ShapeError(f"expected P's view [{n}, kp >= 1], got {p_ids.shape}, {p_lp.shape}")
+    if ent.shape != (n,) or off.shape != (n,):
+        raise ShapeError(f"expected q_entropy and offsets [{n}], got {ent.shape}, {off.shape}")
+    p_choice = p_ids[:, 0]  # [n]
+    cq, cp = classes[tok], classes[p_choice]  # [n]
+    words = (_WORD_START, _WORD_PIECE)
+    p_prob = np.exp(p_lp)
+    cols = [
+        p_lp[:, 0],
+        p_lp[:, 0] - _logprob_of(p_ids, p_lp, tok),
+        -(p_prob * p_lp).sum(axis=1),
+        q_lp[:, 0],
+        q_lp[:, 0] - _logprob_of(q_ids, q_lp, p_choice),
+        ent,
+        np.log1p(np.maximum(off, 0.0)),
+        cq == _DIGIT,
+        cp == _DIGIT,
+        (cq == _DIGIT) & (cp == _DIGIT),
+        np.isin(cq, words) & np.isin(cp, words),
+        cq == _SYMBOL,
+        cp == _SYMBOL,
+        cq == _SPACE,
+        cp == _SPACE,
+        surface[tok] == surface[p_choice],
+    ]
+    return np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1)  # [n, f]
+
+
+@dataclass(frozen=True)
+class OverrideGate:
+    """A logistic regression: override features -> probability that taking Q's token changes the answer.
+
+    Fields (f = len(OVERRIDE_FEATURES)): mean, scale [f] standardise the rows; weights [f], bias;
+    threshold: a disagreement is overridden (P's token taken) when its probability is at or over it,
+    chosen on validation data; meta: how it was trained and what it scored.
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    bias: float
+    threshold: float
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        f = len(OVERRIDE_FEATURES)
+        for name in ("mean", "scale", "weights"):
+            if np.shape(getattr(self, name)) != (f,):
+                raise ShapeError(f"override gate: {name} must be [{f}], got {np.shape(getattr(self, name))}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ShapeError(f"override gate: threshold must be a probability, got {self.threshold}")
+
+    def probabilities(self, rows: np.ndarray) -> np.ndarray:
+        """[n, f] override_features rows -> [n] probabilities."""
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != len(OVERRIDE_FEATURES):
+            raise ShapeError(f"rows: expected [n, {len(OVERRIDE_FEATURES)}], got {rows.shape}")
+        z = ((rows - self.mean) / self.scale) @ self.weights + self.bias
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+
+    def overrides(self, rows: np.ndarray) -> np.ndarray:
+        """[n] bool: which of these disagreements take P's token."""
+        return self.probabilities(rows) >= self.threshold
+
+    def to_json(self, pack) -> dict[str, Any]:
+        """The gate as the router file's "override" object (arrays through the file's `pack`)."""
+        return {
+            "features": list(OVERRIDE_FEATURES),
+            "mean": pack(self.mean),
+            "scale": pack(self.scale),
+            "weights": pack(self.weights),
+            "bias": float(self.bias),
+            "threshold": float(self.threshold),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], unpack) -> OverrideGate:
+        if list(data.get("features", [])) != list(OVERRIDE_FEATURES):
+            raise ShapeError(
+                f"override gate: features {data.get('features')} are not {list(OVERRIDE_FEATURES)}"
+            )
+        return cls(
+            mean=unpack(data["mean"]),
+            scale=unpack(data["scale"]),
+            weights=unpack(data["weights"]),
+            bias=float(data["bias"]),
+            threshold=float(data["threshold"]),
+            meta=dict(data.get("meta") or {}),
+        )

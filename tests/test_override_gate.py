@@ -1,0 +1,242 @@
+"""The override gate: which of P's disagreements the router policy corrects (edge/policy/override.py):
+its features on hand-made arrays, its place in the router file, its training, the policy's decision,
+gated runs on tiny models, and the commands on the default pair's committed traces and labels."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from handoff.edge.cloud_harness import generate_with_server
+from handoff.edge.policy import PolicyConfig, RouterMismatch, RouterModel, make_policy
+from handoff.edge.policy.features import SCALAR_FEATURES, TOKEN_CLASSES
+from handoff.edge.policy.override import OVERRIDE_FEATURES, OverrideGate, override_features
+from handoff.edge.policy.triggers import WindowView
+from handoff.edge.routing.metrics import auc
+from handoff.edge.routing.train import train_override
+from handoff.shared.errors import ShapeError
+
+G = len(OVERRIDE_FEATURES)
+COL = {name: i for i, name in enumerate(OVERRIDE_FEATURES)}
+CLS = {name: i for i, name in enumerate(TOKEN_CLASSES)}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_feature_gate(feature: str, offset: float, threshold: float = 0.5) -> OverrideGate:
+    """A gate whose logit is `feature - offset`: overrides where the feature is at or over offset."""
+    w = np.zeros(G)
+    w[COL[feature]] = 1.0
+    return OverrideGate(np.zeros(G), np.ones(G), w, -offset, threshold)
+
+
+def check_all_router(
+    digest: str = "00" * 32, size: int = 10, gate: OverrideGate | None = None
+) -> RouterModel:
+    """A router that checks every position (its logit is huge), with an override gate."""
+    f = len(SCALAR_FEATURES)
+    w = np.zeros((f, 1))
+    return RouterModel(np.zeros(f), np.ones(f), ((w, np.asarray([1e6])),), 0.5, digest, size, override=gate)
+
+
+# -- features -----------------------------------------------------------------------------------
+
+
+def test_override_features_on_hand_made_views() -> None:
+    # vocabulary of 6: 0 "1", 1 "2", 2 " the", 3 " The", 4 "(", 5 "\n"
+    classes = np.asarray(
+        [CLS["digit"], CLS["digit"], CLS["word_start"], CLS["word_start"], CLS["symbol"], CLS["whitespace"]]
+    )
+    surface = np.asarray([0, 1, 2, 2, 3, 4])
+    q_ids = np.asarray([[0, 1], [2, 4]])  # [2, 2]
+    q_lp = np.log([[0.6, 0.3], [0.5, 0.2]])
+    p_ids = np.asarray([[1, 0, 5], [3, 5, 4]])  # [2, 3]: row 1's Q token (2) is not in P's top-k
+    p_lp = np.log([[0.7, 0.2, 0.05], [0.5, 0.3, 0.1]])
+    x = override_features(
+        np.asarray([0, 2]),
+        q_ids,
+        q_lp,
+        np.asarray([0.9, 1.2]),
+        p_ids,
+        p_lp,
+        np.asarray([0, 7]),
+        classes,
+        surface,
+    )
+    assert x.shape == (2, G)
+    assert x[0, COL["p_margin"]] == pytest.approx(np.log(0.7 / 0.2))
+    assert x[1, COL["p_margin"]] == pytest.approx(np.log(0.5 / 0.1))  # floored at P's k-th value
+    assert x[0, COL["q_margin_to_p"]] == pytest.approx(np.log(0.6 / 0.3))
+    assert x[1, COL["q_margin_to_p"]] == pytest.approx(np.log(0.5 / 0.2))  # floored at Q's k-th value
+    assert x[0, COL["p_topk_entropy"]] == pytest.approx(
+        -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.05 * np.log(0.05))
+    )
+    assert x[1, COL["log_offset"]] == pytest.approx(np.log(8))
+    assert x[0, COL["both_digit"]] == 1.0 and x[1, COL["both_digit"]] == 0.0
+    assert (
+        x[1, COL["both_word"]] == 1.0
+        and x[1, COL["same_surface"]] == 1.0
+        and x[0, COL["same_surface"]] == 0.0
+    )
+    with pytest.raises(ShapeError, match="P's view"):
+        override_features(
+            np.asarray([0, 2]), q_ids, q_lp, np.zeros(2), p_ids[:1], p_lp[:1], np.zeros(2), classes, surface
+        )
+    with pytest.raises(ShapeError, match="offsets"):
+        override_features(
+            np.asarray([0, 2]), q_ids, q_lp, np.zeros(2), p_ids, p_lp, np.zeros(3), classes, surface
+        )
+
+
+def test_window_view_checks_offsets() -> None:
+    base = dict(
+        token_ids=[1, 2], q_topk_ids=[[1], [2]], q_topk_logprobs=[[-0.1], [-0.2]], q_entropy=[0.1, 0.2]
+    )
+    assert WindowView(**base, offsets=[3, 4]).offsets.tolist() == [3, 4]
+    with pytest.raises(ShapeError, match="offsets"):
+        WindowView(**base, offsets=[3])
+    with pytest.raises(ShapeError, match="offsets"):
+        WindowView(**base, offsets=[-1, 0])
+
+
+# -- the file -----------------------------------------------------------------------------------
+
+
+def test_the_gate_round_trips_in_the_router_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    gate = OverrideGate(rng.normal(size=G), rng.uniform(0.5, 2, G), rng.normal(size=G), 0.3, 0.25, {"n": 1})
+    router = check_all_router(gate=gate)
+    path = tmp_path / "r.json"
+    router.save(path)
+    back = RouterModel.from_json(json.loads(path.read_text()))
+    rows = rng.normal(size=(7, G))
+    np.testing.assert_allclose(back.override.probabilities(rows), gate.probabilities(rows), atol=1e-5)
+    assert back.override.threshold == 0.25 and back.override.meta == {"n": 1}
+    plain = json.loads(path.read_text())
+    del plain["override"]
+    assert RouterModel.from_json(plain).override is None  # a router file without a gate, as before
+    bad = json.loads(path.read_text())
+    bad["override"]["features"] = ["something", "else"]
+    with pytest.raises(RouterMismatch, match="override gate"):
+        RouterModel.from_json(bad)
+    with pytest.raises(ShapeError, match="threshold"):
+        replace(gate, threshold=1.5)
+    with pytest.raises(ShapeError, match="rows"):
+        gate.probabilities(np.zeros((2, G - 1)))
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def test_training_recovers_a_planted_rule_and_meets_its_recall() -> None:
+    rng = np.random.default_rng(0)
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, G))
+        x[:, COL["both_digit"]] = rng.random(n) < 0.3
+        # divergent: both tokens digits, or P sure of its choice (a noisy rule)
+        y = (x[:, COL["both_digit"]] == 1) | (x[:, COL["p_margin"]] + 0.3 * rng.normal(size=n) > 1.0)
+        return x, y
+
+    x, y = rows(3000)
+    vx, vy = rows(1000)
+    gate = train_override(x, y, vx, vy, 0.8)
+    p = gate.probabilities(vx)
+    assert auc(p, vy) > 0.95
+    assert gate.overrides(vx)[vy].mean() == pytest.approx(0.8, abs=0.01)
+    w = dict(zip(OVERRIDE_FEATURES, gate.weights, strict=True))
+    assert w["both_digit"] > 1.0 and w["p_margin"] > 1.0
+    assert max(abs(v) for k, v in w.items() if k not in ("both_digit", "p_margin")) < 0.3
+    with pytest.raises(ShapeError, match="divergent and neutral"):
+        train_override(x, np.ones(len(x), dtype=bool), vx, vy, 0.8)
+
+
+# -- the policy's decision ------------------------------------------------------------------------
+
+
+def _policy(tmp_path: Path, gate: OverrideGate | None, vocab, name: str):
+    fp = vocab.fingerprint
+    path = tmp_path / f"{name}.json"
+    check_all_router(fp.digest.hex(), fp.vocab_size, gate).save(path)
+    policy = make_policy(PolicyConfig(kind="router", router=str(path)))
+    policy.attach(vocab)
+    return policy
+
+
+def test_the_router_corrects_the_first_disagreement_its_gate_takes(tmp_path: Path, tiny_gguf_a) -> None:
+    from handoff.edge.cloud_harness import vocabulary_of
+
+    vocab = vocabulary_of(tiny_gguf_a)
+    # Three positions: P agrees at 0, differs at 1 (offset 5) and 2 (offset 6).
+    view = dict(
+        token_ids=[3, 4, 5], q_topk_ids=[[3, 7], [4, 8], [5, 9]], q_topk_logprobs=np.log([[0.6, 0.3]] * 3),
+        q_entropy=[0.5, 0.5, 0.5], p_kls=[0.0, 0.1, 0.1], p_top1_ids=[3, 8, 9],
+        p_topk_ids=[[3, 7], [8, 4], [9, 5]], p_topk_logprobs=np.log([[0.7, 0.2]] * 3),
+    )  # fmt: skip
+    ungated = _policy(tmp_path, None, vocab, "ungated").decide(WindowView(**view))
+    assert (ungated.keep, ungated.hand_over) == (1, True)
+    later = _policy(tmp_path, one_feature_gate("log_offset", np.log(6.5)), vocab, "later")  # takes offsets >= 6
+    d = later.decide(WindowView(**view, offsets=[4, 5, 6]))
+    assert (d.keep, d.hand_over) == (2, True)
+    never = _policy(tmp_path, one_feature_gate("log_offset", 1e6), vocab, "never")
+    d = never.decide(WindowView(**view, offsets=[4, 5, 6]))
+    assert (d.keep, d.hand_over) == (3, False)
+    with pytest.raises(ShapeError, match="offsets"):
+        never.decide(WindowView(**view))
+
+
+def test_gated_runs_with_a_gate_that_takes_all_or_none(tmp_path: Path, tiny_gguf_a, tiny_gguf_b) -> None:
+    from handoff.edge.cloud_harness import vocabulary_of
+
+    fp = vocabulary_of(tiny_gguf_b).fingerprint
+    runs = {}
+    for name, gate in (
+        ("all", one_feature_gate("log_offset", -1e6)),
+        ("none", one_feature_gate("log_offset", 1e6)),
+    ):
+        path = tmp_path / f"{name}.json"
+        check_all_router(fp.digest.hex(), fp.vocab_size, gate).save(path)
+        runs[name] = generate_with_server(
+            tiny_gguf_a, tiny_gguf_b, PolicyConfig(kind="router", router=str(path)), 60
+        )
+    cloud = generate_with_server(tiny_gguf_a, tiny_gguf_b, PolicyConfig(), 60, mode="cloud")
+    edge = generate_with_server(tiny_gguf_a, tiny_gguf_b, PolicyConfig(), 60, mode="edge")
+    # Taking every disagreement writes P's greedy text; taking none writes Q's, every position checked.
+    assert runs["all"].tokens == cloud.tokens and runs["all"].counts()["corrected"] > 0
+    assert runs["all"].kept_disagreements() == 0
+    none = runs["none"]
+    assert none.tokens == edge.tokens and none.counts()["corrected"] == 0
+    assert all(rec.checked for rec in none.records)
+    assert none.kept_disagreements() > 0 and none.summary()["kept_disagreements"] == none.kept_disagreements()
+    assert none.kept_disagreements() == sum(1 for rec in none.records if rec.p_topk_ids[0] != rec.token_id)
+
+
+# -- the commands on the default pair's committed traces ------------------------------------------
+
+
+@pytest.mark.real_models
+def test_router_override_and_evaluate_on_the_committed_labels(tmp_path: Path, capsys) -> None:
+    from handoff.cli import main
+
+    router = tmp_path / "ov.json"
+    train = [
+        "router",
+        "override",
+        str(REPO / "docs/router/router-t25.json"),
+        str(REPO / "docs/router/train/large.jsonl.gz"),
+    ]
+    assert main([*train, "--labels", str(REPO / "docs/router/labels/train.jsonl"), "--target-recall", "0.7",
+                 "--out", str(router)]) == 0  # fmt: skip
+    gate = RouterModel.from_json(json.loads(router.read_text())).override
+    assert gate is not None and gate.meta["train_disagreements"] + gate.meta["val_disagreements"] == 346
+    report = tmp_path / "eval.json"
+    test = ["router", "evaluate", str(router), str(REPO / "docs/router/eval/traces/large.jsonl.gz")]
+    assert main([*test, "--labels", str(REPO / "docs/router/labels/test.jsonl"), "--json", str(report)]) == 0
+    o = json.loads(report.read_text())["override"]
+    assert o["disagreements"] == 572 and o["auc"] > 0.75  # held-out test labels (measured: 0.81)
+    every = o["every_position"]
+    assert every["checked"] == 1.0 and every["overrides"] < 0.05 and every["reproduced"] > 0.85
+    assert "override gate" in capsys.readouterr().out
