@@ -21,7 +21,7 @@ run: models
 test test-fast test-unit: export HANDOFF_EXTRAS ?= cloud,test,ray
 
 test: models
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=25
 
 # For development: the tiers without the real pair (tests/conftest.py marks every test unit, tiny or
 # e2e). The tiny tier fetches the edge GGUF, for its tokenizer, on first use.

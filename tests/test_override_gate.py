@@ -178,7 +178,9 @@ def test_the_router_corrects_the_first_disagreement_its_gate_takes(tmp_path: Pat
     )  # fmt: skip
     ungated = _policy(tmp_path, None, vocab, "ungated").decide(WindowView(**view))
     assert (ungated.keep, ungated.hand_over) == (1, True)
-    later = _policy(tmp_path, one_feature_gate("log_offset", np.log(6.5)), vocab, "later")  # takes offsets >= 6
+    later = _policy(
+        tmp_path, one_feature_gate("log_offset", np.log(6.5)), vocab, "later"
+    )  # takes offsets >= 6
     d = later.decide(WindowView(**view, offsets=[4, 5, 6]))
     assert (d.keep, d.hand_over) == (2, True)
     never = _policy(tmp_path, one_feature_gate("log_offset", 1e6), vocab, "never")
@@ -234,9 +236,18 @@ def test_router_override_and_evaluate_on_the_committed_labels(tmp_path: Path, ca
     assert gate is not None and gate.meta["train_disagreements"] + gate.meta["val_disagreements"] == 346
     report = tmp_path / "eval.json"
     test = ["router", "evaluate", str(router), str(REPO / "docs/router/eval/traces/large.jsonl.gz")]
-    assert main([*test, "--labels", str(REPO / "docs/router/labels/test.jsonl"), "--json", str(report)]) == 0
+    labels = [
+        "--labels",
+        str(REPO / "docs/router/labels/test.jsonl"),
+        "--labels",
+        str(REPO / "docs/router/labels/train.jsonl"),
+    ]
+    loso = ["--loso-train", str(REPO / "docs/router/train/large.jsonl.gz")]
+    assert main([*test, *labels, *loso, "--json", str(report)]) == 0
     o = json.loads(report.read_text())["override"]
     assert o["disagreements"] == 572 and o["auc"] > 0.75  # held-out test labels (measured: 0.81)
     every = o["every_position"]
     assert every["checked"] == 1.0 and every["overrides"] < 0.05 and every["reproduced"] > 0.85
+    assert set(o["loso"]) == {"algorithmic", "arithmetic", "python", "sorting", "word_problems"}
+    assert sum(m["disagreements"] for m in o["loso"].values()) == 572
     assert "override gate" in capsys.readouterr().out

@@ -208,10 +208,17 @@ def evaluate(
         from handoff.edge.routing.report import evaluate_override
         from handoff.shared.concepts import surface_concepts
 
+        classes, surface = token_classes(vocabulary.tokens), surface_concepts(vocabulary).concept_of
         result["override"] = evaluate_override(
-            router, data, token_classes(vocabulary.tokens), surface_concepts(vocabulary).concept_of,
-            csv_values(fractions, float, "--fractions"),
-        )  # fmt: skip
+            router, data, classes, surface, csv_values(fractions, float, "--fractions")
+        )
+        if loso_train and labels:
+            from handoff.edge.routing.report import override_leave_one_suite_out
+
+            result["override"]["loso"] = override_leave_one_suite_out(
+                router.override, _load(loso_train, edge, False, labels=labels)[0], data, classes, surface,
+                val_every=int(router.override.meta.get("val_every") or 4),
+            )  # fmt: skip
     print_evaluation(result)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -274,6 +281,16 @@ def print_evaluation(result: dict[str, Any]) -> None:
                 ),
             )
         out.print(t)
+        if o.get("loso"):
+            t = Table(title="override gate, leave one suite out")
+            for col in ("suite", "disagreements", "AUC", "taken", "recall"):
+                t.add_column(col)
+            for suite, m in o["loso"].items():
+                t.add_row(
+                    suite, str(m["disagreements"]),
+                    *(("n/a" if m[k] is None else f"{m[k]:.3f}") for k in ("auc", "taken", "recall")),
+                )  # fmt: skip
+            out.print(t)
 
 
 @router_app.command("override")

@@ -8,12 +8,19 @@ from typing import Any
 
 import numpy as np
 
+from handoff.edge.policy.override import OverrideGate
 from handoff.edge.policy.router import RouterModel
 from handoff.edge.routing.data import RouterData, override_rows, split_by_prompt
 from handoff.edge.routing.metrics import BASELINE_GATES, at_threshold, auc, baseline_scores, curve
-from handoff.edge.routing.train import TrainConfig, train_router
+from handoff.edge.routing.train import TrainConfig, train_override, train_router
 
-__all__ = ["evaluate_override", "evaluate_router", "leave_one_suite_out", "with_config"]
+__all__ = [
+    "evaluate_override",
+    "evaluate_router",
+    "leave_one_suite_out",
+    "override_leave_one_suite_out",
+    "with_config",
+]
 
 
 def _scores(router: RouterModel, data: RouterData) -> np.ndarray:
@@ -157,3 +164,34 @@ def evaluate_override(
             combined(scores >= np.quantile(scores, 1.0 - f, method="higher"), float(f)) for f in fractions
         ],
     }
+
+
+def override_leave_one_suite_out(
+    gate: OverrideGate,
+    train: RouterData,
+    test: RouterData,
+    classes: np.ndarray,
+    surface: np.ndarray,
+    *,
+    val_every: int = 4,
+) -> dict[str, Any]:
+    """For each suite: fit the override gate (its file's target recall and penalty) on the other
+    suites' labelled training disagreements, threshold it on their held-out prompts, and score it on
+    the held-out suite's test disagreements: AUC, share taken, recall of the divergent ones."""
+    target, l2 = float(gate.meta.get("target_recall", 0.9)), float(gate.meta.get("l2", 1e-2))
+    suites = {id(d): np.asarray([g.suite for g in d.generations]) for d in (train, test)}
+    out: dict[str, Any] = {}
+    for suite in sorted(set(suites[id(test)].tolist())):
+        fit, held = split_by_prompt(train.subset(suites[id(train)] != suite), val_every)
+        x, y, _ = override_rows(fit.generations, classes, surface)
+        vx, vy, _ = override_rows(held.generations, classes, surface)
+        g = train_override(x, y, vx, vy, target, l2=l2)
+        tx, ty, _ = override_rows(test.subset(suites[id(test)] == suite).generations, classes, surface)
+        taken = g.overrides(tx)
+        out[suite] = {
+            "disagreements": len(ty),
+            "auc": auc(g.probabilities(tx), ty) if len(ty) else None,
+            "taken": float(taken.mean()) if len(ty) else None,
+            "recall": float(taken[ty].mean()) if ty.any() else None,
+        }
+    return out
