@@ -338,6 +338,10 @@ class RouterPolicy(CorrectionPolicy):
 
         Args:
             view: the answered window, with P's top-k and the positions' offsets.
+
+        Returns:
+            Kept up to the first disagreement the gate takes, handed over there; kept whole when it
+            takes none.
         """
         gate = self.model.override
         if gate is None:
