@@ -330,8 +330,10 @@ class VerifierService:
                 except VerifierError as e:
                     self.metrics.requests.labels(kind, e.code).inc()
                     raise
-        except asyncio.CancelledError:
-            reason = "cancelled"  # the client went away
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: cancelled while awaiting its next message, or closed (aclose)
+            # while this generator waited at a yield for the transport to take a reply.
+            reason = "cancelled"
             raise
         finally:
             reader.cancel()
