@@ -88,6 +88,14 @@ def _load(
     return to_data(generations, token_classes(vocabulary.tokens), states), vocabulary
 
 
+def _vocabulary_maps(vocabulary):
+    """([V] token classes, [V] surface-form ids) of a vocabulary: what the override gate reads."""
+    from handoff.edge.policy.features import token_classes
+    from handoff.shared.concepts import surface_concepts
+
+    return token_classes(vocabulary.tokens), surface_concepts(vocabulary).concept_of
+
+
 @router_app.command("train")
 def train(
     traces: TracesArg,
@@ -204,11 +212,9 @@ def evaluate(
             val_every=int(router.meta.get("val_every") or 4),
         )  # fmt: skip
     if router.override is not None:
-        from handoff.edge.policy.features import token_classes
         from handoff.edge.routing.report import evaluate_override
-        from handoff.shared.concepts import surface_concepts
 
-        classes, surface = token_classes(vocabulary.tokens), surface_concepts(vocabulary).concept_of
+        classes, surface = _vocabulary_maps(vocabulary)
         result["override"] = evaluate_override(
             router, data, classes, surface, csv_values(fractions, float, "--fractions")
         )
@@ -319,17 +325,15 @@ def override(
     """Add an override gate to a router: which of P's disagreements to correct, learned from TRACES'
     continuation labels (divergent vs neutral); its threshold keeps --target-recall of the held-out
     prompts' divergent disagreements."""
-    from handoff.edge.policy.features import token_classes
     from handoff.edge.policy.router import load_router
     from handoff.edge.routing.data import override_rows, split_by_prompt
     from handoff.edge.routing.metrics import auc
     from handoff.edge.routing.train import train_override
-    from handoff.shared.concepts import surface_concepts
 
     router = load_router(router_path)
     data, vocabulary = _load(traces, edge, False, labels=labels)
     router.check_vocabulary(vocabulary)
-    classes, surface = token_classes(vocabulary.tokens), surface_concepts(vocabulary).concept_of
+    classes, surface = _vocabulary_maps(vocabulary)
     train_data, val_data = split_by_prompt(data, val_every)
     rows, y, _ = override_rows(train_data.generations, classes, surface)
     val_rows, val_y, _ = override_rows(val_data.generations, classes, surface)

@@ -128,9 +128,10 @@ def evaluate_override(
         fractions: checked fractions of the frontier.
 
     Returns:
-        {"auc", "taken", "recall", "generations_kept"} over all disagreements (every position
-        checked), "router" at the router's threshold and "curve" at each checked fraction, each with
-        checked, overrides, recall and reproduced as in metrics.at_threshold.
+        {"threshold", "disagreements", "auc", "taken"} of the gate alone, and "every_position" (every
+        position checked), "router" (at the router's threshold) and "curve" (at each checked
+        fraction), each with checked, overrides, recall, precision and reproduced as in
+        metrics.at_threshold, counted on the corrected positions (flagged and taken).
     """
     gate = router.override
     if gate is None:
@@ -139,18 +140,13 @@ def evaluate_override(
     probs = gate.probabilities(rows) if len(rows) else np.zeros(0)
     take = np.zeros(len(data.labels), dtype=bool)  # [N]
     take[data.disagreements] = probs >= gate.threshold
-    n_gen = len(data.generations)
 
     def combined(flagged: np.ndarray, target: float | None) -> dict[str, Any]:
+        # What at_threshold counts of flags, counted of corrections; "checked" stays the flags'.
         corrected = flagged & take  # [N]
-        missed = np.bincount(data.group[data.labels & ~corrected], minlength=n_gen)
-        return {
-            "target": target,
-            "checked": float(flagged.mean()),
-            "overrides": float((corrected & data.disagreements).mean()),
-            "recall": float(corrected[data.labels].mean()) if data.labels.any() else None,
-            "reproduced": float((missed == 0).mean()) if n_gen else None,
-        }
+        stats = at_threshold(corrected.astype(np.float64), data.labels, data.group, 0.5, data.disagreements)
+        del stats["threshold"]
+        return {"target": target, **stats, "checked": float(flagged.mean())}
 
     scores = _scores(router, data)
     return {
@@ -179,14 +175,15 @@ def override_leave_one_suite_out(
     suites' labelled training disagreements, threshold it on their held-out prompts, and score it on
     the held-out suite's test disagreements: AUC, share taken, recall of the divergent ones."""
     target, l2 = float(gate.meta.get("target_recall", 0.9)), float(gate.meta.get("l2", 1e-2))
-    suites = {id(d): np.asarray([g.suite for g in d.generations]) for d in (train, test)}
+    train_suites = np.asarray([g.suite for g in train.generations])
+    test_suites = np.asarray([g.suite for g in test.generations])
     out: dict[str, Any] = {}
-    for suite in sorted(set(suites[id(test)].tolist())):
-        fit, held = split_by_prompt(train.subset(suites[id(train)] != suite), val_every)
+    for suite in sorted(set(test_suites.tolist())):
+        fit, held = split_by_prompt(train.subset(train_suites != suite), val_every)
         x, y, _ = override_rows(fit.generations, classes, surface)
         vx, vy, _ = override_rows(held.generations, classes, surface)
         g = train_override(x, y, vx, vy, target, l2=l2)
-        tx, ty, _ = override_rows(test.subset(suites[id(test)] == suite).generations, classes, surface)
+        tx, ty, _ = override_rows(test.subset(test_suites == suite).generations, classes, surface)
         taken = g.overrides(tx)
         out[suite] = {
             "disagreements": len(ty),
