@@ -46,6 +46,7 @@ class CheckWindow:
     keep: int = 0  # tokens the policy keeps once answered
     token: int | None = None  # the token the policy places at position `keep` itself (WindowDecision)
     gate_score: float | None = None  # a gated round's check: the gate's score of its one position
+    deferred: bool = False  # defer_checks: not uploaded yet, waiting for the checks ahead of it
 
 
 class GatedDriver(Driver, Protocol):
@@ -79,7 +80,9 @@ async def gated_round(gen: GatedDriver) -> bool:
     Q drafts on behind a flagged position while its check point is in flight (up to the policy's
     lookahead_windows unanswered check points; 0 = wait for each): tokens drafted behind it are held,
     and committed the moment every check before them keeps its token. A correction drops them (on
-    both sides: the edge's context is truncated, the cloud's rolled back).
+    both sides: the edge's context is truncated, the cloud's rolled back). With defer_checks, a flagged
+    draft behind an unanswered check is uploaded only when every check before it has kept its token,
+    and Q waits with it: a correction ahead drops it unsent, so P never scores a position thrown away.
 
     Returns:
         True when a stop token was committed; False otherwise (the caller loops while tokens remain
@@ -89,6 +92,7 @@ async def gated_round(gen: GatedDriver) -> bool:
     assert link is not None
     interval = core.config.check_interval
     lookahead = core.config.lookahead_windows
+    defer = core.config.defer_checks
     unsent: list[EdgeStep] = []  # drafted under the gate, not uploaded yet
     # Drafted since the oldest unanswered check point, in order: one token per entry.
     queue: list[CheckWindow | _Held] = []
@@ -128,6 +132,10 @@ async def gated_round(gen: GatedDriver) -> bool:
         # Settle answered check points in order (unreachable ones commit their token unchecked).
         while queue and isinstance(queue[0], CheckWindow):
             w = queue[0]
+            if w.deferred:  # every check before it kept its token: its turn to go up
+                w.deferred = False
+                await flush()
+                await gen.upload(w, may_resync=False)
             if w.answer is not None and not w.answer.done() and link.alive():
                 break
             if w.answer is not None and not w.answer.done():
@@ -137,6 +145,7 @@ async def gated_round(gen: GatedDriver) -> bool:
             step, score = w.steps[0], w.gate_score
             if outcome == "handover":
                 rest, queue[:] = list(queue), []
+                gen.result.unsent_checks += sum(isinstance(x, CheckWindow) and x.deferred for x in rest)
                 for x in rest:
                     if isinstance(x, CheckWindow) and x.answer is not None and not x.answer.done():
                         x.answer.cancel()  # its reply still comes, and is ignored
@@ -166,6 +175,7 @@ async def gated_round(gen: GatedDriver) -> bool:
             and not drafted_stop
             and gen.committed + len(queue) < gen.max_tokens
             and len(windows()) <= lookahead
+            and not (queue and isinstance(queue[-1], CheckWindow) and queue[-1].deferred)
         )
         if not may_draft:
             if not queue:
@@ -188,8 +198,9 @@ async def gated_round(gen: GatedDriver) -> bool:
                 await flush()
             continue
         await flush()
-        w = CheckWindow([step], [t], gate_score=score)
-        await gen.upload(w, may_resync=False)
+        w = CheckWindow([step], [t], gate_score=score, deferred=defer and bool(windows()))
+        if not w.deferred:
+            await gen.upload(w, may_resync=False)
         queue.append(w)
 
 

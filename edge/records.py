@@ -67,6 +67,7 @@ class GenerationResult:
     handoffs: int = 0
     handbacks_early: int = 0  # handoffs that ended because the models agreed again
     discarded_drafts: int = 0  # edge tokens drafted behind a check point that handed over
+    unsent_checks: int = 0  # defer_checks: flagged drafts dropped before their check was sent
     cloud_failures: int = 0  # times the cloud was found unreachable or too slow
     resyncs: int = 0  # sessions reopened with the committed text
     servers: list[str] = field(default_factory=list)  # server_id of each session opened, in order
@@ -179,6 +180,7 @@ class GenerationResult:
             "handoffs": self.handoffs,
             "handbacks_early": self.handbacks_early,
             "discarded_drafts": self.discarded_drafts,
+            "unsent_checks": self.unsent_checks,
             "cloud_failures": self.cloud_failures,
             "resyncs": self.resyncs,
             "resync_reused_tokens": self.resync_reused_tokens,

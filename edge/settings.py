@@ -76,6 +76,11 @@ class EdgeSettings(BaseSettings):
     lookahead_windows: Annotated[int, Flags("--lookahead")] = Field(
         _P.lookahead_windows, ge=0, description="Windows drafted while a check point is in flight (0: wait)."
     )
+    defer_checks: bool = Field(
+        _P.defer_checks,
+        description="Gated: a flagged draft behind an unanswered check is uploaded once that check keeps "
+        "its token (a correction drops it unsent).",
+    )
     draft_tokens: int = Field(_P.draft_tokens, ge=1, description="exact: the first draft's length.")
     draft_tokens_max: int = Field(_P.draft_tokens_max, ge=1, description="exact: the longest draft.")
     trigger: Literal["kl", "entropy"] = Field(

@@ -357,6 +357,19 @@ def test_a_partial_gate_checks_only_flagged_positions_against_ps_own_prefix(
     ]
     assert ahead.accounting()["checked_positions"] == r.accounting()["checked_positions"]
     assert ahead.discarded_drafts > 0 and ahead.check_points >= r.check_points
+    # Deferred checks: a flagged draft behind a check goes up only once that check keeps its token, so
+    # every check sent is of a position committed: the waiting run's check points, whatever the timing.
+    deferred = generate_with_server(
+        tiny_gguf_a, tiny_gguf_b,
+        PolicyConfig(kind="router", router=router, lookahead_windows=1, defer_checks=True), 60,
+    )  # fmt: skip
+    assert deferred.tokens == r.tokens
+    assert [(x.position, x.checked, x.source) for x in deferred.records] == [
+        (x.position, x.checked, x.source) for x in r.records
+    ]
+    assert deferred.check_points == r.check_points
+    assert deferred.unsent_checks <= deferred.discarded_drafts
+    assert deferred.summary()["unsent_checks"] == deferred.unsent_checks
 
 
 def test_router_choices_pairs_are_distinct() -> None:
@@ -396,6 +409,8 @@ def test_eval_runs_the_router_policy_by_its_file() -> None:
     # Drafting on behind unanswered checks is another run (its tokens are the same, its timing not).
     spec = variant_spec("router", PolicyConfig(router="/x/router.json", lookahead_windows=2))
     assert spec.name == "router-router-ahead2" and spec.policy.lookahead_windows == 2
+    spec = variant_spec("router", PolicyConfig(router="/x/router.json", defer_checks=True))
+    assert spec.name == "router-router-ahead1-defer" and spec.policy.defer_checks
     with pytest.raises(ValueError, match="probability"):
         variant_spec("router:high", PolicyConfig(router="/x/router.json"))
 

@@ -225,3 +225,23 @@ def test_check_points_sent_for_drafts_a_correction_dropped_are_charged():
     assert (b.check_points, b.checked_positions) == (a.check_points + 3, a.checked_positions + 3)
     assert b.gpu_seconds == pytest.approx(a.gpu_seconds + 3 * 0.3)
     assert b.bytes_up > a.bytes_up and b.bytes_down > a.bytes_down
+
+
+def test_a_deferred_check_goes_up_when_the_check_ahead_of_it_is_settled():
+    """defer_checks (edge/gated.py): 22, flagged while 19's check is in flight, is sent when 19's answer
+    is settled, and the edge waits with it; the checks sent are the same two."""
+    gen = generation(gated_records(in_place=True), lookahead=1)
+    gen.meta["policy"]["defer_checks"] = True
+    t = simulate(gen, NetworkModel(rtt_s=0.2), EDGE, CLOUD, CostModel())
+    # As drafting ahead up to 1.6 (19-21 commit). 22 was drafted at 1.4 and held unsent: it goes up at
+    # 1.6 -> 1.7 -> 2.0 -> 2.1 and replaces itself in place; 23 is drafted at 2.2. Close -> 2.4.
+    assert t.commits == pytest.approx([0.8, 0.9, 1.0, 1.6, 1.6, 1.6, 2.1, 2.2])
+    assert t.seconds == pytest.approx(2.4)
+    ahead = simulate(
+        generation(gated_records(in_place=True), lookahead=1), NetworkModel(rtt_s=0.2), EDGE, CLOUD
+    )
+    assert (t.check_points, t.gpu_seconds) == (ahead.check_points, pytest.approx(ahead.gpu_seconds))
+    # A run that waits for every check (lookahead 0) is never deferred.
+    waited = generation(gated_records(in_place=True))
+    waited.meta["policy"]["defer_checks"] = True
+    assert simulate(waited, NetworkModel(rtt_s=0.2), EDGE, CLOUD).seconds == pytest.approx(2.7)

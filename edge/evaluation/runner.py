@@ -99,6 +99,8 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
         name = f"router-{stem}" + ("" if gate is None else f"-g{gate:g}")
         if base.lookahead_windows:  # drafting on behind unanswered check points (edge/gated.py)
             name += f"-ahead{base.lookahead_windows}"
+        if base.defer_checks:  # flagged drafts behind a check wait to be sent (edge/gated.py)
+            name += "-defer"
         return RunSpec(name, "hybrid", policy, "router")
     if name == "exact":
         return RunSpec("exact", "hybrid", replace(base, kind="exact"), "exact")
@@ -170,7 +172,7 @@ def run_specs(
 _LATER_FIELDS = ("draft_tokens", "draft_tokens_max", "trigger", "skip", "skip_entropy_max", "skip_top1_min",
                  "budget", "budget_window", "budget_gain", "router", "gate_threshold", "divergence",
                  "concepts", "ensemble_weight", "sharpen_below", "use_experts", "mixture",
-                 "expert_decay", "mixture_temperature")  # fmt: skip
+                 "expert_decay", "mixture_temperature", "defer_checks")  # fmt: skip
 _DEFAULTS = asdict(PolicyConfig())
 
 
@@ -377,6 +379,7 @@ class Evaluation:
             "unchecked_by_design_tokens": counts["unchecked_by_design"],
             "handoffs": result.handoffs,
             "check_points": result.check_points,
+            "unsent_checks": result.unsent_checks,
             "bytes_sent": result.bytes_sent,
             "bytes_received": result.bytes_received,
             # The cloud's share, each part on its own (GenerationResult.accounting); rows recorded

@@ -37,6 +37,9 @@ class PolicyConfig:
     agree_tokens: int = 0  # hand back early once this many cloud positions in a row have KL <= tau; 0 = off
     top_k: int = 20
     lookahead_windows: int = 1  # windows drafted beyond the oldest unanswered check point; 0 = wait
+    # gated: a flagged draft behind an unanswered check point is uploaded only once that check keeps
+    # its token (a correction drops it unsent: no cloud pass for a draft thrown away); Q waits with it.
+    defer_checks: bool = False
     draft_tokens: int = 4  # exact: the first draft's length gamma (then adapted to the acceptance rate)
     draft_tokens_max: int = 12  # exact: the longest draft
     # What decides a handoff: "kl" (P's answer at the check point) or "entropy" (Q's own entropy, nats,
@@ -113,6 +116,8 @@ class PolicyConfig:
         self.skip_gate()  # validates skip and its bounds
         if not 0.0 <= self.budget < 1.0:  # also rejects NaN
             raise ShapeError(f"budget: expected a cloud-token fraction in [0, 1), got {self.budget!r}")
+        if not isinstance(self.defer_checks, bool):
+            raise ShapeError(f"defer_checks: expected a bool, got {self.defer_checks!r}")
         if self.gate_threshold is not None and not 0.0 <= self.gate_threshold <= 1.0:
             raise ShapeError(f"gate_threshold: expected a probability in [0, 1], got {self.gate_threshold!r}")
         if self.budget:

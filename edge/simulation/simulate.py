@@ -28,6 +28,7 @@ or estimated from hardware figures (scripts/gpu_profile.py).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -172,6 +173,9 @@ class _Sim:
         self.up = _Link(net, net.uplink_bytes_per_s, rng)
         self.down = _Link(net, net.downlink_bytes_per_s, rng)
         self.lookahead = lookahead
+        # defer_checks (edge/gated.py): a flagged draft behind an unanswered check is sent when that
+        # check is settled, and the edge waits with it.
+        self.defer = bool(gen.gated and gen.policy.get("defer_checks"))
         self.s = cost.sessions
         self.k = int(gen.policy.get("top_k") or 20)
         self.n_check = int(gen.policy.get("check_interval") or 8)
@@ -339,8 +343,15 @@ class _Sim:
                     # Drafts uploaded past the kept tokens must be rolled back on the cloud.
                     self.dropped_uploads = w.kept < w.drafted or bool(pending)
                     return t
+            if pending and pending[0][1] == math.inf:  # a deferred check: every check before it kept
+                t = self._send_check(pending.popleft()[0], t, pending, front=True)
             waiting = sum(not w.by_design for w, _ in pending)
-            may_draft = waiting <= self.lookahead and (to_draft or drafting is not None or cut_follows)
+            deferred = bool(pending) and pending[-1][1] == math.inf
+            may_draft = (
+                waiting <= self.lookahead
+                and not deferred
+                and (to_draft or drafting is not None or cut_follows)
+            )
             if may_draft:
                 if drafting is None:
                     if not to_draft and self.gen.gated:
@@ -363,17 +374,29 @@ class _Sim:
                     w, drafting = drafting, None
                     if not hybrid or not w.checked:
                         pending.append((w, t))  # committed without a check
-                        continue
-                    t += self.edge.upload_s
-                    b = window_bytes(padded(w), self.k, greedy=self.gen.greedy)
-                    work, gpu = self.feed(w.drafted)
-                    pending.append((w, self.request(t, b.up, b.down, work, gpu)))
-                    self.out.check_points += 1
-                    self.out.checked_positions += w.drafted
+                    elif self.defer and any(not p.by_design for p, _ in pending):
+                        pending.append((w, math.inf))  # sent when the checks ahead of it are settled
+                    else:
+                        t = self._send_check(w, t, pending)
                 continue
             if not pending:
                 return t
             t = max(t, pending[0][1])
+
+    def _send_check(self, w: Window, t: float, pending: deque, *, front: bool = False) -> float:
+        """Upload a window with its check point at t (after the edge's upload time); its answer's arrival
+        is queued in pending (at the front: a deferred check, now first in line). Returns the edge's time."""
+        t += self.edge.upload_s
+        b = window_bytes(padded(w), self.k, greedy=self.gen.greedy)
+        work, gpu = self.feed(w.drafted)
+        arrival = self.request(t, b.up, b.down, work, gpu)
+        if front:
+            pending.appendleft((w, arrival))
+        else:
+            pending.append((w, arrival))
+        self.out.check_points += 1
+        self.out.checked_positions += w.drafted
+        return t
 
     def _cloud_turn(self, turn: CloudTurn, t: float, *, after_cut: bool) -> float:
         c = control_bytes(turn.first)
