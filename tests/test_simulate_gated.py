@@ -245,3 +245,18 @@ def test_a_deferred_check_goes_up_when_the_check_ahead_of_it_is_settled():
     waited = generation(gated_records(in_place=True))
     waited.meta["policy"]["defer_checks"] = True
     assert simulate(waited, NetworkModel(rtt_s=0.2), EDGE, CLOUD).seconds == pytest.approx(2.7)
+
+
+def test_a_deferred_checks_wait_is_not_counted_as_the_edges_upload_time():
+    recs = [rec(18, "edge", "by_design"), rec(19, "edge", uploaded=1.0), rec(20, "edge", "by_design"),
+            rec(21, "edge", "by_design"), rec(22, "edge", uploaded=1.5)]  # fmt: skip
+    recs[0] |= {"t_generated": 0.89, "t_committed": 0.89}
+    recs[1] |= {"t_generated": 0.99, "t_answered": 1.5, "t_committed": 1.51}
+    recs[2] |= {"t_generated": 1.1, "t_committed": 1.51}
+    recs[3] |= {"t_generated": 1.2, "t_committed": 1.51}  # steps of 0.1 s
+    recs[4] |= {"t_generated": 1.3, "t_answered": 2.0, "t_committed": 2.01}  # drafted 1.3, sent at 1.5
+    plain = generation(recs, lookahead=1)
+    deferred = generation(recs, lookahead=1)
+    deferred.meta["policy"]["defer_checks"] = True
+    assert edge_model_from_traces([plain]).upload_s == pytest.approx((0.01 + 0.2) / 2)
+    assert edge_model_from_traces([deferred]).upload_s == pytest.approx(0.01)

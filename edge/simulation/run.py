@@ -174,7 +174,8 @@ def edge_model_from_traces(gens: Iterable[Generation]) -> EdgeModel:
 
     - token_s: drafting steps inside a window (t_generated of consecutive edge tokens);
     - append_s: a cloud token's arrival to its commit (t_received -> t_committed), when recorded;
-    - upload_s / settle_s: a checked window's last draft to its upload, its answer to its commit;
+    - upload_s / settle_s: a checked window's last draft to its upload (not a deferred check's: it
+      waited for the answer ahead of it), its answer to its commit;
     - correct_s: a gated correction in place, its check point's answer to its commit (when any);
     - prefill_s_per_token: edge-only generations' first step, less one step, per prompt token.
 
@@ -202,11 +203,21 @@ def edge_model_from_traces(gens: Iterable[Generation]) -> EdgeModel:
         for r in recs:
             if r["source"] == "edge" and r.get("t_uploaded") is not None and r.get("t_committed") is not None:
                 windows.setdefault(r["t_uploaded"], []).append(r)
-        for ws in windows.values():
+        deferring = bool(g.policy.get("defer_checks"))
+        answered_before: float | None = None  # the previous check's answer
+        for _, ws in sorted(windows.items()):
             last = ws[-1]
-            upload.append(max(0.0, last["t_uploaded"] - last["t_generated"]))
+            # A deferred check (edge/gated.py) went up when the check ahead of it was answered: its
+            # wait is the round trip's, not the edge's upload cost.
+            if not (
+                deferring
+                and answered_before is not None
+                and last["t_generated"] < answered_before <= last["t_uploaded"]
+            ):
+                upload.append(max(0.0, last["t_uploaded"] - last["t_generated"]))
             if last.get("t_answered") is not None:
                 settle.append(max(0.0, last["t_committed"] - last["t_answered"]))
+                answered_before = last["t_answered"]
     if not steps:
         raise ValueError("no edge drafting times in these traces: give the edge's speed (--edge-tok-s)")
     token_s = float(np.mean(steps))
