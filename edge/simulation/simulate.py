@@ -374,7 +374,7 @@ class _Sim:
                     w, drafting = drafting, None
                     if not hybrid or not w.checked:
                         pending.append((w, t))  # committed without a check
-                    elif self.defer and any(not p.by_design for p, _ in pending):
+                    elif self.defer and any(p.checked for p, _ in pending):
                         pending.append((w, math.inf))  # sent when the checks ahead of it are settled
                     else:
                         t = self._send_check(w, t, pending)
