@@ -1,0 +1,75 @@
+"""The router threshold that checks a target share of positions in real runs on validation prompts.
+
+A router's file holds the threshold that checks a target share of P's text on held-out training
+prompts. Generating, the router follows the text it writes, and checks a different share (docs/router.md:
+18.5 % of P's test text, 22.2 % generating). This reads a real gated run (`handoff eval ... --policies
+router`) on the training task seeds, keeps the generations whose prompt `router train` held out (every
+`--val-every`-th distinct prompt of the training traces, as edge.routing.data.split_by_prompt), and
+prints the gate-score quantile that checks `--target` of their positions. Use it as `router:G`.
+
+    python scripts/router_calibrate.py docs/router/train/large.jsonl.gz docs/router/train2/large.jsonl.gz \
+        --run runs/router_val2/traces/router-router2-h64-ov80-ahead1-defer.jsonl --target 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _records(path: Path):
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def held_out_prompts(train_traces: list[Path], every: int) -> set[tuple[int, ...]]:
+    """The prompts `router train` held out for its threshold (split_by_prompt's rule)."""
+    prompts = sorted(
+        {tuple(r["prompt_ids"]) for p in train_traces for r in _records(p) if r.get("record") == "generation"}
+    )
+    return {p for i, p in enumerate(prompts) if i % every == every - 1}
+
+
+def gate_scores(run_trace: Path, prompts: set[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """([n] gate scores, [n] checked, generations) of the run's positions under those prompts."""
+    scores, checked, generations, keep = [], [], 0, False
+    for r in _records(run_trace):
+        if r.get("record") == "generation":
+            keep = tuple(r["prompt_ids"]) in prompts
+            generations += keep
+        elif r.get("record") == "token" and keep and r.get("gate_score") is not None:
+            scores.append(float(r["gate_score"]))
+            checked.append(bool(r["checked"]))
+    return np.asarray(scores), np.asarray(checked, dtype=bool), generations
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("train_traces", nargs="+", type=Path, help="the traces the router was trained on")
+    ap.add_argument("--run", type=Path, required=True, help="a real router run's trace on those task seeds")
+    ap.add_argument("--target", type=float, default=0.2, help="share of positions to check")
+    ap.add_argument("--val-every", type=int, default=4)
+    args = ap.parse_args()
+    if not 0.0 < args.target < 1.0:
+        ap.error("--target: expected a share in (0, 1)")
+    scores, checked, generations = gate_scores(args.run, held_out_prompts(args.train_traces, args.val_every))
+    if not scores.size:
+        ap.error(f"{args.run}: no gated positions under the held-out prompts")
+    threshold = float(np.quantile(scores, 1.0 - args.target, method="higher"))
+    print(
+        f"{generations} validation generations, {scores.size} positions; checked in the run: {checked.mean():.4f}"
+    )
+    print(
+        f"threshold for {args.target:g}: {threshold:.5f} (checks {np.mean(scores >= threshold):.4f} of them)"
+    )
+
+
+if __name__ == "__main__":
+    main()
