@@ -4,7 +4,7 @@ A router's file holds the threshold that checks a target share of P's text on he
 prompts. Generating, the router follows the text it writes, and checks a different share (docs/router.md:
 18.5 % of P's test text, 22.2 % generating). This reads a real gated run (`handoff eval ... --policies
 router`) on the training task seeds, keeps the generations whose prompt `router train` held out (every
-`--val-every`-th distinct prompt of the training traces, as edge.routing.data.split_by_prompt), and
+`--val-every`-th distinct prompt of the training traces: edge.routing.data.held_out_prompts), and
 prints the gate-score quantile that checks `--target` of their positions. Use it as `router:G`.
 
     python scripts/router_calibrate.py docs/router/train/large.jsonl.gz docs/router/train2/large.jsonl.gz \
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from handoff.edge.routing.data import held_out_prompts
+
 
 def _records(path: Path):
     opener = gzip.open if path.suffix == ".gz" else open
@@ -29,12 +31,12 @@ def _records(path: Path):
                 yield json.loads(line)
 
 
-def held_out_prompts(train_traces: list[Path], every: int) -> set[tuple[int, ...]]:
-    """The prompts `router train` held out for its threshold (split_by_prompt's rule)."""
-    prompts = sorted(
-        {tuple(r["prompt_ids"]) for p in train_traces for r in _records(p) if r.get("record") == "generation"}
+def validation_prompts(train_traces: list[Path], every: int) -> set[tuple[int, ...]]:
+    """The prompts `router train` held out for its threshold (edge.routing.data.held_out_prompts)."""
+    prompts = (
+        tuple(r["prompt_ids"]) for p in train_traces for r in _records(p) if r.get("record") == "generation"
     )
-    return {p for i, p in enumerate(prompts) if i % every == every - 1}
+    return held_out_prompts(prompts, every)
 
 
 def gate_scores(run_trace: Path, prompts: set[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -59,7 +61,9 @@ def main() -> None:
     args = ap.parse_args()
     if not 0.0 < args.target < 1.0:
         ap.error("--target: expected a share in (0, 1)")
-    scores, checked, generations = gate_scores(args.run, held_out_prompts(args.train_traces, args.val_every))
+    scores, checked, generations = gate_scores(
+        args.run, validation_prompts(args.train_traces, args.val_every)
+    )
     if not scores.size:
         ap.error(f"{args.run}: no gated positions under the held-out prompts")
     threshold = float(np.quantile(scores, 1.0 - args.target, method="higher"))

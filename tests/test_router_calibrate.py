@@ -38,7 +38,7 @@ def test_held_out_prompts_are_router_trains(tmp_path: Path) -> None:
     mod = _module()
     prompts = [[5, 1], [2], [9, 9], [3], [7], [4, 4], [1], [8]]
     train = _trace(tmp_path / "train.jsonl", [(p, []) for p in prompts])
-    held = mod.held_out_prompts([train], 4)
+    held = mod.validation_prompts([train], 4)
 
     class G:  # the fields split_by_prompt reads
         def __init__(self, p):

@@ -35,6 +35,7 @@ __all__ = [
     "GenerationLabels",
     "RouterData",
     "generation_digest",
+    "held_out_prompts",
     "override_rows",
     "read_generations",
     "read_labels",
@@ -336,14 +337,18 @@ def override_rows(
     return np.concatenate(rows), np.concatenate(labels).astype(bool), np.concatenate(group)
 
 
+def held_out_prompts(prompts: Iterable[tuple[int, ...]], every: int) -> set[tuple[int, ...]]:
+    """The validation prompts: every `every`-th distinct prompt, in sorted order."""
+    if every < 2:
+        raise ShapeError(f"every: expected >= 2, got {every}")
+    return {p for i, p in enumerate(sorted(set(prompts))) if i % every == every - 1}
+
+
 def split_by_prompt(data: RouterData, every: int) -> tuple[RouterData, RouterData]:
-    """(train, validation): every `every`-th distinct prompt (in sorted order) goes to validation.
+    """(train, validation): the held_out_prompts go to validation.
 
     A prompt's generations stay on one side, so validation never sees a training prompt.
     """
-    if every < 2:
-        raise ShapeError(f"every: expected >= 2, got {every}")
-    prompts = sorted({g.prompt_ids for g in data.generations})
-    held = {p for i, p in enumerate(prompts) if i % every == every - 1}
+    held = held_out_prompts((g.prompt_ids for g in data.generations), every)
     is_val = np.asarray([g.prompt_ids in held for g in data.generations], dtype=bool)
     return data.subset(~is_val), data.subset(is_val)
