@@ -133,8 +133,8 @@ async def gated_round(gen: GatedDriver) -> bool:
         while queue and isinstance(queue[0], CheckWindow):
             w = queue[0]
             if w.deferred:  # every check before it kept its token: its turn to go up
+                # Nothing is unsent: the tokens before it went up when it was deferred, and Q waited.
                 w.deferred = False
-                await flush()
                 await gen.upload(w, may_resync=False)
             if w.answer is not None and not w.answer.done() and link.alive():
                 break
