@@ -178,4 +178,7 @@ def window_view(
         expert_kls=e_kls,
         expert_top1_ids=e_top1,
         offsets=None if prompt_len is None else np.asarray([s.position - prompt_len for s in steps]),
+        q_hidden=None
+        if any(getattr(s, "hidden", None) is None for s in steps)
+        else np.stack([s.hidden for s in steps]),
     )

@@ -251,3 +251,146 @@ def test_router_override_and_evaluate_on_the_committed_labels(tmp_path: Path, ca
     assert set(o["loso"]) == {"algorithmic", "arithmetic", "python", "sorting", "word_problems"}
     assert sum(m["disagreements"] for m in o["loso"].values()) == 572
     assert "override gate" in capsys.readouterr().out
+
+
+# -- a gate on Q's hidden state -------------------------------------------------------------------
+
+
+def hidden_router(
+    d: int, gate: OverrideGate | None, digest: str = "00" * 32, size: int = 10, r: int = 2
+) -> RouterModel:
+    """check_all_router with a hidden-state projection: the first r coordinates of Q's hidden state."""
+    f = len(SCALAR_FEATURES) + r
+    return RouterModel(
+        np.zeros(f), np.ones(f), ((np.zeros((f, 1)), np.asarray([1e6])),), 0.5, digest, size,
+        hidden_mean=np.zeros(d), hidden_proj=np.eye(d)[:, :r], override=gate,
+    )  # fmt: skip
+
+
+def hidden_gate(offset: float, hidden_dims: int = 1) -> OverrideGate:
+    """Overrides where the first projected hidden coordinate is at or over offset."""
+    f = G + hidden_dims
+    w = np.zeros(f)
+    w[G] = 1.0
+    return OverrideGate(np.zeros(f), np.ones(f), w, -offset, 0.5, hidden_dims=hidden_dims)
+
+
+def test_a_hidden_state_gate_round_trips_and_needs_the_routers_projection(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    f = G + 2
+    gate = OverrideGate(
+        rng.normal(size=f), rng.uniform(0.5, 2, f), rng.normal(size=f), 0.1, 0.4, {"n": 2}, hidden_dims=2
+    )
+    path = tmp_path / "r.json"
+    hidden_router(6, gate).save(path)
+    data = json.loads(path.read_text())
+    assert data["override"]["hidden_dims"] == 2 and data["override"]["features"][-1] == "hidden_pc_1"
+    back = RouterModel.from_json(data).override
+    rows = rng.normal(size=(5, f))
+    np.testing.assert_allclose(back.probabilities(rows), gate.probabilities(rows), atol=1e-5)
+    assert back.hidden_dims == 2 and back.threshold == 0.4
+    with pytest.raises(ShapeError, match="rows"):
+        gate.probabilities(np.zeros((5, G)))  # the override features without the hidden columns
+    data["override"]["hidden_dims"] = 1  # the features list no longer matches
+    with pytest.raises(RouterMismatch, match="override gate"):
+        RouterModel.from_json(data)
+    with pytest.raises(ShapeError, match="projects 2"):
+        hidden_router(6, replace(gate, mean=np.zeros(G + 3), scale=np.ones(G + 3), weights=np.zeros(G + 3),
+                                 hidden_dims=3))  # fmt: skip
+    with pytest.raises(ShapeError, match="projects 0"):
+        check_all_router(gate=gate)  # a router without Q's hidden state
+
+
+def test_training_recovers_a_rule_planted_in_the_hidden_columns() -> None:
+    rng = np.random.default_rng(3)
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, G + 3))
+        return x, x[:, G + 1] + 0.2 * rng.normal(size=n) > 0.5  # divergent: the second hidden column
+
+    x, y = rows(3000)
+    vx, vy = rows(1000)
+    gate = train_override(x, y, vx, vy, 0.9, hidden_dims=3)
+    assert gate.hidden_dims == 3 and auc(gate.probabilities(vx), vy) > 0.95
+    assert gate.weights[G + 1] > 2.0 and np.abs(np.delete(gate.weights, G + 1)).max() < 0.3
+    assert gate.overrides(vx)[vy].mean() == pytest.approx(0.9, abs=0.01)
+
+
+def test_the_gate_reads_the_windows_hidden_state(tmp_path: Path, tiny_gguf_a) -> None:
+    from handoff.edge.cloud_harness import vocabulary_of
+
+    fp = vocabulary_of(tiny_gguf_a).fingerprint
+    path = tmp_path / "h.json"
+    hidden_router(4, hidden_gate(0.0), fp.digest.hex(), fp.vocab_size).save(path)
+    policy = make_policy(PolicyConfig(kind="router", router=str(path)))
+    policy.attach(vocabulary_of(tiny_gguf_a))
+    assert policy.needs_hidden
+    # P differs at all three positions; only the last has a hidden state the gate takes.
+    view = dict(
+        token_ids=[3, 4, 5], q_topk_ids=[[3, 7], [4, 8], [5, 9]], q_topk_logprobs=np.log([[0.6, 0.3]] * 3),
+        q_entropy=[0.5, 0.5, 0.5], p_kls=[0.1, 0.1, 0.1], p_top1_ids=[7, 8, 9],
+        p_topk_ids=[[7, 3], [8, 4], [9, 5]], p_topk_logprobs=np.log([[0.7, 0.2]] * 3), offsets=[4, 5, 6],
+    )  # fmt: skip
+    hidden = np.asarray([[-1.0, 0, 0, 0], [-0.5, 9, 9, 9], [0.5, 0, 0, 0]])  # [n, d]
+    d = policy.decide(WindowView(**view, q_hidden=hidden))
+    assert (d.keep, d.hand_over) == (2, True)
+    d = policy.decide(WindowView(**view, q_hidden=-np.abs(hidden)))
+    assert (d.keep, d.hand_over) == (3, False)
+    with pytest.raises(ShapeError, match="hidden"):
+        policy.decide(WindowView(**view))
+    with pytest.raises(ShapeError, match="hidden"):
+        policy.decide(WindowView(**view, q_hidden=hidden[:, :3]))  # another hidden size
+    with pytest.raises(ShapeError, match="q_hidden"):
+        WindowView(**view, q_hidden=hidden[:2])
+
+
+def test_gated_runs_with_a_hidden_state_gate_that_takes_all_or_none(
+    tmp_path: Path, tiny_gguf_a, tiny_gguf_b
+) -> None:
+    from handoff.edge.cloud_harness import vocabulary_of
+
+    fp = vocabulary_of(tiny_gguf_b).fingerprint
+    runs = {}
+    for name, offset in (("all", -1e6), ("none", 1e6)):
+        path = tmp_path / f"{name}.json"
+        hidden_router(64, hidden_gate(offset), fp.digest.hex(), fp.vocab_size).save(path)  # tiny n_embd 64
+        runs[name] = generate_with_server(
+            tiny_gguf_a, tiny_gguf_b, PolicyConfig(kind="router", router=str(path)), 60
+        )
+    cloud = generate_with_server(tiny_gguf_a, tiny_gguf_b, PolicyConfig(), 60, mode="cloud")
+    edge = generate_with_server(tiny_gguf_a, tiny_gguf_b, PolicyConfig(), 60, mode="edge")
+    assert runs["all"].tokens == cloud.tokens and runs["all"].counts()["corrected"] > 0
+    assert runs["none"].tokens == edge.tokens and runs["none"].counts()["corrected"] == 0
+    assert runs["none"].kept_disagreements() > 0
+
+
+def test_gate_rows_append_the_projected_hidden_state_at_each_disagreement() -> None:
+    from handoff.edge.routing.data import Generation, gate_rows, override_rows
+
+    rng = np.random.default_rng(4)
+    gens, states = [], []
+    for i, tokens in enumerate(([3, 4, 5, 6], [7, 8, 9])):
+        n = len(tokens)
+        q_ids = np.stack([np.asarray(tokens) + (np.arange(n) % 2), np.full(n, 1)], axis=1)  # [n, 2]
+        gens.append(Generation(
+            task_id=f"t{i}", suite="s", correct=True, prompt_ids=(1, 2), tokens=np.asarray(tokens),
+            q_topk_ids=q_ids, q_topk_logprobs=np.log(np.tile([0.6, 0.3], (n, 1))), q_entropy=np.full(n, 0.4),
+            source="x", p_topk_ids=np.stack([tokens, np.full(n, 2)], axis=1),
+            p_topk_logprobs=np.log(np.tile([0.7, 0.2], (n, 1))),
+        ))  # fmt: skip
+        states.append(rng.normal(size=(n, 5)).astype(np.float32))
+    from handoff.edge.routing.data import to_data
+
+    classes = np.zeros(16, dtype=np.int64)
+    data = to_data(gens, classes, states)
+    surface = np.arange(16)
+    plain, y, group = override_rows(data.generations, classes, surface)
+    rows, y2, group2 = gate_rows(data, classes, surface, lambda h: 2.0 * h[:, :2])
+    want = (
+        np.concatenate([states[0][[1, 3]], states[1][[1]]])[:, :2] * 2.0
+    )  # positions where Q's top-1 differs
+    np.testing.assert_allclose(rows[:, :G], plain)
+    np.testing.assert_allclose(rows[:, G:], want, rtol=1e-6)
+    assert (y2 == y).all() and (group2 == group).all() and group.tolist() == [0, 0, 1]
+    with pytest.raises(ShapeError, match="hidden"):
+        gate_rows(to_data(gens, classes), classes, surface, lambda h: h)

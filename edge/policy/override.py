@@ -10,7 +10,10 @@ on the edge where a check's answer lands: a disagreement scored under its thresh
 (no override, no cloud token); the others are corrected as before.
 
 The gate lives in the router file (RouterModel.override, `handoff router override`), so it shares the
-router's vocabulary fingerprint.
+router's vocabulary fingerprint. With `--hidden-dims R` it also reads the first R of the router's
+projected hidden-state features at the position (R2R routes on the small model's last hidden state
+for the same reason: it carries the context the scalar features do not): no extra decode, as the
+router already projects that state for its own decision.
 """
 
 from __future__ import annotations
@@ -124,9 +127,11 @@ def override_features(
 class OverrideGate:
     """A logistic regression: override features -> probability that taking Q's token changes the answer.
 
-    Fields (f = len(OVERRIDE_FEATURES)): mean, scale [f] standardise the rows; weights [f], bias;
-    threshold: a disagreement is overridden (P's token taken) when its probability is at or over it,
-    chosen on validation data; meta: how it was trained and what it scored.
+    Fields (f = len(OVERRIDE_FEATURES) + hidden_dims): mean, scale [f] standardise the rows; weights
+    [f], bias; threshold: a disagreement is overridden (P's token taken) when its probability is at or
+    over it, chosen on validation data; hidden_dims: how many of the router's projected hidden-state
+    features (RouterModel.project, first columns) follow the override features in a row, 0 for none;
+    meta: how it was trained and what it scored.
     """
 
     mean: np.ndarray
@@ -135,20 +140,32 @@ class OverrideGate:
     bias: float
     threshold: float
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    hidden_dims: int = field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
-        f = len(OVERRIDE_FEATURES)
+        if self.hidden_dims < 0:
+            raise ShapeError(f"override gate: hidden_dims must be >= 0, got {self.hidden_dims}")
+        f = self.n_features
         for name in ("mean", "scale", "weights"):
             if np.shape(getattr(self, name)) != (f,):
                 raise ShapeError(f"override gate: {name} must be [{f}], got {np.shape(getattr(self, name))}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ShapeError(f"override gate: threshold must be a probability, got {self.threshold}")
 
+    @property
+    def n_features(self) -> int:
+        return len(OVERRIDE_FEATURES) + self.hidden_dims
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [*OVERRIDE_FEATURES, *(f"hidden_pc_{i}" for i in range(self.hidden_dims))]
+
     def probabilities(self, rows: np.ndarray) -> np.ndarray:
-        """[n, f] override_features rows -> [n] probabilities."""
+        """[n, f] rows (override_features, then hidden_dims projected hidden-state columns) -> [n]
+        probabilities."""
         rows = np.asarray(rows, dtype=np.float64)
-        if rows.ndim != 2 or rows.shape[1] != len(OVERRIDE_FEATURES):
-            raise ShapeError(f"rows: expected [n, {len(OVERRIDE_FEATURES)}], got {rows.shape}")
+        if rows.ndim != 2 or rows.shape[1] != self.n_features:
+            raise ShapeError(f"rows: expected [n, {self.n_features}], got {rows.shape}")
         z = ((rows - self.mean) / self.scale) @ self.weights + self.bias
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
@@ -159,7 +176,8 @@ class OverrideGate:
     def to_json(self, pack) -> dict[str, Any]:
         """The gate as the router file's "override" object (arrays through the file's `pack`)."""
         return {
-            "features": list(OVERRIDE_FEATURES),
+            "features": self.feature_names,
+            "hidden_dims": self.hidden_dims,
             "mean": pack(self.mean),
             "scale": pack(self.scale),
             "weights": pack(self.weights),
@@ -170,15 +188,16 @@ class OverrideGate:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], unpack) -> OverrideGate:
-        if list(data.get("features", [])) != list(OVERRIDE_FEATURES):
-            raise ShapeError(
-                f"override gate: features {data.get('features')} are not {list(OVERRIDE_FEATURES)}"
-            )
+        hidden_dims = int(data.get("hidden_dims", 0))
+        names = [*OVERRIDE_FEATURES, *(f"hidden_pc_{i}" for i in range(hidden_dims))]
+        if list(data.get("features", [])) != names:
+            raise ShapeError(f"override gate: features {data.get('features')} are not {names}")
         return cls(
             mean=unpack(data["mean"]),
             scale=unpack(data["scale"]),
             weights=unpack(data["weights"]),
             bias=float(data["bias"]),
             threshold=float(data["threshold"]),
+            hidden_dims=hidden_dims,
             meta=dict(data.get("meta") or {}),
         )

@@ -105,6 +105,11 @@ class RouterModel:
                 )
         if not 0.0 <= self.threshold <= 1.0:
             raise ShapeError(f"router: threshold must be a probability, got {self.threshold}")
+        if self.override is not None and self.override.hidden_dims > self.hidden_dims:
+            raise ShapeError(
+                f"router: the override gate reads {self.override.hidden_dims} projected hidden-state "
+                f"features, the router projects {self.hidden_dims}"
+            )
 
     @property
     def hidden_dims(self) -> int:
@@ -139,10 +144,16 @@ class RouterModel:
             raise ShapeError(
                 "this router uses Q's hidden state: the runner must return it (EdgeRunner hidden)"
             )
+        return np.concatenate([scalars, self.project(hidden, scalars.shape[0])], axis=1)
+
+    def project(self, hidden: np.ndarray, n: int) -> np.ndarray:
+        """[n, d] Q's last hidden states -> [n, r] the router's principal directions of them."""
+        if self.hidden_proj is None or self.hidden_mean is None:
+            raise ShapeError("this router does not use Q's hidden state")
         h = np.asarray(hidden, dtype=np.float64)
-        if h.shape != (scalars.shape[0], self.hidden_size):
-            raise ShapeError(f"hidden: expected [{scalars.shape[0]}, {self.hidden_size}], got {h.shape}")
-        return np.concatenate([scalars, (h - self.hidden_mean) @ self.hidden_proj], axis=1)
+        if h.shape != (n, self.hidden_size):
+            raise ShapeError(f"hidden: expected [{n}, {self.hidden_size}], got {h.shape}")
+        return (h - self.hidden_mean) @ self.hidden_proj
 
     def logits(self, rows: np.ndarray) -> np.ndarray:
         """[n, f] feature rows -> [n] logits."""
@@ -357,5 +368,11 @@ class RouterPolicy(CorrectionPolicy):
             view.token_ids, view.q_topk_ids, view.q_topk_logprobs, view.q_entropy, view.p_topk_ids,
             view.p_topk_logprobs, view.offsets, self._classes, self._surface,
         )  # fmt: skip  # [n, f]
+        if gate.hidden_dims:
+            if view.q_hidden is None:
+                raise ShapeError("this override gate reads Q's hidden state: the window must carry it")
+            rows = np.concatenate(
+                [rows, self.model.project(view.q_hidden, view.n)[:, : gate.hidden_dims]], axis=1
+            )  # [n, f + r]
         take = np.flatnonzero(differs & gate.overrides(rows))  # [m] ascending
         return WindowDecision(int(take[0]), True) if take.size else WindowDecision(view.n, False)

@@ -56,6 +56,8 @@ class WindowView:
         (edge/mixture.py), or None.
     expert_top1_ids: [n, E] int, each expert's most likely token at each position, or None.
     offsets: [n] int, tokens since the prompt's end at each position (>= 0), or None.
+    q_hidden: [n, d] float, Q's last hidden state where each token was predicted (EdgeStep.hidden),
+        or None when the runner does not return it.
     """
 
     token_ids: np.ndarray
@@ -70,6 +72,7 @@ class WindowView:
     expert_kls: np.ndarray | None = None
     expert_top1_ids: np.ndarray | None = None
     offsets: np.ndarray | None = None
+    q_hidden: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         ids = int_array("token_ids", self.token_ids, 1, "[n]")  # [n]
@@ -104,6 +107,11 @@ class WindowView:
             same_length("offsets", offsets, "token_ids", n)
             if (offsets < 0).any():
                 raise ShapeError("offsets: expected tokens since the prompt's end, >= 0")
+        hidden = None
+        if self.q_hidden is not None:
+            hidden = np.asarray(self.q_hidden, dtype=np.float64)  # [n, d]
+            if hidden.ndim != 2 or hidden.shape[0] != n or not np.isfinite(hidden).all():
+                raise ShapeError(f"q_hidden: expected finite [{n}, d], got {hidden.shape}")
         # Frozen: store the checked arrays (read-only, so a scorer cannot change what the next sees).
         for name, arr in (
             ("token_ids", ids),
@@ -118,6 +126,7 @@ class WindowView:
             ("expert_kls", e_kls),
             ("expert_top1_ids", e_top1),
             ("offsets", offsets),
+            ("q_hidden", hidden),
         ):
             if arr is not None:
                 arr = arr.copy()

@@ -187,6 +187,12 @@ def evaluate(
         ),
     ] = None,
     labels: LabelsOpt = None,
+    extract_batch: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Positions per decode when extracting Q's hidden states (1: exactly as generating)."
+        ),
+    ] = 1,
     edge: EdgeModelOpt = None,
 ) -> None:
     """Offline: how the router and the single-feature gates pick disagreements on TRACES (held out).
@@ -198,7 +204,7 @@ def evaluate(
     from handoff.edge.routing.report import evaluate_router, leave_one_suite_out, with_config
 
     router = load_router(router_path)
-    data, vocabulary = _load(traces, edge, router.hidden_dims > 0, labels=labels)
+    data, vocabulary = _load(traces, edge, router.hidden_dims > 0, extract_batch, labels)
     router.check_vocabulary(vocabulary)
     result = evaluate_router(router, data, csv_values(fractions, float, "--fractions"))
     result["router_file"] = str(router_path)
@@ -219,11 +225,13 @@ def evaluate(
             router, data, classes, surface, csv_values(fractions, float, "--fractions")
         )
         if loso_train and labels:
-            from handoff.edge.routing.report import override_leave_one_suite_out
+            from handoff.edge.routing.report import gate_projection, override_leave_one_suite_out
 
+            dims = router.override.hidden_dims
             result["override"]["loso"] = override_leave_one_suite_out(
-                router.override, _load(loso_train, edge, False, labels=labels)[0], data, classes, surface,
-                val_every=int(router.override.meta.get("val_every") or 4),
+                router.override, _load(loso_train, edge, dims > 0, extract_batch, labels)[0], data,
+                classes, surface, val_every=int(router.override.meta.get("val_every") or 4),
+                project=gate_projection(router, dims),
             )  # fmt: skip
     print_evaluation(result)
     if json_out is not None:
@@ -320,29 +328,46 @@ def override(
     ] = 0.9,
     val_every: Annotated[int, typer.Option(min=2, help="Hold out every N-th prompt for the threshold.")] = 4,
     l2: Annotated[float, typer.Option(min=0.0, help="L2 penalty.")] = 1e-2,
+    hidden_dims: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also read the first N of the router's projected hidden-state features (a router "
+            "trained with --hidden-dims >= N); 0: the override features only.",
+        ),
+    ] = 0,
+    extract_batch: Annotated[
+        int, typer.Option(min=1, help="Positions per decode when extracting Q's hidden states.")
+    ] = 256,
     edge: EdgeModelOpt = None,
 ) -> None:
     """Add an override gate to a router: which of P's disagreements to correct, learned from TRACES'
     continuation labels (divergent vs neutral); its threshold keeps --target-recall of the held-out
     prompts' divergent disagreements."""
     from handoff.edge.policy.router import load_router
-    from handoff.edge.routing.data import override_rows, split_by_prompt
+    from handoff.edge.routing.data import gate_rows, split_by_prompt
     from handoff.edge.routing.metrics import auc
+    from handoff.edge.routing.report import gate_projection
     from handoff.edge.routing.train import train_override
 
     router = load_router(router_path)
-    data, vocabulary = _load(traces, edge, False, labels=labels)
+    try:
+        project = gate_projection(router, hidden_dims)
+    except ValueError as e:
+        raise HandoffError(f"--hidden-dims {hidden_dims}: {e}") from None
+    data, vocabulary = _load(traces, edge, hidden_dims > 0, batch=extract_batch, labels=labels)
     router.check_vocabulary(vocabulary)
     classes, surface = _vocabulary_maps(vocabulary)
     train_data, val_data = split_by_prompt(data, val_every)
-    rows, y, _ = override_rows(train_data.generations, classes, surface)
-    val_rows, val_y, _ = override_rows(val_data.generations, classes, surface)
+    rows, y, _ = gate_rows(train_data, classes, surface, project)
+    val_rows, val_y, _ = gate_rows(val_data, classes, surface, project)
     meta = {
         "train_traces": [str(p) for p in traces], "labels": [str(p) for p in labels], "val_every": val_every,
         "l2": l2, "train_disagreements": len(y), "train_divergent": int(y.sum()),
         "val_disagreements": len(val_y), "val_divergent": int(val_y.sum()),
+        **({"extract_batch": extract_batch} if hidden_dims else {}),
     }  # fmt: skip
-    gate = train_override(rows, y, val_rows, val_y, target_recall, l2=l2, meta=meta)
+    gate = train_override(rows, y, val_rows, val_y, target_recall, l2=l2, hidden_dims=hidden_dims, meta=meta)
     taken = gate.overrides(val_rows)
     validation = {
         "auc": auc(gate.probabilities(val_rows), val_y),

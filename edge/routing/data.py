@@ -20,7 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -335,6 +335,31 @@ def override_rows(
     if not rows:
         return np.zeros((0, len(OVERRIDE_FEATURES))), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64)
     return np.concatenate(rows), np.concatenate(labels).astype(bool), np.concatenate(group)
+
+
+def gate_rows(
+    data: RouterData,
+    classes: np.ndarray,
+    surface: np.ndarray,
+    project: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """override_rows of data's generations, then, with `project`, Q's projected hidden state there.
+
+    Args:
+        data: rows with Q's hidden states (to_data's hidden) when `project` is given.
+        classes, surface: [V] token classes and surface-form ids.
+        project: [N, d] hidden states -> [N, r] the gate's hidden-state columns; None: none.
+
+    Returns:
+        rows [N, len(OVERRIDE_FEATURES) + r], labels [N] bool, group [N], as override_rows.
+    """
+    rows, labels, group = override_rows(data.generations, classes, surface)
+    if project is None:
+        return rows, labels, group
+    if data.hidden is None:
+        raise ShapeError("this override gate reads Q's hidden state: extract it with the traces")
+    hidden = data.hidden[data.disagreements]  # [N, d], the order of override_rows
+    return np.concatenate([rows, project(hidden)], axis=1), labels, group
 
 
 def held_out_prompts(prompts: Iterable[tuple[int, ...]], every: int) -> set[tuple[int, ...]]:

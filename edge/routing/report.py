@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -10,13 +10,14 @@ import numpy as np
 
 from handoff.edge.policy.override import OverrideGate
 from handoff.edge.policy.router import RouterModel
-from handoff.edge.routing.data import RouterData, override_rows, split_by_prompt
+from handoff.edge.routing.data import RouterData, gate_rows, split_by_prompt
 from handoff.edge.routing.metrics import BASELINE_GATES, at_threshold, auc, baseline_scores, curve
 from handoff.edge.routing.train import TrainConfig, train_override, train_router
 
 __all__ = [
     "evaluate_override",
     "evaluate_router",
+    "gate_projection",
     "leave_one_suite_out",
     "override_leave_one_suite_out",
     "with_config",
@@ -109,6 +110,15 @@ def with_config(router: RouterModel) -> TrainConfig:
     return replace(TrainConfig(), **{k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__})
 
 
+def gate_projection(router: RouterModel, dims: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """[N, d] hidden states -> [N, dims] the first `dims` of the router's projection; None for 0."""
+    if dims == 0:
+        return None
+    if dims > router.hidden_dims:
+        raise ValueError(f"the router projects {router.hidden_dims} hidden-state features, not {dims}")
+    return lambda h: router.project(h, len(h))[:, :dims]
+
+
 def evaluate_override(
     router: RouterModel,
     data: RouterData,
@@ -136,7 +146,7 @@ def evaluate_override(
     gate = router.override
     if gate is None:
         raise ValueError("this router has no override gate (handoff router override)")
-    rows, labels, _group = override_rows(data.generations, classes, surface)
+    rows, labels, _group = gate_rows(data, classes, surface, gate_projection(router, gate.hidden_dims))
     probs = gate.probabilities(rows) if len(rows) else np.zeros(0)
     take = np.zeros(len(data.labels), dtype=bool)  # [N]
     take[data.disagreements] = probs >= gate.threshold
@@ -170,20 +180,24 @@ def override_leave_one_suite_out(
     surface: np.ndarray,
     *,
     val_every: int = 4,
+    project: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """For each suite: fit the override gate (its file's target recall and penalty) on the other
     suites' labelled training disagreements, threshold it on their held-out prompts, and score it on
-    the held-out suite's test disagreements: AUC, share taken, recall of the divergent ones."""
+    the held-out suite's test disagreements: AUC, share taken, recall of the divergent ones.
+
+    project: the gate's hidden-state columns (gate_projection), None when it reads none.
+    """
     target, l2 = float(gate.meta.get("target_recall", 0.9)), float(gate.meta.get("l2", 1e-2))
     train_suites = np.asarray([g.suite for g in train.generations])
     test_suites = np.asarray([g.suite for g in test.generations])
     out: dict[str, Any] = {}
     for suite in sorted(set(test_suites.tolist())):
         fit, held = split_by_prompt(train.subset(train_suites != suite), val_every)
-        x, y, _ = override_rows(fit.generations, classes, surface)
-        vx, vy, _ = override_rows(held.generations, classes, surface)
-        g = train_override(x, y, vx, vy, target, l2=l2)
-        tx, ty, _ = override_rows(test.subset(test_suites == suite).generations, classes, surface)
+        x, y, _ = gate_rows(fit, classes, surface, project)
+        vx, vy, _ = gate_rows(held, classes, surface, project)
+        g = train_override(x, y, vx, vy, target, l2=l2, hidden_dims=gate.hidden_dims)
+        tx, ty, _ = gate_rows(test.subset(test_suites == suite), classes, surface, project)
         taken = g.overrides(tx)
         out[suite] = {
             "disagreements": len(ty),

@@ -228,6 +228,7 @@ def train_override(
     target_recall: float,
     *,
     l2: float = 1e-2,
+    hidden_dims: int = 0,
     meta: dict[str, Any] | None = None,
 ) -> OverrideGate:
     """Fit the override gate (logistic) on disagreements; its threshold keeps target_recall of the
@@ -237,6 +238,8 @@ def train_override(
         rows, val_rows: [N, f] override_features rows of argmax disagreements (training, validation).
         labels, val_labels: [N] bool, divergent (continuation labels).
         target_recall: share of the validation's divergent disagreements the gate must still override.
+        hidden_dims: how many of the rows' last columns are the router's projected hidden state
+            (data.gate_rows); the rest are override_features.
     """
     rows, val_rows = np.asarray(rows, dtype=np.float64), np.asarray(val_rows, dtype=np.float64)
     labels, val_labels = np.asarray(labels, dtype=bool), np.asarray(val_labels, dtype=bool)
@@ -250,7 +253,15 @@ def train_override(
     mean = rows.mean(axis=0)
     scale = np.where(rows.std(axis=0) > 1e-9, rows.std(axis=0), 1.0)
     w, b = fit_logistic((rows - mean) / scale, labels.astype(np.float64), l2)
-    draft = OverrideGate(mean, scale, w, b, 0.0)
+    draft = OverrideGate(mean, scale, w, b, 0.0, hidden_dims=hidden_dims)
     positives = draft.probabilities(val_rows)[val_labels]
     threshold = float(np.quantile(positives, 1.0 - target_recall, method="lower"))
-    return OverrideGate(mean, scale, w, b, threshold, meta={"target_recall": target_recall, **(meta or {})})
+    return OverrideGate(
+        mean,
+        scale,
+        w,
+        b,
+        threshold,
+        {"target_recall": target_recall, **(meta or {})},
+        hidden_dims=hidden_dims,
+    )
