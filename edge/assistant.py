@@ -14,6 +14,7 @@ from typing import Any
 from handoff.edge.controller import HybridGenerator
 from handoff.edge.cross import CrossGenerator, cross_generator
 from handoff.edge.mixture import MixtureRunner, load_experts
+from handoff.edge.policy.default import AUTO, auto_policy
 from handoff.edge.records import GenerationResult, OnToken
 from handoff.edge.runner import EdgeRunner
 from handoff.edge.settings import EdgeSettings
@@ -113,6 +114,10 @@ class Assistant:
                     raise
                 # The session's open checks the fingerprint again once the cloud is back.
                 logger.warning("the cloud at %s is unreachable (%s): starting on the edge alone", target, e)
+        if self.edge.policy == AUTO and self.edge.mode == "hybrid":
+            self.policy = auto_policy(
+                self.policy, vocabulary, plain=not self.cross and not self.edge.experts.strip()
+            )
         self.runner = self._runner(vocabulary)
         if self.cross:
             assert self.client is not None and isinstance(self.runner, EdgeRunner)

@@ -143,14 +143,15 @@ def generate(
             ids = assistant.chat_prompt_ids([{"role": "user", "content": prompt}])
             result = await assistant.generate(ids, max_tokens, sampling=sampling)
             assert assistant.runner is not None
-            return result, assistant.cloud_info, assistant.model_name, assistant.runner.stop_token_ids
+            return (result, assistant.cloud_info, assistant.model_name, assistant.runner.stop_token_ids,
+                    assistant.policy)  # fmt: skip
 
-    result, cloud_info, edge_name, stops = asyncio.run(run())
+    result, cloud_info, edge_name, stops, policy = asyncio.run(run())
     if trace is not None:
         meta = {
             "edge_model": edge_name,
             "cloud": cloud_info,
-            "policy": asdict(edge_settings.policy_config()),
+            "policy": asdict(policy),
             "sampling": asdict(sampling),
             "max_tokens": max_tokens,
             "prompt": prompt,

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from handoff.edge.link import LinkConfig
 from handoff.edge.policy import PolicyConfig, policy_kinds
+from handoff.edge.policy.default import AUTO
 from handoff.edge.verifier_client import NetworkDelay
 from handoff.shared.cli_options import Flags
 
@@ -53,9 +54,10 @@ class EdgeSettings(BaseSettings):
     # The policy (edge/policy/config.py PolicyConfig; docs/policy_defaults.md says how they were chosen)
     # Any registered kind (edge/policy/core.py register_policy), so a new policy is selectable here too.
     policy: str = Field(
-        _P.kind,
-        description="rollback or seed (KL handoff), exact (speculative sampling: P's distribution), or "
-        "any other registered policy kind.",
+        AUTO,
+        description="auto (the learned router shipped for the default model pair, with deferred checks; "
+        "rollback for other pairs), rollback or seed (KL handoff), exact (speculative sampling: P's "
+        "distribution), router (--router FILE), or any other registered policy kind.",
     )
     seed_tokens: int = Field(_P.seed_tokens, ge=0, description="N0: tokens the cloud generates first.")
     check_interval: int = Field(_P.check_interval, ge=1, description="N: edge tokens per check point.")
@@ -190,13 +192,16 @@ class EdgeSettings(BaseSettings):
     @field_validator("policy")
     @classmethod
     def _registered_kind(cls, kind: str) -> str:
-        if kind not in policy_kinds():
-            raise ValueError(f"unknown policy {kind!r}; registered: {', '.join(policy_kinds())}")
+        if kind != AUTO and kind not in policy_kinds():
+            raise ValueError(f"unknown policy {kind!r}; {AUTO} or registered: {', '.join(policy_kinds())}")
         return kind
 
     def policy_config(self) -> PolicyConfig:
+        """The policy; for "auto", its fallback (kind rollback), which edge.policy.default.auto_policy
+        turns into the shipped router once Q's vocabulary is known (the Assistant does)."""
         names = {f.name for f in fields(PolicyConfig)} - {"kind"}
-        return PolicyConfig(kind=self.policy, **{n: getattr(self, n) for n in names})
+        kind = _P.kind if self.policy == AUTO else self.policy
+        return PolicyConfig(kind=kind, **{n: getattr(self, n) for n in names})
 
     def link_config(self) -> LinkConfig:
         names = {f.name for f in fields(LinkConfig)} - {"retry_multiplier"}

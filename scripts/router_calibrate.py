@@ -5,7 +5,9 @@ prompts. Generating, the router follows the text it writes, and checks a differe
 18.5 % of P's test text, 22.2 % generating). This reads a real gated run (`handoff eval ... --policies
 router`) on the training task seeds, keeps the generations whose prompt `router train` held out (every
 `--val-every`-th distinct prompt of the training traces: edge.routing.data.held_out_prompts), and
-prints the gate-score quantile that checks `--target` of their positions. Use it as `router:G`.
+prints the gate-score quantile that checks `--target` of their positions. Use it as `router:G`, or
+write it into a copy of the router file with `--router FILE --out FILE` (how the router the edge ships
+for the default pair, edge/routers/default_pair.json, got its threshold).
 
     python scripts/router_calibrate.py docs/router/train/large.jsonl.gz docs/router/train2/large.jsonl.gz \
         --run runs/router_val2/traces/router-router2-h64-ov80-ahead1-defer.jsonl --target 0.2
@@ -16,10 +18,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from handoff.edge.policy.router import load_router
 from handoff.edge.routing.data import held_out_prompts
 
 
@@ -58,7 +62,11 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True, help="a real router run's trace on those task seeds")
     ap.add_argument("--target", type=float, default=0.2, help="share of positions to check")
     ap.add_argument("--val-every", type=int, default=4)
+    ap.add_argument("--router", type=Path, help="the router file the run used: write the threshold into it")
+    ap.add_argument("--out", type=Path, help="with --router: the calibrated router file to write")
     args = ap.parse_args()
+    if (args.router is None) != (args.out is None):
+        ap.error("--router and --out go together")
     if not 0.0 < args.target < 1.0:
         ap.error("--target: expected a share in (0, 1)")
     scores, checked, generations = gate_scores(
@@ -73,6 +81,15 @@ def main() -> None:
     print(
         f"threshold for {args.target:g}: {threshold:.5f} (checks {np.mean(scores >= threshold):.4f} of them)"
     )
+    if args.router is not None:
+        router = load_router(args.router)
+        calibration = {
+            "run": str(args.run), "target_checked": args.target, "generations": generations,
+            "positions": int(scores.size), "checked_in_run": float(checked.mean()),
+            "file_threshold": router.threshold,
+        }  # fmt: skip
+        replace(router, threshold=threshold, meta=router.meta | {"calibration": calibration}).save(args.out)
+        print(f"wrote {args.out} (threshold {threshold:.5f})")
 
 
 if __name__ == "__main__":

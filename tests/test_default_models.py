@@ -88,10 +88,11 @@ def test_divergence_report_on_the_default_pair(pair, run_handoff):
 
 
 def test_hybrid_generation_on_the_default_pair(pair, tmp_path, run_handoff):
-    """The real pair end to end through real gRPC: `handoff generate` with its embedded verifier."""
+    """The real pair end to end through real gRPC: `handoff generate` with its embedded verifier (KL
+    rollback; the default policy is test_default_policy.py's)."""
     trace = tmp_path / "trace.jsonl"
     proc = run_handoff("generate", "--prompt", "Write a Python function that adds two numbers.", "--max-tokens", "24",
-                   "--threshold", "0.3", "--trace", str(trace), "--json")  # fmt: skip
+                   "--policy", "rollback", "--threshold", "0.3", "--trace", str(trace), "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["tokens"] == 24 or summary["stop_reason"] == "stop_token"

@@ -63,3 +63,26 @@ def test_threshold_checks_the_target_share_of_held_out_positions(tmp_path: Path)
     ).stdout  # fmt: skip
     assert "1 validation generations, 100 positions; checked in the run: 0.5000" in out
     assert "threshold for 0.2: 0.80000 (checks 0.2000 of them)" in out
+
+
+def test_the_threshold_is_written_into_a_copy_of_the_router_file(tmp_path: Path) -> None:
+    from handoff.edge.policy import RouterModel
+    from handoff.edge.policy.features import SCALAR_FEATURES
+
+    f = len(SCALAR_FEATURES)
+    router = tmp_path / "r.json"
+    RouterModel(np.zeros(f), np.ones(f), ((np.zeros((f, 1)), np.zeros(1)),), 0.3, "00" * 32, 10).save(router)
+    train = _trace(tmp_path / "train.jsonl", [([p], []) for p in range(4)])
+    run = _trace(tmp_path / "run.jsonl", [([3], [(float(s), True) for s in np.linspace(0.0, 0.99, 100)])])
+    out = tmp_path / "calibrated.json"
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(train), "--run", str(run), "--target", "0.2",
+         "--router", str(router), "--out", str(out)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    back = RouterModel.from_json(json.loads(out.read_text()))
+    assert back.threshold == 0.8 and back.meta["calibration"]["file_threshold"] == 0.3
+    assert back.meta["calibration"]["positions"] == 100
+    bad = subprocess.run([sys.executable, str(SCRIPT), str(train), "--run", str(run), "--router", str(router)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "go together" in bad.stderr
