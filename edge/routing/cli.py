@@ -212,8 +212,8 @@ def evaluate(
     if loso_train:
         hidden = router.hidden_dims > 0
         result["loso"] = leave_one_suite_out(
-            _load(loso_train, edge, hidden, labels=labels)[0],
-            _load(loso_val, edge, hidden, labels=labels)[0] if loso_val else None, data,
+            _load(loso_train, edge, hidden, extract_batch, labels)[0],
+            _load(loso_val, edge, hidden, extract_batch, labels)[0] if loso_val else None, data,
             with_config(router), vocab_digest=router.vocab_digest, vocab_size=router.vocab_size,
             val_every=int(router.meta.get("val_every") or 4),
         )  # fmt: skip
