@@ -394,3 +394,51 @@ def test_gate_rows_append_the_projected_hidden_state_at_each_disagreement() -> N
     assert (y2 == y).all() and (group2 == group).all() and group.tolist() == [0, 0, 1]
     with pytest.raises(ShapeError, match="hidden"):
         gate_rows(to_data(gens, classes), classes, surface, lambda h: h)
+
+
+def test_router_override_reads_the_hidden_state_through_the_commands(tmp_path: Path, tiny_gguf_a) -> None:
+    """router train --hidden-dims, router override --hidden-dims, router evaluate (with leave one suite
+    out) on synthetic full traces and labels, on a tiny model's hidden states."""
+    import gzip
+
+    from handoff.cli import main
+    from handoff.edge.routing.data import GenerationLabels, read_generations, write_labels
+
+    rng = np.random.default_rng(5)
+    traces = tmp_path / "train.jsonl.gz"
+    with gzip.open(traces, "wt") as f:
+        for g in range(24):
+            f.write(json.dumps({"record": "generation", "prompt_ids": [1, 2, 10 + g], "task_id": f"t{g}",
+                                "suite": ["a", "b"][g % 2], "correct": True}) + "\n")  # fmt: skip
+            for t in range(20):
+                top1 = rng.uniform(0.2, 0.99)
+                probs = np.asarray([top1, (1 - top1) * 0.7, (1 - top1) * 0.3])
+                token = 5 if top1 >= 0.5 else 6  # P differs from Q's top-1 (5) where Q is unsure
+                f.write(json.dumps({
+                    "record": "token", "position": 3 + t, "token_id": token, "source": "cloud",
+                    "q_topk_ids": [5, 6, 7], "q_topk_logprobs": np.log(probs).tolist(),
+                    "q_entropy": float(-(probs * np.log(probs)).sum()),
+                    "p_topk_ids": [token, 7], "p_topk_logprobs": np.log([0.8, 0.1]).tolist(),
+                }) + "\n")  # fmt: skip
+            f.write(json.dumps({"record": "summary", "mode": "cloud"}) + "\n")
+    labels = []
+    for i, gen in enumerate(read_generations([traces])):
+        at = np.flatnonzero(gen.disagreements)
+        divergent = tuple(bool((i + j) % 3 == 0) for j in range(len(at)))
+        labels.append(
+            GenerationLabels(gen.task_id, gen.digest, tuple(at.tolist()), divergent, (1,) * len(at))
+        )
+    write_labels(tmp_path / "labels.jsonl", labels, {"traces": [str(traces)]})
+    edge = ["--edge", str(tiny_gguf_a)]
+    router, gated = tmp_path / "r.json", tmp_path / "g.json"
+    assert main(["router", "train", str(traces), "--hidden-dims", "2", "--out", str(router), *edge]) == 0
+    args = ["router", "override", str(router), str(traces), "--labels", str(tmp_path / "labels.jsonl")]
+    assert main([*args, "--hidden-dims", "2", "--target-recall", "0.8", "--out", str(gated), *edge]) == 0
+    gate = RouterModel.from_json(json.loads(gated.read_text())).override
+    assert gate is not None and gate.hidden_dims == 2 and gate.meta["extract_batch"] == 256
+    assert main([*args, "--hidden-dims", "3", "--out", str(tmp_path / "x.json"), *edge]) != 0  # router has 2
+    report = tmp_path / "eval.json"
+    evaluate = ["router", "evaluate", str(gated), str(traces), "--labels", str(tmp_path / "labels.jsonl")]
+    assert main([*evaluate, "--loso-train", str(traces), "--json", str(report), *edge]) == 0
+    o = json.loads(report.read_text())["override"]
+    assert o["disagreements"] == sum(len(lab.positions) for lab in labels) and set(o["loso"]) == {"a", "b"}
