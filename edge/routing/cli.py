@@ -209,10 +209,12 @@ def evaluate(
     result = evaluate_router(router, data, csv_values(fractions, float, "--fractions"))
     result["router_file"] = str(router_path)
     result["traces"] = [str(p) for p in traces]
+    loso_data = None  # the training traces, loaded once for the router's and the gate's retraining
     if loso_train:
         hidden = router.hidden_dims > 0
+        loso_data = _load(loso_train, edge, hidden, extract_batch, labels)[0]
         result["loso"] = leave_one_suite_out(
-            _load(loso_train, edge, hidden, extract_batch, labels)[0],
+            loso_data,
             _load(loso_val, edge, hidden, extract_batch, labels)[0] if loso_val else None, data,
             with_config(router), vocab_digest=router.vocab_digest, vocab_size=router.vocab_size,
             val_every=int(router.meta.get("val_every") or 4),
@@ -224,13 +226,13 @@ def evaluate(
         result["override"] = evaluate_override(
             router, data, classes, surface, csv_values(fractions, float, "--fractions")
         )
-        if loso_train and labels:
+        if loso_data is not None and labels:
             from handoff.edge.routing.report import gate_projection, override_leave_one_suite_out
 
             dims = router.override.hidden_dims
             result["override"]["loso"] = override_leave_one_suite_out(
-                router.override, _load(loso_train, edge, dims > 0, extract_batch, labels)[0], data,
-                classes, surface, val_every=int(router.override.meta.get("val_every") or 4),
+                router.override, loso_data, data, classes, surface,
+                val_every=int(router.override.meta.get("val_every") or 4),
                 project=gate_projection(router, dims),
             )  # fmt: skip
     print_evaluation(result)
