@@ -293,7 +293,9 @@ def test_a_registered_kind_is_selectable_from_settings_and_the_environment(monke
     assert EdgeSettings(policy="test-keep-two").policy_config().kind == "test-keep-two"
     monkeypatch.setenv("HANDOFF_EDGE_POLICY", "test-keep-two")
     assert type(make_policy(EdgeSettings().policy_config())) is KeepTwoPolicy
-    with pytest.raises(ValidationError, match="unknown policy 'magic'; auto or registered: seed, rollback, exact"):
+    with pytest.raises(
+        ValidationError, match="unknown policy 'magic'; auto or registered: seed, rollback, exact"
+    ):
         EdgeSettings(policy="magic")
 
 
