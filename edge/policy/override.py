@@ -52,6 +52,11 @@ OVERRIDE_FEATURES: tuple[str, ...] = (
 )
 
 
+def _feature_names(hidden_dims: int) -> list[str]:
+    """A gate's feature names in row order: the override features, then its hidden-state columns."""
+    return [*OVERRIDE_FEATURES, *(f"hidden_pc_{i}" for i in range(hidden_dims))]
+
+
 def _logprob_of(ids: np.ndarray, logprobs: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """[n] log-probability of wanted[i] in row i of a top-k view, floored at the row's k-th value."""
     hit = ids == wanted[:, None]  # [n, k]
@@ -158,7 +163,7 @@ class OverrideGate:
 
     @property
     def feature_names(self) -> list[str]:
-        return [*OVERRIDE_FEATURES, *(f"hidden_pc_{i}" for i in range(self.hidden_dims))]
+        return _feature_names(self.hidden_dims)
 
     def probabilities(self, rows: np.ndarray) -> np.ndarray:
         """[n, f] rows (override_features, then hidden_dims projected hidden-state columns) -> [n]
@@ -189,7 +194,7 @@ class OverrideGate:
     @classmethod
     def from_json(cls, data: dict[str, Any], unpack) -> OverrideGate:
         hidden_dims = int(data.get("hidden_dims", 0))
-        names = [*OVERRIDE_FEATURES, *(f"hidden_pc_{i}" for i in range(hidden_dims))]
+        names = _feature_names(hidden_dims)
         if list(data.get("features", [])) != names:
             raise ShapeError(f"override gate: features {data.get('features')} are not {names}")
         return cls(

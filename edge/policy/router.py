@@ -146,14 +146,15 @@ class RouterModel:
             )
         return np.concatenate([scalars, self.project(hidden, scalars.shape[0])], axis=1)
 
-    def project(self, hidden: np.ndarray, n: int) -> np.ndarray:
-        """[n, d] Q's last hidden states -> [n, r] the router's principal directions of them."""
+    def project(self, hidden: np.ndarray, n: int, dims: int | None = None) -> np.ndarray:
+        """[n, d] Q's last hidden states -> [n, dims] their first `dims` (default all r) principal
+        directions of the router's projection (the override gate reads the first ones)."""
         if self.hidden_proj is None or self.hidden_mean is None:
             raise ShapeError("this router does not use Q's hidden state")
         h = np.asarray(hidden, dtype=np.float64)
         if h.shape != (n, self.hidden_size):
             raise ShapeError(f"hidden: expected [{n}, {self.hidden_size}], got {h.shape}")
-        return (h - self.hidden_mean) @ self.hidden_proj
+        return (h - self.hidden_mean) @ self.hidden_proj[:, :dims]
 
     def logits(self, rows: np.ndarray) -> np.ndarray:
         """[n, f] feature rows -> [n] logits."""
@@ -372,7 +373,7 @@ class RouterPolicy(CorrectionPolicy):
             if view.q_hidden is None:
                 raise ShapeError("this override gate reads Q's hidden state: the window must carry it")
             rows = np.concatenate(
-                [rows, self.model.project(view.q_hidden, view.n)[:, : gate.hidden_dims]], axis=1
+                [rows, self.model.project(view.q_hidden, view.n, gate.hidden_dims)], axis=1
             )  # [n, f + r]
         take = np.flatnonzero(differs & gate.overrides(rows))  # [m] ascending
         return WindowDecision(int(take[0]), True) if take.size else WindowDecision(view.n, False)

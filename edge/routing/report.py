@@ -116,7 +116,7 @@ def gate_projection(router: RouterModel, dims: int) -> Callable[[np.ndarray], np
         return None
     if dims > router.hidden_dims:
         raise ValueError(f"the router projects {router.hidden_dims} hidden-state features, not {dims}")
-    return lambda h: router.project(h, len(h))[:, :dims]
+    return lambda h: router.project(h, len(h), dims)
 
 
 def evaluate_override(
