@@ -382,6 +382,94 @@ def override(
     out.print(json.dumps(gate.meta, indent=1))
 
 
+@router_app.command("budget")
+def budget(
+    router_path: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="A router file with an override gate.")
+    ],
+    traces: TracesArg,
+    labels: Annotated[
+        list[Path],
+        typer.Option(
+            exists=True, dir_okay=False, help="Continuation labels of TRACES (`handoff router label`)."
+        ),
+    ],
+    max_overrides: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Budget: the share of positions P may override.")
+    ],
+    max_checked: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Budget: the share of positions P may check.")
+    ] = 1.0,
+    fractions: Annotated[str, typer.Option(help="Checked fractions to try, comma-separated.")] = (
+        "0.05,0.075,0.1,0.125,0.15,0.2,0.25,0.3,0.4"
+    ),
+    recalls: Annotated[
+        str, typer.Option(help="Override-gate recalls to try (as --target-recall), comma-separated.")
+    ] = "0.4,0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.0",
+    val_every: Annotated[
+        int, typer.Option(min=2, help="Validation: every N-th prompt (as router train/override).")
+    ] = 4,
+    extract_batch: Annotated[
+        int, typer.Option(min=1, help="Positions per decode when extracting Q's hidden states.")
+    ] = 256,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Write the router with the chosen point's thresholds.")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every point here.")] = None,
+    edge: EdgeModelOpt = None,
+) -> None:
+    """The router's operating point for a budget: the router and override-gate thresholds that keep
+    P's answer in the most held-out generations (TRACES' validation prompts, continuation labels) with
+    at most --max-overrides override tokens and --max-checked checked positions.
+
+    The router threshold written is the offline one; a real run checks a different share
+    (scripts/router_calibrate.py --target FRACTION recalibrates it on a validation run)."""
+    from handoff.edge.policy.router import load_router
+    from handoff.edge.routing.budget import best_within, operating_points
+    from handoff.edge.routing.data import split_by_prompt
+
+    router = load_router(router_path)
+    if router.override is None:
+        raise HandoffError(f"{router_path}: no override gate (handoff router override)")
+    hidden = router.hidden_dims > 0
+    data, vocabulary = _load(traces, edge, hidden, batch=extract_batch, labels=labels)
+    router.check_vocabulary(vocabulary)
+    val = split_by_prompt(data, val_every)[1]
+    classes, surface = _vocabulary_maps(vocabulary)
+    points = operating_points(
+        router, val, classes, surface, csv_values(fractions, float, "--fractions"),
+        csv_values(recalls, float, "--recalls"),
+    )  # fmt: skip
+    best = best_within(points, max_overrides, max_checked)
+    t = Table(title=f"{len(val.generations)} validation generations: overrides / kept")
+    t.add_column("gate recall")
+    fracs = sorted({p["fraction"] for p in points})
+    for f in fracs:
+        t.add_column(f"{f:.1%} checked")
+    for r in sorted({p["recall_target"] for p in points}):
+        row = {p["fraction"]: p for p in points if p["recall_target"] == r}
+        t.add_row(f"{r:g}", *(f"{row[f]['overrides']:.2%} / {row[f]['reproduced']:.3f}" for f in fracs))
+    out.print(t)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"points": points, "best": best}, indent=1) + "\n", encoding="utf-8")
+    if best is None:
+        raise HandoffError(f"no point within {max_overrides:.2%} overrides and {max_checked:.2%} checked")
+    out.print(
+        f"best within {max_overrides:.2%} overrides, {max_checked:.2%} checked: {best['fraction']:.1%} checked, "
+        f"gate recall {best['recall_target']:g} (takes {best['taken']:.3f}): overrides {best['overrides']:.2%}, "
+        f"kept {best['reproduced']:.3f}, divergent recall {best['recall']:.3f}"
+    )
+    if out_path is not None:
+        point = {"max_overrides": max_overrides, "max_checked": max_checked, "val_every": val_every,
+                 "traces": [str(p) for p in traces], **best}  # fmt: skip
+        gate = replace(router.override, threshold=best["gate_threshold"])
+        replace(
+            router, threshold=best["router_threshold"], override=gate,
+            meta=router.meta | {"operating_point": point},
+        ).save(out_path)  # fmt: skip
+        out.print(f"wrote {out_path}")
+
+
 @router_app.command("label")
 def label(
     traces: TracesArg,

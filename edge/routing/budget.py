@@ -1,0 +1,95 @@
+"""`handoff router budget`: the router's operating point for an override-token budget, on validation.
+
+A gated router has two knobs: the router's threshold (which positions P checks) and the override
+gate's threshold (which of P's disagreements become override tokens). Each pair is one point of the
+RPI-per-cloud-token frontier. Offline, along P's own text on held-out prompts, every pair has an
+override share, a check share and the share of generations whose answer-changing disagreements are
+all corrected ("kept": P's answer kept). The budget's point is the one that keeps the most answers
+within the budget. Only validation prompts choose it, never test tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from handoff.edge.policy.router import RouterModel
+from handoff.edge.routing.data import RouterData, gate_rows
+from handoff.edge.routing.metrics import at_threshold
+from handoff.edge.routing.report import gate_projection
+from handoff.shared.errors import ShapeError
+
+__all__ = ["best_within", "operating_points"]
+
+
+def operating_points(
+    router: RouterModel,
+    data: RouterData,
+    classes: np.ndarray,
+    surface: np.ndarray,
+    fractions: Sequence[float],
+    recalls: Sequence[float],
+) -> list[dict[str, Any]]:
+    """Every (checked fraction, gate recall) pair on held-out labelled data.
+
+    The router's threshold checks `fraction` of the positions; the gate's threshold keeps `recall` of
+    the divergent disagreements, taken alone (as `router override --target-recall` sets it).
+
+    Args:
+        router: a router with an override gate.
+        data: held-out rows with continuation labels (labels = divergent) and, when the gate reads
+            them, Q's hidden states.
+        classes, surface: [V] the vocabulary's token classes and surface-form ids.
+        fractions: checked fractions, each in (0, 1]; recalls: gate recalls, each in (0, 1].
+
+    Returns:
+        one dict per pair: fraction, recall_target, router_threshold, gate_threshold, taken (share of
+        disagreements the gate takes), and at_threshold's checked, overrides, recall (divergent
+        disagreements corrected), precision, reproduced ("kept"), counted on the corrected positions.
+    """
+    gate = router.override
+    if gate is None:
+        raise ValueError("this router has no override gate (handoff router override)")
+    for name, values in (("fractions", fractions), ("recalls", recalls)):
+        if not values or not all(0.0 < float(v) <= 1.0 for v in values):
+            raise ShapeError(f"{name}: expected shares in (0, 1], got {list(values)}")
+    if not data.labels.any():
+        raise ShapeError("operating points need divergent disagreements (continuation labels)")
+    rows, _, _ = gate_rows(data, classes, surface, gate_projection(router, gate.hidden_dims))
+    probs = gate.probabilities(rows)  # [D], D = data.disagreements.sum()
+    divergent = data.labels[data.disagreements]  # [D]
+    scores = router.probabilities(router.rows(data.scalars, data.hidden))  # [N]
+    points = []
+    for r in recalls:
+        gate_threshold = float(np.quantile(probs[divergent], 1.0 - float(r), method="lower"))
+        take = np.zeros(len(scores), dtype=bool)  # [N]
+        take[data.disagreements] = probs >= gate_threshold
+        for f in fractions:
+            threshold = float(np.quantile(scores, 1.0 - float(f), method="higher"))
+            corrected = (scores >= threshold) & take
+            stats = at_threshold(
+                corrected.astype(np.float64), data.labels, data.group, 0.5, data.disagreements
+            )
+            del stats["threshold"]
+            points.append({
+                "fraction": float(f), "recall_target": float(r), "router_threshold": threshold,
+                "gate_threshold": gate_threshold, "taken": float(take[data.disagreements].mean()),
+                **stats, "checked": float((scores >= threshold).mean()),
+            })  # fmt: skip
+    return points
+
+
+def best_within(
+    points: Sequence[dict[str, Any]], max_overrides: float, max_checked: float = 1.0
+) -> dict[str, Any] | None:
+    """The point that keeps the most answers with overrides <= max_overrides and checked <= max_checked.
+
+    Ties go to fewer override tokens, then to fewer checks (the cheaper point), then to the higher
+    divergent recall. None when no point fits.
+    """
+    fit = [p for p in points if p["overrides"] <= max_overrides and p["checked"] <= max_checked]
+    if not fit:
+        return None
+    return max(fit, key=lambda p: (p["reproduced"], -p["overrides"], -p["checked"], p["recall"] or 0.0))
