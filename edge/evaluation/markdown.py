@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from handoff.edge.evaluation.frontier import dominance_lines
 from handoff.edge.evaluation.plots import ALL_SUITES, DASH
 
 __all__ = ["markdown"]
@@ -234,5 +235,6 @@ def markdown(summary: Mapping[str, Any]) -> str:
                 "",
                 *_accounting_table(summary, suite),
                 "",
+                *dominance_lines(summary),
             ]
     return "\n".join(lines)
