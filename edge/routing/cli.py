@@ -28,6 +28,14 @@ TracesArg = Annotated[
 ]
 FRACTIONS = "0.05,0.1,0.15,0.2,0.3"
 
+# `router override` and `router budget`: the gate learns from labels, so they are required there.
+GateLabelsOpt = Annotated[
+    list[Path],
+    typer.Option(exists=True, dir_okay=False, help="Continuation labels of TRACES (`handoff router label`)."),
+]
+GateExtractBatchOpt = Annotated[
+    int, typer.Option(min=1, help="Positions per decode when extracting Q's hidden states.")
+]
 
 # (task id -> task, (task, answer text) -> passes): the evaluation's, which `router label` needs. The
 # root command line hands them over (use_tasks): routing and evaluation are leaves that do not import
@@ -313,12 +321,7 @@ def print_evaluation(result: dict[str, Any]) -> None:
 def override(
     router_path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The router file.")],
     traces: TracesArg,
-    labels: Annotated[
-        list[Path],
-        typer.Option(
-            exists=True, dir_okay=False, help="Continuation labels of TRACES (`handoff router label`)."
-        ),
-    ],
+    labels: GateLabelsOpt,
     out_path: Annotated[Path, typer.Option("--out", help="The router file to write, with the gate.")] = Path(
         "router-override.json"
     ),
@@ -338,9 +341,7 @@ def override(
             "trained with --hidden-dims >= N); 0: the override features only.",
         ),
     ] = 0,
-    extract_batch: Annotated[
-        int, typer.Option(min=1, help="Positions per decode when extracting Q's hidden states.")
-    ] = 256,
+    extract_batch: GateExtractBatchOpt = 256,
     edge: EdgeModelOpt = None,
 ) -> None:
     """Add an override gate to a router: which of P's disagreements to correct, learned from TRACES'
@@ -388,12 +389,7 @@ def budget(
         Path, typer.Argument(exists=True, dir_okay=False, help="A router file with an override gate.")
     ],
     traces: TracesArg,
-    labels: Annotated[
-        list[Path],
-        typer.Option(
-            exists=True, dir_okay=False, help="Continuation labels of TRACES (`handoff router label`)."
-        ),
-    ],
+    labels: GateLabelsOpt,
     max_overrides: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Budget: the share of positions P may override.")
     ],
@@ -409,9 +405,7 @@ def budget(
     val_every: Annotated[
         int, typer.Option(min=2, help="Validation: every N-th prompt (as router train/override).")
     ] = 4,
-    extract_batch: Annotated[
-        int, typer.Option(min=1, help="Positions per decode when extracting Q's hidden states.")
-    ] = 256,
+    extract_batch: GateExtractBatchOpt = 256,
     out_path: Annotated[
         Path | None, typer.Option("--out", help="Write the router with the chosen point's thresholds.")
     ] = None,
