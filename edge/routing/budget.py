@@ -17,8 +17,8 @@ import numpy as np
 
 from handoff.edge.policy.router import RouterModel
 from handoff.edge.routing.data import RouterData, gate_rows
-from handoff.edge.routing.metrics import at_threshold
-from handoff.edge.routing.report import gate_projection
+from handoff.edge.routing.report import corrected_stats, gate_projection
+from handoff.edge.routing.train import choose_threshold, recall_threshold
 from handoff.shared.errors import ShapeError
 
 __all__ = ["best_within", "operating_points"]
@@ -63,20 +63,15 @@ def operating_points(
     scores = router.probabilities(router.rows(data.scalars, data.hidden))  # [N]
     points = []
     for r in recalls:
-        gate_threshold = float(np.quantile(probs[divergent], 1.0 - float(r), method="lower"))
+        gate_threshold = recall_threshold(probs[divergent], float(r))
         take = np.zeros(len(scores), dtype=bool)  # [N]
         take[data.disagreements] = probs >= gate_threshold
         for f in fractions:
-            threshold = float(np.quantile(scores, 1.0 - float(f), method="higher"))
-            corrected = (scores >= threshold) & take
-            stats = at_threshold(
-                corrected.astype(np.float64), data.labels, data.group, 0.5, data.disagreements
-            )
-            del stats["threshold"]
+            threshold = choose_threshold(scores, float(f))
             points.append({
                 "fraction": float(f), "recall_target": float(r), "router_threshold": threshold,
                 "gate_threshold": gate_threshold, "taken": float(take[data.disagreements].mean()),
-                **stats, "checked": float((scores >= threshold).mean()),
+                **corrected_stats(data, scores >= threshold, take),
             })  # fmt: skip
     return points
 

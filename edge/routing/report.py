@@ -15,6 +15,7 @@ from handoff.edge.routing.metrics import BASELINE_GATES, at_threshold, auc, base
 from handoff.edge.routing.train import TrainConfig, train_override, train_router
 
 __all__ = [
+    "corrected_stats",
     "evaluate_override",
     "evaluate_router",
     "gate_projection",
@@ -119,6 +120,15 @@ def gate_projection(router: RouterModel, dims: int) -> Callable[[np.ndarray], np
     return lambda h: router.project(h, len(h), dims)
 
 
+def corrected_stats(data: RouterData, flagged: np.ndarray, take: np.ndarray) -> dict[str, Any]:
+    """at_threshold's figures counted of the corrections (flagged [N] and taken [N] by the gate);
+    "checked" stays the flags' share."""
+    corrected = flagged & take  # [N]
+    stats = at_threshold(corrected.astype(np.float64), data.labels, data.group, 0.5, data.disagreements)
+    del stats["threshold"]
+    return {**stats, "checked": float(flagged.mean())}
+
+
 def evaluate_override(
     router: RouterModel,
     data: RouterData,
@@ -152,11 +162,7 @@ def evaluate_override(
     take[data.disagreements] = probs >= gate.threshold
 
     def combined(flagged: np.ndarray, target: float | None) -> dict[str, Any]:
-        # What at_threshold counts of flags, counted of corrections; "checked" stays the flags'.
-        corrected = flagged & take  # [N]
-        stats = at_threshold(corrected.astype(np.float64), data.labels, data.group, 0.5, data.disagreements)
-        del stats["threshold"]
-        return {"target": target, **stats, "checked": float(flagged.mean())}
+        return {"target": target, **corrected_stats(data, flagged, take)}
 
     scores = _scores(router, data)
     return {

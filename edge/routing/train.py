@@ -169,6 +169,11 @@ def choose_threshold(scores: np.ndarray, target_checked: float) -> float:
     return float(np.quantile(scores, 1.0 - target_checked, method="higher"))
 
 
+def recall_threshold(positives: np.ndarray, target_recall: float) -> float:
+    """The gate probability at or over which target_recall of these [N] positives' scores lie."""
+    return float(np.quantile(np.asarray(positives, dtype=np.float64), 1.0 - target_recall, method="lower"))
+
+
 def train_router(
     train: RouterData,
     val: RouterData,
@@ -254,8 +259,7 @@ def train_override(
     scale = np.where(rows.std(axis=0) > 1e-9, rows.std(axis=0), 1.0)
     w, b = fit_logistic((rows - mean) / scale, labels.astype(np.float64), l2)
     draft = OverrideGate(mean, scale, w, b, 0.0, hidden_dims=hidden_dims)
-    positives = draft.probabilities(val_rows)[val_labels]
-    threshold = float(np.quantile(positives, 1.0 - target_recall, method="lower"))
+    threshold = recall_threshold(draft.probabilities(val_rows)[val_labels], target_recall)
     return OverrideGate(
         mean,
         scale,
