@@ -19,6 +19,7 @@ from handoff.edge.evaluation.tasks import Task, generated_task
 from handoff.edge.routing.continuations import continuation_labels
 from handoff.edge.routing.data import (
     Generation,
+    GenerationLabels,
     read_generations,
     read_labels,
     to_data,
@@ -123,7 +124,7 @@ def test_label_file_round_trips_and_attaches_only_to_its_generation(backend, tmp
     path = tmp_path / "labels.jsonl"
     write_labels(path, labels, {"stats": "x"})
     back = read_labels([path])
-    assert set(back) == {lab.digest for lab in labels} and list(back.values()) == labels
+    assert set(back) == {(lab.task_id, lab.digest) for lab in labels} and list(back.values()) == labels
     attached = with_labels(gens, back)
     assert [g.task_id for g in attached] == [g.task_id for g in gens if g.correct]
     for g in attached:
@@ -135,11 +136,85 @@ def test_label_file_round_trips_and_attaches_only_to_its_generation(backend, tmp
     assert np.array_equal(data.disagreements, np.concatenate([g.disagreements for g in attached]))
     # Labels of another generation (other positions) are refused, not misapplied.
     g0 = next(g for g in attached if g.disagreements.any())
-    lab = back[g0.digest]
-    moved = {g0.digest: type(lab)(lab.task_id, lab.digest, tuple(p + 1 for p in lab.positions),
+    lab = back[g0.task_id, g0.digest]
+    moved = {(g0.task_id, g0.digest): type(lab)(lab.task_id, lab.digest, tuple(p + 1 for p in lab.positions),
                                   lab.divergent, lab.continuation_tokens)}  # fmt: skip
     with pytest.raises(ShapeError, match="not at its disagreements"):
         with_labels([g0], moved)
+
+
+def test_wrong_generations_are_labelled_rescuing_where_qs_token_passes(backend, tmp_path: Path) -> None:
+    """which="wrong": a P-wrong generation's disagreement is rescuing when P, continuing from Q's token,
+    passes; attached, its labels stay False (never override there) and the rescuing ones are kept apart."""
+    gens = _generations(backend)
+    kw = dict(stop_ids=[STOP], detokenize=lambda ids: _text(ids).encode(), max_tokens=MAX_TOKENS,
+              concurrency=2, task_of=_task, passes=_passes)  # fmt: skip
+    labels, stats = continuation_labels(backend, gens, which="wrong", **kw)
+    wrong = [g for g in gens if not g.correct]
+    assert stats.generations == len(wrong) and stats.skipped_right == len(gens) - len(wrong)
+    assert stats.skipped_wrong == 0 and stats.divergent == 0
+    assert all(not lab.p_correct for lab in labels)
+    seen = set()
+    for g, lab in zip(wrong, labels, strict=True):
+        for t, rescuing in zip(lab.positions, lab.divergent, strict=True):
+            q = int(g.q_topk_ids[t, 0])
+            cont = _greedy(backend, [*g.prompt_ids, *g.tokens[:t].tolist(), q], MAX_TOKENS - t - 1)
+            assert rescuing == _passes(_task(g.task_id), _text([*g.tokens[:t], q, *cont]))
+            seen.add(rescuing)
+    assert stats.rescuing == sum(sum(lab.divergent) for lab in labels)
+    assert seen == {True, False}, "the planted checker should give both labels"
+    both, all_stats = continuation_labels(backend, gens, which="all", **kw)
+    assert [lab.task_id for lab in both] == [g.task_id for g in gens]
+    assert all_stats.rescuing == stats.rescuing and all_stats.skipped_wrong == all_stats.skipped_right == 0
+    path = tmp_path / "all.jsonl"
+    write_labels(path, both, {})
+    back = read_labels([path])
+    assert list(back.values()) == both  # p_correct round-trips
+    attached = {g.task_id: g for g in with_labels(gens, back)}
+    for g in wrong:
+        a, lab = attached[g.task_id], back[g.task_id, g.digest]
+        assert not a.labels.any() and a.rescuing is not None
+        assert np.flatnonzero(a.rescuing).tolist() == [
+            t for t, r in zip(lab.positions, lab.divergent, strict=True) if r
+        ]
+    # Labels made with the other verdict on P's answer are refused, not read the other way round.
+    g0 = wrong[0]
+    lab0 = back[g0.task_id, g0.digest]
+    flipped = {(g0.task_id, g0.digest): type(lab0)(**{**lab0.__dict__, "p_correct": True})}
+    with pytest.raises(ShapeError, match="disagree with the trace"):
+        with_labels([g0], flipped)
+    with pytest.raises(ValueError, match="right, wrong or all"):
+        continuation_labels(backend, gens, which="both", **kw)
+    assert backend.active_sequences == 0
+
+
+def test_tasks_sharing_a_text_keep_their_own_labels(tmp_path: Path) -> None:
+    """Two tasks with one prompt (the Python suite's, other unit tests) share P's text and its digest:
+    each gets its own labels, and P's verdict on one is never read as the other's."""
+    tokens = np.asarray([3, 4, 5], dtype=np.int64)
+    q_ids = np.asarray([[3, 1], [9, 1], [5, 1]], dtype=np.int64)
+    lp = np.log(np.tile([0.7, 0.3], (3, 1)))
+    common = dict(suite="python", prompt_ids=(1, 2), tokens=tokens, q_topk_ids=q_ids, q_topk_logprobs=lp,
+                  q_entropy=np.full(3, 0.6), source="hand-made", max_tokens=3)  # fmt: skip
+    right = Generation(task_id="python-a", correct=True, **common)
+    wrong = Generation(task_id="python-b", correct=False, **common)
+    assert right.digest == wrong.digest
+    path = tmp_path / "labels.jsonl"
+    write_labels(path, [
+        GenerationLabels("python-a", right.digest, (1,), (True,), (2,)),
+        GenerationLabels("python-b", wrong.digest, (1,), (True,), (2,), p_correct=False),
+    ], {})  # fmt: skip
+    a, b = with_labels([right, wrong], read_labels([path]))
+    assert a.labels.tolist() == [False, True, False] and a.rescuing is None
+    assert not b.labels.any() and b.rescuing.tolist() == [False, True, False]
+
+
+def test_label_files_from_before_p_wrong_labels_read_as_p_right(tmp_path: Path) -> None:
+    path = tmp_path / "old.jsonl"
+    rec = {"record": "generation", "task_id": "t", "digest": "d", "positions": [1], "divergent": [True],
+           "continuation_tokens": [3]}  # fmt: skip
+    path.write_text(json.dumps({"record": "labels"}) + "\n" + json.dumps(rec) + "\n", encoding="utf-8")
+    assert read_labels([path])["t", "d"].p_correct is True
 
 
 def test_generated_task_ids_name_their_task() -> None:
@@ -174,8 +249,8 @@ def test_cli_labels_a_trace_file(run_handoff, tmp_path: Path) -> None:
     done = run_handoff("router", "label", str(trace), "--out", str(out), "--concurrency", "2", timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     back = read_labels([out])
-    assert list(back) == [pick.digest]
-    lab = back[pick.digest]
+    assert list(back) == [(pick.task_id, pick.digest)]
+    lab = back[pick.task_id, pick.digest]
     assert list(lab.positions) == np.flatnonzero(pick.disagreements).tolist()
     header = json.loads(out.read_text().splitlines()[0])
     assert header["stats"]["generations"] == 1 and header["stats"]["recheck_mismatch"] == 0

@@ -14,6 +14,7 @@ from handoff.edge.policy.features import SCALAR_FEATURES
 from handoff.edge.policy.override import OVERRIDE_FEATURES, OverrideGate
 from handoff.edge.routing.budget import best_within, operating_points
 from handoff.edge.routing.data import Generation, to_data
+from handoff.edge.routing.report import corrected_stats
 from handoff.shared.errors import ShapeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +95,59 @@ def test_the_budgets_point_keeps_the_most_answers_within_it() -> None:
     capped = best_within(points, 1.0, max_checked=0.25)
     assert capped is not None and capped["checked"] <= 0.25
     assert best_within(points, -1.0) is None
+
+
+def _hand(tokens, divergent=None, rescuing=None) -> Generation:
+    """A generation with Q's top-1 = 5 everywhere: a disagreement wherever P's token is not 5."""
+    tokens = np.asarray(tokens)
+    n = len(tokens)
+    lp = np.log(np.tile([0.6, 0.3, 0.1], (n, 1)))
+    return Generation(
+        task_id="h", suite="s", correct=rescuing is None, prompt_ids=(len(tokens),), tokens=tokens,
+        q_topk_ids=np.tile([5, 6, 7], (n, 1)), q_topk_logprobs=lp, q_entropy=np.full(n, 0.9),
+        source="hand-made", max_tokens=n,
+        divergent=np.zeros(n, dtype=bool) if divergent is None else np.asarray(divergent, dtype=bool),
+        rescuing=None if rescuing is None else np.asarray(rescuing, dtype=bool),
+    )  # fmt: skip
+
+
+def test_p_wrong_generations_count_as_answered_when_q_rescues_them() -> None:
+    """corrected_stats along P's text: a P-right generation is kept when its divergent disagreements
+    are all corrected; a P-wrong one is answered when its first uncorrected disagreement is rescuing."""
+    gens = [
+        _hand([6, 5, 6, 5], divergent=[1, 0, 0, 0]),  # P right: needs position 0 corrected
+        _hand([5, 6, 6, 5], divergent=[0, 0, 0, 0]),  # P right: nothing matters
+        _hand([6, 6, 5, 5], rescuing=[0, 1, 0, 0]),  # P wrong: Q's token at 1 rescues it
+        _hand([6, 5, 5, 6], rescuing=[0, 0, 0, 0]),  # P wrong: nothing rescues it
+    ]
+    data = to_data(gens, np.zeros(16, dtype=np.int64))
+    assert not data.labels[8:].any()  # P-wrong generations: never a position to override
+    n = len(data.labels)
+    everything = corrected_stats(data, np.ones(n, dtype=bool), np.ones(n, dtype=bool))
+    # Correct every disagreement: both P-right answers kept, P's wrong answers kept wrong.
+    assert everything["reproduced"] == 1.0 and everything["rescued"] == 0.0 and everything["answers"] == 0.5
+    take = np.zeros(n, dtype=bool)
+    take[[0, 8]] = True  # correct generation 0's position 0 and generation 2's position 0, nothing else
+    some = corrected_stats(data, np.ones(n, dtype=bool), take)
+    assert some["reproduced"] == 1.0 and some["rescued"] == 0.5 and some["answers"] == 0.75
+    assert some["overrides"] == pytest.approx(2 / n)
+    take[8] = False  # generation 2's first uncorrected disagreement is now position 0: not rescuing
+    assert corrected_stats(data, np.ones(n, dtype=bool), take)["answers"] == 0.5
+    none = corrected_stats(data, np.zeros(n, dtype=bool), take)  # nothing checked
+    assert none["reproduced"] == 0.5 and none["rescued"] == 0.0 and none["overrides"] == 0.0
+    # Without P-wrong labels "answers" is "reproduced", as before.
+    plain = corrected_stats(data.subset(np.asarray([True, True, False, False])), np.ones(8, dtype=bool),
+                            np.ones(8, dtype=bool))  # fmt: skip
+    assert plain["rescued"] is None and plain["answers"] == plain["reproduced"] == 1.0
+
+
+def test_the_budget_prefers_answers_to_kept_p_answers() -> None:
+    """A point that keeps fewer of P's right answers but rescues more of its wrong ones wins when it
+    answers more in all."""
+    a = {"overrides": 0.02, "checked": 0.2, "recall": 1.0, "reproduced": 1.0, "answers": 0.5}
+    b = {"overrides": 0.01, "checked": 0.2, "recall": 0.5, "reproduced": 0.8, "answers": 0.6}
+    assert best_within([a, b], 0.05) is b
+    assert best_within([a, {**b, "answers": 0.5}], 0.05)["overrides"] == 0.01  # a tie: the cheaper
 
 
 def test_bad_grids_and_a_router_without_a_gate_are_refused() -> None:

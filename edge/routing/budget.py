@@ -4,8 +4,9 @@ A gated router has two knobs: the router's threshold (which positions P checks) 
 gate's threshold (which of P's disagreements become override tokens). Each pair is one point of the
 RPI-per-cloud-token frontier. Offline, along P's own text on held-out prompts, every pair has an
 override share, a check share and the share of generations whose answer-changing disagreements are
-all corrected ("kept": P's answer kept). The budget's point is the one that keeps the most answers
-within the budget. Only validation prompts choose it, never test tasks.
+all corrected ("kept": P's answer kept). With generations P got wrong labelled too, a P-wrong one
+counts as answered when its first uncorrected disagreement is rescuing (Q's token leads P to a passing
+answer). The budget's point is the one that answers the most within the budget. Only validation prompts choose it, never test tasks.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def operating_points(
 def best_within(
     points: Sequence[dict[str, Any]], max_overrides: float, max_checked: float = 1.0
 ) -> dict[str, Any] | None:
-    """The point that keeps the most answers with overrides <= max_overrides and checked <= max_checked.
+    """The point that answers the most generations with overrides <= max_overrides and checked <=
+    max_checked ("answers": P's answer kept, or, on labelled P-wrong generations, rescued by Q).
 
     Ties go to fewer override tokens, then to fewer checks (the cheaper point), then to the higher
     divergent recall. None when no point fits.
@@ -87,4 +89,4 @@ def best_within(
     fit = [p for p in points if p["overrides"] <= max_overrides and p["checked"] <= max_checked]
     if not fit:
         return None
-    return max(fit, key=lambda p: (p["reproduced"], -p["overrides"], -p["checked"], p["recall"] or 0.0))
+    return max(fit, key=lambda p: (p["answers"], -p["overrides"], -p["checked"], p["recall"] or 0.0))

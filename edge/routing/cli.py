@@ -342,17 +342,27 @@ def override(
         ),
     ] = 0,
     extract_batch: GateExtractBatchOpt = 256,
+    p_wrong: Annotated[
+        str,
+        typer.Option(
+            "--p-wrong",
+            help="Labelled generations P answered wrong (router label --generations wrong): learn all "
+            "their disagreements as ones to decline (all), or only the rescuing ones (rescuing).",
+        ),
+    ] = "all",
     edge: EdgeModelOpt = None,
 ) -> None:
     """Add an override gate to a router: which of P's disagreements to correct, learned from TRACES'
-    continuation labels (divergent vs neutral); its threshold keeps --target-recall of the held-out
-    prompts' divergent disagreements."""
+    continuation labels (divergent vs neutral; on P-wrong generations every disagreement is one to
+    decline); its threshold keeps --target-recall of the held-out prompts' divergent disagreements."""
     from handoff.edge.policy.router import load_router
-    from handoff.edge.routing.data import gate_rows, split_by_prompt
+    from handoff.edge.routing.data import gate_rows, split_by_prompt, wrong_rows
     from handoff.edge.routing.metrics import auc
     from handoff.edge.routing.report import gate_projection
     from handoff.edge.routing.train import train_override
 
+    if p_wrong not in ("all", "rescuing"):
+        raise typer.BadParameter("expected all or rescuing", param_hint="--p-wrong")
     router = load_router(router_path)
     try:
         project = gate_projection(router, hidden_dims)
@@ -363,10 +373,15 @@ def override(
     classes, surface = _vocabulary_maps(vocabulary)
     train_data, val_data = split_by_prompt(data, val_every)
     rows, y, _ = gate_rows(train_data, classes, surface, project)
+    wrong, rescuing = wrong_rows(train_data)
+    if p_wrong == "rescuing":  # a P-wrong disagreement Q's token cannot rescue: either choice loses
+        rows, y = rows[~wrong | rescuing], y[~wrong | rescuing]
     val_rows, val_y, _ = gate_rows(val_data, classes, surface, project)
     meta = {
         "train_traces": [str(p) for p in traces], "labels": [str(p) for p in labels], "val_every": val_every,
         "l2": l2, "train_disagreements": len(y), "train_divergent": int(y.sum()),
+        **({"p_wrong": p_wrong, "train_p_wrong_disagreements": int(wrong.sum()),
+            "train_rescuing": int(rescuing.sum())} if wrong.any() else {}),
         "val_disagreements": len(val_y), "val_divergent": int(val_y.sum()),
         **({"extract_batch": extract_batch} if hidden_dims else {}),
     }  # fmt: skip
@@ -435,14 +450,20 @@ def budget(
         csv_values(recalls, float, "--recalls"),
     )  # fmt: skip
     best = best_within(points, max_overrides, max_checked)
-    t = Table(title=f"{len(val.generations)} validation generations: overrides / kept")
+    rescue = points[0]["rescued"] is not None  # P-wrong generations labelled: answers = kept + rescued
+
+    def cell(p: dict[str, Any]) -> str:
+        return f"{p['overrides']:.2%} / {p['reproduced']:.3f}" + (f" / {p['answers']:.3f}" if rescue else "")
+
+    what = "overrides / kept (P right) / answered (all)" if rescue else "overrides / kept"
+    t = Table(title=f"{len(val.generations)} validation generations: {what}")
     t.add_column("gate recall")
     fracs = sorted({p["fraction"] for p in points})
     for f in fracs:
         t.add_column(f"{f:.1%} checked")
     for r in sorted({p["recall_target"] for p in points}):
         row = {p["fraction"]: p for p in points if p["recall_target"] == r}
-        t.add_row(f"{r:g}", *(f"{row[f]['overrides']:.2%} / {row[f]['reproduced']:.3f}" for f in fracs))
+        t.add_row(f"{r:g}", *(cell(row[f]) for f in fracs))
     out.print(t)
     if json_out is not None:
         json_out.write_text(json.dumps({"points": points, "best": best}, indent=1) + "\n", encoding="utf-8")
@@ -452,6 +473,7 @@ def budget(
         f"best within {max_overrides:.2%} overrides, {max_checked:.2%} checked: {best['fraction']:.1%} checked, "
         f"gate recall {best['recall_target']:g} (takes {best['taken']:.3f}): overrides {best['overrides']:.2%}, "
         f"kept {best['reproduced']:.3f}, divergent recall {best['recall']:.3f}"
+        + (f", rescued {best['rescued']:.3f}, answered {best['answers']:.3f}" if rescue else "")
     )
     if out_path is not None:
         point = {"max_overrides": max_overrides, "max_checked": max_checked, "val_every": val_every,
@@ -474,9 +496,19 @@ def label(
     cloud: Annotated[
         str | None, typer.Option(help="P: registry name or GGUF path (default: the cloud model).")
     ] = None,
+    generations_kind: Annotated[
+        str,
+        typer.Option(
+            "--generations",
+            help="Which generations: right (P answered right: divergent/neutral), wrong (P answered "
+            "wrong: rescuing/not, for the override gate) or all.",
+        ),
+    ] = "right",
 ) -> None:
     """Continuation labels (R2R's divergent/neutral): at each disagreement of TRACES' cloud-only
     generations that P answered right, P continues from Q's token; divergent if the answer then fails.
+    With --generations wrong (or all), generations P answered wrong too: rescuing if the answer then
+    passes.
 
     P runs here on the cloud backend the cloud settings choose (HANDOFF_CLOUD_* variables; deterministic
     mode by default). Generated tasks only: the checker is found from the task id.
@@ -489,6 +521,8 @@ def label(
     from handoff.edge.routing.data import read_generations, write_labels
     from handoff.shared.llama_cpp_model import gguf_tokenizer
 
+    if generations_kind not in ("right", "wrong", "all"):
+        raise typer.BadParameter("expected right, wrong or all", param_hint="--generations")
     if _TASKS is None:
         raise HandoffError("router label needs the evaluation's tasks (handoff.cli hands them over)")
     task_of, passes = _TASKS
@@ -522,7 +556,7 @@ def label(
             labels, stats = continuation_labels(
                 backend, generations, stop_ids=tok.stop_token_ids, detokenize=tok.detokenize,
                 max_tokens=int(budgets.pop()), task_of=task_or_error, passes=passes,
-                concurrency=concurrency, progress=bar.update,
+                concurrency=concurrency, progress=bar.update, which=generations_kind,
             )  # fmt: skip
     finally:
         backend.close()
@@ -530,6 +564,7 @@ def label(
         "traces": [str(p) for p in traces],
         "cloud_model": settings.model,
         "deterministic": settings.deterministic,
+        "generations": generations_kind,
         "stats": vars(stats),
     }
     write_labels(out_path, labels, meta)

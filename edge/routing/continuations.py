@@ -7,7 +7,10 @@ large model's: the large model continues the text from the small model's token, 
 checker. For each cloud-only generation whose answer P got right, at each argmax disagreement t (Q's
 most likely token q_t is not P's token), P continues greedily from P's text up to t followed by q_t,
 within the run's token budget; t is divergent when that answer no longer passes. Generations that P
-got wrong are left out: there, routing to P keeps P's wrong answer whatever the label.
+got wrong are left out by default: there, routing to P keeps P's wrong answer whatever the label.
+With `which="wrong"` (or "all") they are labelled the same way, and t is *rescuing* when the answer
+from Q's token passes: a disagreement the override gate should decline, which labels on P-right
+generations alone cannot show it.
 
 The tasks and their checker come from the evaluation (edge/evaluation), passed in by the command
 line. The continuations run on the cloud backend directly (one KV sequence per generation, truncated back
@@ -40,10 +43,12 @@ class LabelStats:
     """What the labeller did: generations labelled and skipped, continuations, checks of its set-up."""
 
     generations: int = 0
-    skipped_wrong: int = 0  # P's answer was wrong: not labelled
+    skipped_wrong: int = 0  # P's answer was wrong: not labelled (which="right")
+    skipped_right: int = 0  # P's answer was right: not labelled (which="wrong")
     recheck_mismatch: int = 0  # P's own text re-checked here disagreed with the trace's verdict
     continuations: int = 0
-    divergent: int = 0
+    divergent: int = 0  # on generations P got right: Q's token makes the answer fail
+    rescuing: int = 0  # on generations P got wrong: Q's token makes the answer pass
     continuation_tokens: int = 0
 
 
@@ -78,11 +83,13 @@ def _walk(
                 break
             out = yield ("forward", [nxt], 1)
         ok = passes(task, text_of([*tokens[:t], q, *cont]))
-        divergent.append(not ok)
+        divergent.append(ok != bool(g.correct))  # the verdict on P's answer changes
         lengths.append(len(cont))
         yield ("truncate", len(prompt) + t)
         fed = t
-    return GenerationLabels(g.task_id, g.digest, tuple(where), tuple(divergent), tuple(lengths))
+    return GenerationLabels(
+        g.task_id, g.digest, tuple(where), tuple(divergent), tuple(lengths), bool(g.correct)
+    )
 
 
 def continuation_labels(
@@ -96,8 +103,9 @@ def continuation_labels(
     passes: Callable[[Task, str], bool],
     concurrency: int = 4,
     progress: Callable[[int], None] | None = None,
+    which: str = "right",
 ) -> tuple[list[GenerationLabels], LabelStats]:
-    """Continuation labels of the generations P answered correctly.
+    """Continuation labels of the generations P answered correctly (and, by `which`, wrongly).
 
     Args:
         backend: P's backend (greedy continuations; sequences are created and released here).
@@ -110,10 +118,14 @@ def continuation_labels(
             evaluation, a leaf of its own; the command line passes it in).
         passes: (task, answer text) -> whether it passes (evaluation.checkers.passes).
         progress: called with 1 per generation finished or skipped.
+        which: "right" (the generations P answered correctly), "wrong" (those it answered wrongly:
+            GenerationLabels.p_correct False, divergent = rescuing) or "all".
 
     Returns:
         (labels, one per labelled generation in input order; stats).
     """
+    if which not in ("right", "wrong", "all"):
+        raise ValueError(f"which: expected right, wrong or all, got {which!r}")
     stops = frozenset(map(int, stop_ids))
     stats = LabelStats()
 
@@ -128,8 +140,11 @@ def continuation_labels(
         if passes(task, text_of(g.tokens.tolist())) != g.correct:
             stats.recheck_mismatch += 1
             logger.warning("%s: re-checking P's text disagrees with the trace's verdict", g.task_id)
-        if not g.correct:
-            stats.skipped_wrong += 1
+        if which == ("wrong" if g.correct else "right"):
+            if g.correct:
+                stats.skipped_right += 1
+            else:
+                stats.skipped_wrong += 1
             if progress:
                 progress(1)
             continue
@@ -174,6 +189,7 @@ def continuation_labels(
     labels = [results[i] for i, _, _ in todo]
     stats.generations = len(labels)
     stats.continuations = sum(len(lab.positions) for lab in labels)
-    stats.divergent = sum(sum(lab.divergent) for lab in labels)
+    stats.divergent = sum(sum(lab.divergent) for lab in labels if lab.p_correct)
+    stats.rescuing = sum(sum(lab.divergent) for lab in labels if not lab.p_correct)
     stats.continuation_tokens = sum(sum(lab.continuation_tokens) for lab in labels)
     return labels, stats

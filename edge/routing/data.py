@@ -10,6 +10,10 @@ gated correction policy write P's text token for token.
 Continuation labels (`handoff router label`, edge/routing/continuations.py) refine that: of the
 disagreements, only those where Q's token, continued by P, changes whether the answer passes the
 task's checker are labelled positive ("divergent", R2R's labels); `with_labels` attaches them.
+Generations P got wrong can be labelled too: there a disagreement is *rescuing* when Q's token,
+continued by P, makes the answer pass. Overriding Q there keeps P's wrong answer, so none of a P-wrong
+generation's disagreements is a position to override (labels all False) and the rescuing ones are
+kept apart (`Generation.rescuing`) for the answer counts (report.corrected_stats).
 
 Q's hidden states are not in traces (they would be large): extract() recomputes them with one
 batched pass of Q over each generation (EdgeRunner.score_sequence).
@@ -43,6 +47,7 @@ __all__ = [
     "to_data",
     "with_labels",
     "write_labels",
+    "wrong_rows",
 ]
 
 
@@ -66,6 +71,7 @@ class Generation:
     divergent: np.ndarray | None = None  # bool [n]: continuation labels, when attached (with_labels)
     p_topk_ids: np.ndarray | None = None  # int64 [n, kp], P's top-k at each position (None: not traced)
     p_topk_logprobs: np.ndarray | None = None  # float64 [n, kp]
+    rescuing: np.ndarray | None = None  # bool [n]: on a P-wrong generation, Q's token there passes
 
     @property
     def disagreements(self) -> np.ndarray:
@@ -91,11 +97,12 @@ def generation_digest(prompt_ids: Sequence[int], tokens: Sequence[int] | np.ndar
 
 @dataclass(frozen=True)
 class GenerationLabels:
-    """Continuation labels of one cloud-only generation (only generations whose answer P got right).
+    """Continuation labels of one cloud-only generation.
 
     positions: [d] the argmax disagreements (indices into the generation's tokens); divergent: [d]
-    whether P, continuing after Q's token there, no longer passes the checker; continuation_tokens:
-    [d] tokens P wrote after Q's token.
+    whether P, continuing after Q's token there, changes the checker's verdict on P's answer (on a
+    generation P got right: no longer passes; on one P got wrong, p_correct False: now passes, a
+    *rescuing* disagreement); continuation_tokens: [d] tokens P wrote after Q's token.
     """
 
     task_id: str
@@ -103,6 +110,7 @@ class GenerationLabels:
     positions: tuple[int, ...]
     divergent: tuple[bool, ...]
     continuation_tokens: tuple[int, ...]
+    p_correct: bool = True
 
     def __post_init__(self) -> None:
         if not len(self.positions) == len(self.divergent) == len(self.continuation_tokens):
@@ -117,9 +125,13 @@ def write_labels(path: Path, labels: Iterable[GenerationLabels], meta: dict[str,
             f.write(json.dumps({"record": "generation"} | asdict(g)) + "\n")
 
 
-def read_labels(paths: Iterable[Path | str]) -> dict[str, GenerationLabels]:
-    """Continuation labels by generation digest, from files write_labels wrote."""
-    out: dict[str, GenerationLabels] = {}
+def read_labels(paths: Iterable[Path | str]) -> dict[tuple[str, str], GenerationLabels]:
+    """Continuation labels by (task id, generation digest), from files write_labels wrote.
+
+    The task id is part of the key: tasks that share a prompt (the Python suite's, with different
+    unit tests) share P's greedy text, and so its digest, but not the checker's verdicts.
+    """
+    out: dict[tuple[str, str], GenerationLabels] = {}
     for path in map(Path, paths):
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
@@ -130,31 +142,43 @@ def read_labels(paths: Iterable[Path | str]) -> dict[str, GenerationLabels]:
                     g = GenerationLabels(
                         str(rec["task_id"]), str(rec["digest"]), tuple(map(int, rec["positions"])),
                         tuple(map(bool, rec["divergent"])), tuple(map(int, rec["continuation_tokens"])),
+                        bool(rec.get("p_correct", True)),  # files from before P-wrong labels: P right
                     )  # fmt: skip
                 except (KeyError, TypeError, ValueError) as e:
                     raise ShapeError(f"{path}:{line_no}: not a continuation-label record ({e})") from None
-                out[g.digest] = g
+                out[g.task_id, g.digest] = g
     return out
 
 
-def with_labels(generations: Sequence[Generation], labels: dict[str, GenerationLabels]) -> list[Generation]:
+def with_labels(
+    generations: Sequence[Generation], labels: dict[tuple[str, str], GenerationLabels]
+) -> list[Generation]:
     """The generations that have continuation labels, with them attached (the others are left out:
-    the labeller skips generations whose answer P got wrong).
+    by default the labeller skips generations whose answer P got wrong).
+
+    A P-right generation's labels become `divergent`; a P-wrong one's become `rescuing`, and its
+    `divergent` is all False (overriding there never brings the answer back).
 
     Raises:
-        ShapeError: labels whose positions are not the generation's disagreements.
+        ShapeError: labels whose positions are not the generation's disagreements, or whose verdict
+            on P's answer is not the trace's.
     """
     out = []
     for g in generations:
-        lab = labels.get(g.digest)
+        lab = labels.get((g.task_id, g.digest))
         if lab is None:
             continue
         where = np.flatnonzero(g.disagreements)
         if tuple(where.tolist()) != lab.positions:
             raise ShapeError(f"{g.source}: the labels of {lab.task_id} are not at its disagreements")
-        divergent = np.zeros(len(g.tokens), dtype=bool)
-        divergent[where] = lab.divergent
-        out.append(replace(g, divergent=divergent))
+        if g.correct is not None and bool(g.correct) != lab.p_correct:
+            raise ShapeError(f"{g.source}: the labels of {lab.task_id} disagree with the trace on P's answer")
+        marked = np.zeros(len(g.tokens), dtype=bool)
+        marked[where] = lab.divergent
+        if lab.p_correct:
+            out.append(replace(g, divergent=marked))
+        else:
+            out.append(replace(g, divergent=np.zeros(len(g.tokens), dtype=bool), rescuing=marked))
     return out
 
 
@@ -360,6 +384,23 @@ def gate_rows(
         raise ShapeError("this override gate reads Q's hidden state: extract it with the traces")
     hidden = data.hidden[data.disagreements]  # [N, d], the order of override_rows
     return np.concatenate([rows, project(hidden)], axis=1), labels, group
+
+
+def wrong_rows(data: RouterData) -> tuple[np.ndarray, np.ndarray]:
+    """Of gate_rows' rows (data's argmax disagreements, in order): which come from labelled P-wrong
+    generations, and which of those are rescuing.
+
+    Returns:
+        wrong [D] bool, rescuing [D] bool, D = data.disagreements.sum().
+    """
+    wrong, rescuing = [], []
+    for g in data.generations:
+        d = int(g.disagreements.sum())
+        wrong.append(np.full(d, g.rescuing is not None))
+        rescuing.append(g.rescuing[g.disagreements] if g.rescuing is not None else np.zeros(d, dtype=bool))
+    if not wrong:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
+    return np.concatenate(wrong), np.concatenate(rescuing)
 
 
 def held_out_prompts(prompts: Iterable[tuple[int, ...]], every: int) -> set[tuple[int, ...]]:

@@ -122,11 +122,36 @@ def gate_projection(router: RouterModel, dims: int) -> Callable[[np.ndarray], np
 
 def corrected_stats(data: RouterData, flagged: np.ndarray, take: np.ndarray) -> dict[str, Any]:
     """at_threshold's figures counted of the corrections (flagged [N] and taken [N] by the gate);
-    "checked" stays the flags' share."""
+    "checked" stays the flags' share.
+
+    With P-wrong generations labelled (Generation.rescuing), "reproduced" ("kept") counts the other
+    generations only, "rescued" is the share of P-wrong ones whose first uncorrected disagreement is
+    rescuing (Q's token there, continued by P, passes), and "answers" the share of all generations
+    answered right along P's text: kept or rescued. Without them "answers" equals "reproduced".
+    """
     corrected = flagged & take  # [N]
+    wrong = np.asarray([g.rescuing is not None for g in data.generations], dtype=bool)  # [G]
+    right_rows = ~wrong[data.group]  # [N]
     stats = at_threshold(corrected.astype(np.float64), data.labels, data.group, 0.5, data.disagreements)
     del stats["threshold"]
-    return {**stats, "checked": float(flagged.mean())}
+    if not wrong.any():
+        return {**stats, "checked": float(flagged.mean()), "rescued": None, "answers": stats["reproduced"]}
+    missed = np.bincount(data.group[data.labels & ~corrected & right_rows], minlength=len(wrong))  # [G]
+    kept = int(((missed == 0) & ~wrong).sum())
+    rescued = 0
+    start = np.concatenate([[0], np.cumsum([len(g.tokens) for g in data.generations])])  # rows per generation
+    for i in np.flatnonzero(wrong):
+        g = data.generations[i]
+        left = np.flatnonzero(g.disagreements & ~corrected[start[i] : start[i + 1]])  # uncorrected, in order
+        rescued += bool(len(left) and g.rescuing[left[0]])
+    n_right = int((~wrong).sum())
+    return {
+        **stats,
+        "checked": float(flagged.mean()),
+        "reproduced": kept / n_right if n_right else None,
+        "rescued": rescued / int(wrong.sum()),
+        "answers": (kept + rescued) / len(wrong),
+    }
 
 
 def evaluate_override(
