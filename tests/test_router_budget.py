@@ -13,7 +13,7 @@ from handoff.edge.policy import RouterModel
 from handoff.edge.policy.features import SCALAR_FEATURES
 from handoff.edge.policy.override import OVERRIDE_FEATURES, OverrideGate
 from handoff.edge.routing.budget import best_within, operating_points
-from handoff.edge.routing.data import Generation, to_data
+from handoff.edge.routing.data import Generation, p_wrong_rows, to_data, wrong_rows
 from handoff.edge.routing.report import corrected_stats
 from handoff.shared.errors import ShapeError
 
@@ -139,6 +139,23 @@ def test_p_wrong_generations_count_as_answered_when_q_rescues_them() -> None:
     plain = corrected_stats(data.subset(np.asarray([True, True, False, False])), np.ones(8, dtype=bool),
                             np.ones(8, dtype=bool))  # fmt: skip
     assert plain["rescued"] is None and plain["answers"] == plain["reproduced"] == 1.0
+
+
+def test_the_gate_learns_p_wrong_rows_as_asked() -> None:
+    gens = [
+        _hand([6, 5, 6, 5], divergent=[1, 0, 0, 0]),
+        _hand([6, 6, 5, 5], rescuing=[0, 1, 0, 0]),
+        _hand([6, 5, 5, 6], rescuing=[0, 0, 0, 0]),
+    ]
+    data = to_data(gens, np.zeros(16, dtype=np.int64))
+    wrong, rescuing = wrong_rows(data)  # rows: the 2 + 2 + 2 disagreements, in order
+    assert wrong.tolist() == [False, False, True, True, True, True]
+    assert rescuing.tolist() == [False, False, False, True, False, False]
+    assert p_wrong_rows(data, "all").all()
+    assert p_wrong_rows(data, "rescuing").tolist() == [True, True, False, True, False, False]
+    assert p_wrong_rows(data, "none").tolist() == [True, True, False, False, False, False]
+    with pytest.raises(ValueError, match="all, rescuing or none"):
+        p_wrong_rows(data, "some")
 
 
 def test_the_budget_prefers_answers_to_kept_p_answers() -> None:

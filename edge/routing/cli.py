@@ -347,7 +347,8 @@ def override(
         typer.Option(
             "--p-wrong",
             help="Labelled generations P answered wrong (router label --generations wrong): learn all "
-            "their disagreements as ones to decline (all), or only the rescuing ones (rescuing).",
+            "their disagreements as ones to decline (all), only the rescuing ones (rescuing), or none "
+            "(none: they only take part in choosing the held-out prompts).",
         ),
     ] = "all",
     edge: EdgeModelOpt = None,
@@ -356,13 +357,13 @@ def override(
     continuation labels (divergent vs neutral; on P-wrong generations every disagreement is one to
     decline); its threshold keeps --target-recall of the held-out prompts' divergent disagreements."""
     from handoff.edge.policy.router import load_router
-    from handoff.edge.routing.data import gate_rows, split_by_prompt, wrong_rows
+    from handoff.edge.routing.data import gate_rows, p_wrong_rows, split_by_prompt, wrong_rows
     from handoff.edge.routing.metrics import auc
     from handoff.edge.routing.report import gate_projection
     from handoff.edge.routing.train import train_override
 
-    if p_wrong not in ("all", "rescuing"):
-        raise typer.BadParameter("expected all or rescuing", param_hint="--p-wrong")
+    if p_wrong not in ("all", "rescuing", "none"):
+        raise typer.BadParameter("expected all, rescuing or none", param_hint="--p-wrong")
     router = load_router(router_path)
     try:
         project = gate_projection(router, hidden_dims)
@@ -374,8 +375,8 @@ def override(
     train_data, val_data = split_by_prompt(data, val_every)
     rows, y, _ = gate_rows(train_data, classes, surface, project)
     wrong, rescuing = wrong_rows(train_data)
-    if p_wrong == "rescuing":  # a P-wrong disagreement Q's token cannot rescue: either choice loses
-        rows, y = rows[~wrong | rescuing], y[~wrong | rescuing]
+    keep = p_wrong_rows(train_data, p_wrong)
+    rows, y = rows[keep], y[keep]
     val_rows, val_y, _ = gate_rows(val_data, classes, surface, project)
     meta = {
         "train_traces": [str(p) for p in traces], "labels": [str(p) for p in labels], "val_every": val_every,

@@ -41,6 +41,7 @@ __all__ = [
     "generation_digest",
     "held_out_prompts",
     "override_rows",
+    "p_wrong_rows",
     "read_generations",
     "read_labels",
     "split_by_prompt",
@@ -401,6 +402,21 @@ def wrong_rows(data: RouterData) -> tuple[np.ndarray, np.ndarray]:
     if not wrong:
         return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
     return np.concatenate(wrong), np.concatenate(rescuing)
+
+
+def p_wrong_rows(data: RouterData, mode: str) -> np.ndarray:
+    """[D] bool: which of gate_rows' rows the override gate learns from, by what it does with the
+    disagreements of labelled P-wrong generations (all labelled "decline").
+
+    mode: "all" (every one), "rescuing" (only those where Q's token leads P to a passing answer: at
+    the others the answer is lost whatever the gate does) or "none" (no P-wrong row).
+    """
+    if mode not in ("all", "rescuing", "none"):
+        raise ValueError(f"expected all, rescuing or none, got {mode!r}")
+    wrong, rescuing = wrong_rows(data)
+    if mode == "all":
+        return np.ones(len(wrong), dtype=bool)
+    return ~wrong | (rescuing if mode == "rescuing" else False)
 
 
 def held_out_prompts(prompts: Iterable[tuple[int, ...]], every: int) -> set[tuple[int, ...]]:
