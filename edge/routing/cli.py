@@ -61,7 +61,8 @@ LabelsOpt = Annotated[
         exists=True,
         dir_okay=False,
         help="Continuation labels (`handoff router label`): learn/score answer-changing disagreements; "
-        "generations without labels (P's answer wrong) are left out.",
+        "generations without labels are left out (P-wrong ones, labelled with --generations wrong, "
+        "have no position to override: their rescuing disagreements only count as answers).",
     ),
 ]
 
