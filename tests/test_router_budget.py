@@ -151,11 +151,13 @@ def test_the_gate_learns_p_wrong_rows_as_asked() -> None:
     wrong, rescuing = wrong_rows(data)  # rows: the 2 + 2 + 2 disagreements, in order
     assert wrong.tolist() == [False, False, True, True, True, True]
     assert rescuing.tolist() == [False, False, False, True, False, False]
-    assert p_wrong_rows(data, "all").all()
-    assert p_wrong_rows(data, "rescuing").tolist() == [True, True, False, True, False, False]
-    assert p_wrong_rows(data, "none").tolist() == [True, True, False, False, False, False]
+    assert p_wrong_rows(wrong, rescuing, "all").all()
+    assert p_wrong_rows(wrong, rescuing, "rescuing").tolist() == [True, True, False, True, False, False]
+    assert p_wrong_rows(wrong, rescuing, "none").tolist() == [True, True, False, False, False, False]
     with pytest.raises(ValueError, match="all, rescuing or none"):
-        p_wrong_rows(data, "some")
+        p_wrong_rows(wrong, rescuing, "some")
+    with pytest.raises(ShapeError, match="wrong"):
+        p_wrong_rows(wrong, rescuing[:-1], "all")
 
 
 def test_the_budget_prefers_answers_to_kept_p_answers() -> None:

@@ -5,8 +5,9 @@ gate's threshold (which of P's disagreements become override tokens). Each pair 
 RPI-per-cloud-token frontier. Offline, along P's own text on held-out prompts, every pair has an
 override share, a check share and the share of generations whose answer-changing disagreements are
 all corrected ("kept": P's answer kept). With generations P got wrong labelled too, a P-wrong one
-counts as answered when its first uncorrected disagreement is rescuing (Q's token leads P to a passing
-answer). The budget's point is the one that answers the most within the budget. Only validation prompts choose it, never test tasks.
+counts as answered when its first uncorrected disagreement is rescuing (Q's token leads P to a
+passing answer). The budget's point is the one that answers the most within the budget. Only
+validation prompts choose it, never test tasks.
 """
 
 from __future__ import annotations

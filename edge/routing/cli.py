@@ -376,7 +376,7 @@ def override(
     train_data, val_data = split_by_prompt(data, val_every)
     rows, y, _ = gate_rows(train_data, classes, surface, project)
     wrong, rescuing = wrong_rows(train_data)
-    keep = p_wrong_rows(train_data, p_wrong)
+    keep = p_wrong_rows(wrong, rescuing, p_wrong)
     rows, y = rows[keep], y[keep]
     val_rows, val_y, _ = gate_rows(val_data, classes, surface, project)
     meta = {

@@ -404,16 +404,20 @@ def wrong_rows(data: RouterData) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(wrong), np.concatenate(rescuing)
 
 
-def p_wrong_rows(data: RouterData, mode: str) -> np.ndarray:
+def p_wrong_rows(wrong: np.ndarray, rescuing: np.ndarray, mode: str) -> np.ndarray:
     """[D] bool: which of gate_rows' rows the override gate learns from, by what it does with the
     disagreements of labelled P-wrong generations (all labelled "decline").
 
-    mode: "all" (every one), "rescuing" (only those where Q's token leads P to a passing answer: at
-    the others the answer is lost whatever the gate does) or "none" (no P-wrong row).
+    Args:
+        wrong, rescuing: [D] bool, as wrong_rows returns them.
+        mode: "all" (every one), "rescuing" (only those where Q's token leads P to a passing answer:
+            at the others the answer is lost whatever the gate does) or "none" (no P-wrong row).
     """
     if mode not in ("all", "rescuing", "none"):
         raise ValueError(f"expected all, rescuing or none, got {mode!r}")
-    wrong, rescuing = wrong_rows(data)
+    wrong, rescuing = np.asarray(wrong, dtype=bool), np.asarray(rescuing, dtype=bool)
+    if wrong.shape != rescuing.shape or wrong.ndim != 1:
+        raise ShapeError(f"expected wrong [D] and rescuing [D], got {wrong.shape}, {rescuing.shape}")
     if mode == "all":
         return np.ones(len(wrong), dtype=bool)
     return ~wrong | (rescuing if mode == "rescuing" else False)
