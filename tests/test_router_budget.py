@@ -191,13 +191,18 @@ def test_router_budget_writes_the_chosen_thresholds(tmp_path: Path, capsys) -> N
     args = ["router", "budget", str(REPO / "docs/router/router-t25-ov70.json"),
             str(REPO / "docs/router/train/large.jsonl.gz"), "--labels", str(REPO / "docs/router/labels/train.jsonl"),
             "--fractions", "0.1,0.2,0.3", "--recalls", "0.6,0.9"]  # fmt: skip
-    assert main([*args, "--max-overrides", "0.03", "--out", str(out), "--json", str(points)]) == 0
+    assert main([*args, "--max-overrides", "0.03", "--escalate", "1:0.3,2:0.7", "--out", str(out),
+                 "--json", str(points)]) == 0  # fmt: skip
     result = json.loads(points.read_text())
     best = result["best"]
-    assert len(result["points"]) == 6 and best["overrides"] <= 0.03
+    # 3 fractions x (2 recalls + (1, 0.3) after each + (2, 0.7) after 0.9 only: never looser)
+    assert len(result["points"]) == 3 * 5 and best["overrides"] <= 0.03
     router = load_router(out)
     assert router.threshold == best["router_threshold"]
     assert router.override is not None and router.override.threshold == best["gate_threshold"]
+    assert router.override.escalate_after == best["escalate_after"]
+    assert router.override.threshold_after == best["threshold_after"]
     assert router.meta["operating_point"]["max_overrides"] == 0.03
     assert "best within" in capsys.readouterr().out
     assert main([*args, "--max-overrides", "0"]) != 0  # nothing fits
+    assert main([*args, "--max-overrides", "0.03", "--escalate", "2"]) != 0  # K:RECALL

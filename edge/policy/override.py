@@ -26,7 +26,7 @@ import numpy as np
 from handoff.edge.policy.features import TOKEN_CLASSES
 from handoff.shared.errors import ShapeError
 
-__all__ = ["OVERRIDE_FEATURES", "OverrideGate", "override_features"]
+__all__ = ["OVERRIDE_FEATURES", "OverrideGate", "escalated_corrections", "override_features"]
 
 _DIGIT, _WORD_START, _WORD_PIECE, _SPACE, _SYMBOL = (
     TOKEN_CLASSES.index(c) for c in ("digit", "word_start", "word_piece", "whitespace", "symbol")
@@ -128,6 +128,51 @@ def override_features(
     return np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1)  # [n, f]
 
 
+def escalated_corrections(
+    candidates: np.ndarray,
+    probs: np.ndarray,
+    group: np.ndarray,
+    threshold: float,
+    escalate_after: int | None = None,
+    threshold_after: float | None = None,
+) -> np.ndarray:
+    """Which candidate disagreements a gate corrects, walking each generation's positions in order.
+
+    A candidate (a checked position where P's choice is not Q's token) is corrected when its gate
+    probability is at or over `threshold` while the generation has made fewer than `escalate_after`
+    corrections, and at or over `threshold_after` from then on (None: no escalation). What
+    RouterPolicy.decide does one check at a time, on whole generations at once.
+
+    Args:
+        candidates: [N] bool, the checked disagreements.
+        probs: [N] the gate's probabilities (read where candidates only).
+        group: [N] int, the generation of each position; positions in order within a generation.
+        threshold, escalate_after, threshold_after: as OverrideGate's (threshold_after >= threshold).
+
+    Returns:
+        [N] bool, the corrected positions.
+    """
+    cand, p, grp = np.asarray(candidates, dtype=bool), np.asarray(probs, dtype=np.float64), np.asarray(group)
+    if cand.ndim != 1 or p.shape != cand.shape or grp.shape != cand.shape:
+        raise ShapeError(
+            f"expected candidates, probs and group [N], got {cand.shape}, {p.shape}, {grp.shape}"
+        )
+    base = cand & (p >= threshold)  # [N]
+    if escalate_after is None:
+        return base
+    if threshold_after is None or threshold_after < threshold:
+        raise ShapeError(
+            f"escalation needs threshold_after >= threshold, got {threshold_after} < {threshold}"
+        )
+    # Stricter after K corrections, so the first K base takes are corrections and every later
+    # correction is a base take too: count base takes per generation.
+    starts = np.flatnonzero(np.r_[True, grp[1:] != grp[:-1]]) if len(grp) else np.zeros(0, dtype=np.int64)
+    sizes = np.diff(np.r_[starts, len(grp)])  # [G'] positions per generation
+    earlier = np.cumsum(base) - base  # [N] base takes before each position, all generations
+    taken_before = earlier - np.repeat(earlier[starts], sizes)  # [N] ... in its own generation
+    return base & ((taken_before < escalate_after) | (p >= threshold_after))
+
+
 @dataclass(frozen=True)
 class OverrideGate:
     """A logistic regression: override features -> probability that taking Q's token changes the answer.
@@ -146,10 +191,21 @@ class OverrideGate:
     threshold: float
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     hidden_dims: int = field(default=0, kw_only=True)
+    escalate_after: int | None = field(default=None, kw_only=True)
+    threshold_after: float | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.hidden_dims < 0:
             raise ShapeError(f"override gate: hidden_dims must be >= 0, got {self.hidden_dims}")
+        if (self.escalate_after is None) != (self.threshold_after is None):
+            raise ShapeError("override gate: escalate_after and threshold_after go together")
+        if self.escalate_after is not None and (
+            self.escalate_after < 0 or not self.threshold <= self.threshold_after <= 1.0
+        ):
+            raise ShapeError(
+                "override gate: expected escalate_after >= 0 and threshold <= threshold_after <= 1, got "
+                f"{self.escalate_after}, {self.threshold} / {self.threshold_after}"
+            )
         f = self.n_features
         for name in ("mean", "scale", "weights"):
             if np.shape(getattr(self, name)) != (f,):
@@ -174,9 +230,16 @@ class OverrideGate:
         z = ((rows - self.mean) / self.scale) @ self.weights + self.bias
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
-    def overrides(self, rows: np.ndarray) -> np.ndarray:
-        """[n] bool: which of these disagreements take P's token."""
-        return self.probabilities(rows) >= self.threshold
+    def threshold_at(self, corrections: int) -> float:
+        """The threshold after this many corrections in the current generation."""
+        if self.escalate_after is not None and corrections >= self.escalate_after:
+            return float(self.threshold_after)  # type: ignore[arg-type]
+        return self.threshold
+
+    def overrides(self, rows: np.ndarray, corrections: int = 0) -> np.ndarray:
+        """[n] bool: which of these disagreements take P's token, after `corrections` corrections in
+        this generation."""
+        return self.probabilities(rows) >= self.threshold_at(corrections)
 
     def to_json(self, pack) -> dict[str, Any]:
         """The gate as the router file's "override" object (arrays through the file's `pack`)."""
@@ -188,6 +251,14 @@ class OverrideGate:
             "weights": pack(self.weights),
             "bias": float(self.bias),
             "threshold": float(self.threshold),
+            **(
+                {}
+                if self.escalate_after is None
+                else {
+                    "escalate_after": int(self.escalate_after),
+                    "threshold_after": float(self.threshold_after),
+                }
+            ),
             "meta": self.meta,
         }
 
@@ -204,5 +275,7 @@ class OverrideGate:
             bias=float(data["bias"]),
             threshold=float(data["threshold"]),
             hidden_dims=hidden_dims,
+            escalate_after=None if data.get("escalate_after") is None else int(data["escalate_after"]),
+            threshold_after=None if data.get("threshold_after") is None else float(data["threshold_after"]),
             meta=dict(data.get("meta") or {}),
         )

@@ -291,6 +291,7 @@ class RouterPolicy(CorrectionPolicy):
         # again at an offset (redrafted after a correction) reads its true predecessor, not the drafts
         # the correction dropped.
         self._history: list[tuple[int, float, float]] = []
+        self._corrections = 0  # this generation's corrections (an escalating gate reads it)
 
     @property
     def needs_hidden(self) -> bool:
@@ -307,6 +308,7 @@ class RouterPolicy(CorrectionPolicy):
 
     def begin(self) -> None:
         self._history = []
+        self._corrections = 0
 
     def gate(self, step: Any, offset: int) -> float:
         """The router's probability that P must check this edge step; also advances its history.
@@ -346,7 +348,8 @@ class RouterPolicy(CorrectionPolicy):
 
     def decide(self, view: WindowView) -> WindowDecision:
         """Correct the first disagreement with P's argmax that the override gate takes (all of them
-        without a gate); the others keep Q's token.
+        without a gate); the others keep Q's token. An escalating gate (OverrideGate.escalate_after)
+        reads how many corrections this generation has made.
 
         Args:
             view: the answered window, with P's top-k and the positions' offsets.
@@ -375,5 +378,8 @@ class RouterPolicy(CorrectionPolicy):
             rows = np.concatenate(
                 [rows, self.model.project(view.q_hidden, view.n, gate.hidden_dims)], axis=1
             )  # [n, f + r]
-        take = np.flatnonzero(differs & gate.overrides(rows))  # [m] ascending
-        return WindowDecision(int(take[0]), True) if take.size else WindowDecision(view.n, False)
+        take = np.flatnonzero(differs & gate.overrides(rows, self._corrections))  # [m] ascending
+        if not take.size:
+            return WindowDecision(view.n, False)
+        self._corrections += 1  # settled windows come in order, and a correction drops what follows
+        return WindowDecision(int(take[0]), True)

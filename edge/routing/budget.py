@@ -8,6 +8,10 @@ all corrected ("kept": P's answer kept). With generations P got wrong labelled t
 counts as answered when its first uncorrected disagreement is rescuing (Q's token leads P to a
 passing answer). The budget's point is the one that answers the most within the budget. Only
 validation prompts choose it, never test tasks.
+
+With escalations (K, recall after), the gate also gets a per-response budget: after K corrections in
+one generation its threshold rises to the one for the second recall (OverrideGate.escalate_after),
+walked along each generation in order as the edge would (override.escalated_corrections).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from handoff.edge.policy.override import escalated_corrections
 from handoff.edge.policy.router import RouterModel
 from handoff.edge.routing.data import RouterData, gate_rows
 from handoff.edge.routing.report import corrected_stats, gate_projection
@@ -33,11 +38,14 @@ def operating_points(
     surface: np.ndarray,
     fractions: Sequence[float],
     recalls: Sequence[float],
+    escalations: Sequence[tuple[int, float]] = (),
 ) -> list[dict[str, Any]]:
-    """Every (checked fraction, gate recall) pair on held-out labelled data.
+    """Every (checked fraction, gate recall[, escalation]) on held-out labelled data.
 
     The router's threshold checks `fraction` of the positions; the gate's threshold keeps `recall` of
-    the divergent disagreements, taken alone (as `router override --target-recall` sets it).
+    the divergent disagreements, taken alone (as `router override --target-recall` sets it). Each
+    escalation (K, recall_after) with recall_after <= recall adds a point whose gate, after K
+    corrections in a generation, keeps only recall_after's threshold.
 
     Args:
         router: a router with an override gate.
@@ -45,10 +53,12 @@ def operating_points(
             them, Q's hidden states.
         classes, surface: [V] the vocabulary's token classes and surface-form ids.
         fractions: checked fractions, each in (0, 1]; recalls: gate recalls, each in (0, 1].
+        escalations: (K >= 0 corrections, recall_after in (0, 1]) pairs; none: one threshold each.
 
     Returns:
-        one dict per pair: fraction, recall_target, router_threshold, gate_threshold, taken (share of
-        disagreements the gate takes), and at_threshold's checked, overrides, recall (divergent
+        one dict per point: fraction, recall_target, router_threshold, gate_threshold, escalate_after,
+        recall_after and threshold_after (None without escalation), taken (share of disagreements the
+        gate takes, every position checked), and at_threshold's checked, overrides, recall (divergent
         disagreements corrected), precision, reproduced ("kept"), counted on the corrected positions.
     """
     gate = router.override
@@ -57,24 +67,37 @@ def operating_points(
     for name, values in (("fractions", fractions), ("recalls", recalls)):
         if not values or not all(0.0 < float(v) <= 1.0 for v in values):
             raise ShapeError(f"{name}: expected shares in (0, 1], got {list(values)}")
+    if not all(int(k) >= 0 and 0.0 < float(r) <= 1.0 for k, r in escalations):
+        raise ShapeError(f"escalations: expected (K >= 0, recall in (0, 1]) pairs, got {list(escalations)}")
     if not data.labels.any():
         raise ShapeError("operating points need divergent disagreements (continuation labels)")
     rows, _, _ = gate_rows(data, classes, surface, gate_projection(router, gate.hidden_dims))
     probs = gate.probabilities(rows)  # [D], D = data.disagreements.sum()
     divergent = data.labels[data.disagreements]  # [D]
     scores = router.probabilities(router.rows(data.scalars, data.hidden))  # [N]
+    full = np.zeros(len(scores))  # [N] the gate's probability at each disagreement
+    full[data.disagreements] = probs
     points = []
     for r in recalls:
         gate_threshold = recall_threshold(probs[divergent], float(r))
-        take = np.zeros(len(scores), dtype=bool)  # [N]
-        take[data.disagreements] = probs >= gate_threshold
-        for f in fractions:
-            threshold = choose_threshold(scores, float(f))
-            points.append({
-                "fraction": float(f), "recall_target": float(r), "router_threshold": threshold,
-                "gate_threshold": gate_threshold, "taken": float(take[data.disagreements].mean()),
-                **corrected_stats(data, scores >= threshold, take),
-            })  # fmt: skip
+        plans = [(None, None, None)] + [
+            (int(k), float(ra), max(gate_threshold, recall_threshold(probs[divergent], float(ra))))
+            for k, ra in escalations if float(ra) <= float(r)
+        ]  # fmt: skip
+        for k, r_after, t_after in plans:
+            plan = (gate_threshold, k, t_after)
+            every = escalated_corrections(data.disagreements, full, data.group, *plan)  # [N]
+            taken = float(every[data.disagreements].mean())
+            for f in fractions:
+                threshold = choose_threshold(scores, float(f))
+                flagged = scores >= threshold
+                corrected = escalated_corrections(flagged & data.disagreements, full, data.group, *plan)
+                points.append({
+                    "fraction": float(f), "recall_target": float(r), "router_threshold": threshold,
+                    "gate_threshold": gate_threshold, "escalate_after": k, "recall_after": r_after,
+                    "threshold_after": t_after, "taken": taken,
+                    **corrected_stats(data, flagged, corrected),
+                })  # fmt: skip
     return points
 
 

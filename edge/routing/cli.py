@@ -419,6 +419,13 @@ def budget(
     recalls: Annotated[
         str, typer.Option(help="Override-gate recalls to try (as --target-recall), comma-separated.")
     ] = "0.4,0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.0",
+    escalate: Annotated[
+        str,
+        typer.Option(
+            help="Per-response budgets to try, comma-separated K:RECALL (after K corrections in a "
+            "generation the gate keeps only RECALL's threshold), e.g. 2:0.3,4:0.3; empty: none."
+        ),
+    ] = "",
     val_every: Annotated[
         int, typer.Option(min=2, help="Validation: every N-th prompt (as router train/override).")
     ] = 4,
@@ -442,6 +449,7 @@ def budget(
     router = load_router(router_path)
     if router.override is None:
         raise HandoffError(f"{router_path}: no override gate (handoff router override)")
+    escalations = [_escalation(x) for x in csv_values(escalate, str, "--escalate")] if escalate else []
     hidden = router.hidden_dims > 0
     data, vocabulary = _load(traces, edge, hidden, batch=extract_batch, labels=labels)
     router.check_vocabulary(vocabulary)
@@ -449,7 +457,7 @@ def budget(
     classes, surface = _vocabulary_maps(vocabulary)
     points = operating_points(
         router, val, classes, surface, csv_values(fractions, float, "--fractions"),
-        csv_values(recalls, float, "--recalls"),
+        csv_values(recalls, float, "--recalls"), escalations,
     )  # fmt: skip
     best = best_within(points, max_overrides, max_checked)
     rescue = points[0]["rescued"] is not None  # P-wrong generations labelled: answers = kept + rescued
@@ -463,29 +471,54 @@ def budget(
     fracs = sorted({p["fraction"] for p in points})
     for f in fracs:
         t.add_column(f"{f:.1%} checked")
-    for r in sorted({p["recall_target"] for p in points}):
-        row = {p["fraction"]: p for p in points if p["recall_target"] == r}
-        t.add_row(f"{r:g}", *(cell(row[f]) for f in fracs))
+    for key in sorted({_gate_key(p) for p in points}, key=lambda x: (x[0], x[1] is not None, x[1:])):
+        row = {p["fraction"]: p for p in points if _gate_key(p) == key}
+        r, k, ra = key
+        t.add_row(f"{r:g}" + ("" if k is None else f", {ra:g} after {k}"), *(cell(row[f]) for f in fracs))
     out.print(t)
     if json_out is not None:
         json_out.write_text(json.dumps({"points": points, "best": best}, indent=1) + "\n", encoding="utf-8")
     if best is None:
         raise HandoffError(f"no point within {max_overrides:.2%} overrides and {max_checked:.2%} checked")
+    after = (
+        "" if best["escalate_after"] is None else f", {best['recall_after']:g} after {best['escalate_after']}"
+    )
     out.print(
         f"best within {max_overrides:.2%} overrides, {max_checked:.2%} checked: {best['fraction']:.1%} checked, "
-        f"gate recall {best['recall_target']:g} (takes {best['taken']:.3f}): overrides {best['overrides']:.2%}, "
+        f"gate recall {best['recall_target']:g}{after} (takes {best['taken']:.3f}): overrides {best['overrides']:.2%}, "
         f"kept {best['reproduced']:.3f}, divergent recall {best['recall']:.3f}"
         + (f", rescued {best['rescued']:.3f}, answered {best['answers']:.3f}" if rescue else "")
     )
     if out_path is not None:
         point = {"max_overrides": max_overrides, "max_checked": max_checked, "val_every": val_every,
                  "traces": [str(p) for p in traces], **best}  # fmt: skip
-        gate = replace(router.override, threshold=best["gate_threshold"])
+        gate = replace(
+            router.override, threshold=best["gate_threshold"], escalate_after=best["escalate_after"],
+            threshold_after=best["threshold_after"],
+        )  # fmt: skip
         replace(
             router, threshold=best["router_threshold"], override=gate,
             meta=router.meta | {"operating_point": point},
         ).save(out_path)  # fmt: skip
         out.print(f"wrote {out_path}")
+
+
+def _gate_key(p: dict[str, Any]) -> tuple[float, int | None, float | None]:
+    return p["recall_target"], p["escalate_after"], p["recall_after"]
+
+
+def _escalation(text: str) -> tuple[int, float]:
+    """K:RECALL -> (K, recall), for --escalate."""
+    k, sep, r = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        pair = int(k), float(r)
+    except ValueError:
+        raise HandoffError(f"--escalate: expected K:RECALL, such as 2:0.3, got {text!r}") from None
+    if pair[0] < 0 or not 0.0 < pair[1] <= 1.0:
+        raise HandoffError(f"--escalate: expected K >= 0 and RECALL in (0, 1], got {text!r}")
+    return pair
 
 
 @router_app.command("label")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from handoff.edge.policy.override import OverrideGate
+from handoff.edge.policy.override import OverrideGate, escalated_corrections
 from handoff.edge.policy.router import RouterModel
 from handoff.edge.routing.data import RouterData, gate_rows, split_by_prompt
 from handoff.edge.routing.metrics import BASELINE_GATES, at_threshold, auc, baseline_scores, curve
@@ -183,11 +183,19 @@ def evaluate_override(
         raise ValueError("this router has no override gate (handoff router override)")
     rows, labels, _group = gate_rows(data, classes, surface, gate_projection(router, gate.hidden_dims))
     probs = gate.probabilities(rows) if len(rows) else np.zeros(0)
-    take = np.zeros(len(data.labels), dtype=bool)  # [N]
-    take[data.disagreements] = probs >= gate.threshold
+    full = np.zeros(len(data.labels))  # [N] the gate's probability at each disagreement
+    full[data.disagreements] = probs
+
+    def corrected(flagged: np.ndarray) -> np.ndarray:  # [N], an escalating gate walks each generation
+        return escalated_corrections(
+            flagged & data.disagreements, full, data.group, gate.threshold, gate.escalate_after,
+            gate.threshold_after,
+        )  # fmt: skip
+
+    take = corrected(np.ones(len(data.labels), dtype=bool))  # [N]
 
     def combined(flagged: np.ndarray, target: float | None) -> dict[str, Any]:
-        return {"target": target, **corrected_stats(data, flagged, take)}
+        return {"target": target, **corrected_stats(data, flagged, corrected(flagged))}
 
     scores = _scores(router, data)
     return {
