@@ -17,7 +17,7 @@ import numpy as np
 
 from handoff.shared.errors import ShapeError
 
-__all__ = ["BootstrapCI", "accuracy_ci", "bootstrap_rpi", "oracle_positions", "rpi"]
+__all__ = ["BootstrapCI", "accuracy_ci", "bootstrap_rpi", "cluster_rpi", "oracle_positions", "rpi"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class BootstrapCI:
     estimate is the RPI of the full sample (None when small and large tie on it); low/high are the
     interval bounds, None when more than half of the resamples (or the full sample) are undefined.
     undefined_fraction is the share of resamples dropped because their denominator was 0.
+    n_clusters: how many clusters the resamples drew (tasks sharing a prompt are one cluster;
+    None: every task its own, the tasks taken as independent).
     """
 
     estimate: float | None
@@ -34,6 +36,7 @@ class BootstrapCI:
     high: float | None
     undefined_fraction: float
     n_resamples: int
+    n_clusters: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,6 +71,16 @@ def _as_paired(small: Any, large: Any, hybrid: Any) -> tuple[np.ndarray, np.ndar
         if arr.shape != s.shape:
             raise ShapeError(f"{name}: expected shape {s.shape} (same tasks as small), got {arr.shape}")
     return s, lg, h
+
+
+def _as_clusters(clusters: Any, n_tasks: int) -> tuple[np.ndarray, int]:
+    """Cluster labels [n_tasks] (any hashable values) -> (int64 ids 0..C-1 [n_tasks], C)."""
+    labels = list(clusters)
+    if len(labels) != n_tasks:
+        raise ShapeError(f"clusters: expected shape [{n_tasks}] (one label per task), got [{len(labels)}]")
+    index: dict[Any, int] = {}
+    ids = np.asarray([index.setdefault(c, len(index)) for c in labels], dtype=np.int64)  # [n_tasks]
+    return ids, len(index)
 
 
 def _check_confidence(confidence: float) -> None:
@@ -121,6 +134,7 @@ def bootstrap_rpi(
     large: Any,
     hybrid: Any,
     *,
+    clusters: Any | None = None,
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -129,6 +143,9 @@ def bootstrap_rpi(
 
     Each resample draws n_tasks task indices with replacement and applies the same indices to all
     three arrays, so that the correlation between the runs (they answer the same tasks) is kept.
+    With clusters, it draws whole clusters instead (a cluster bootstrap): tasks that share a prompt
+    share one greedy generation per run, so they are not independent samples of a policy's
+    behaviour, and drawing them one by one makes the interval too narrow.
     Resamples whose small and large accuracies tie have no RPI; they are dropped and counted in
     undefined_fraction. All resamples are drawn and reduced at once with numpy.
 
@@ -136,6 +153,8 @@ def bootstrap_rpi(
         small: per-task outcomes of the small-only run, bool or 0/1, shape [n_tasks].
         large: the large-only run on the same tasks in the same order, [n_tasks].
         hybrid: the hybrid run on the same tasks in the same order, [n_tasks].
+        clusters: [n_tasks] a label per task (equal labels: one cluster, e.g. the prompt's digest);
+            None: each task alone (the same draws as before clusters existed).
         n_resamples: bootstrap resamples, >= 1.
         confidence: two-sided level of the percentile interval, in (0, 1).
         seed: seed of the numpy Generator; the same seed gives the same interval.
@@ -153,8 +172,13 @@ def bootstrap_rpi(
     n_tasks = s.shape[0]
 
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n_tasks, size=(n_resamples, n_tasks))  # [n_resamples, n_tasks]
     stacked = np.stack([s, lg, h])  # [3, n_tasks]
+    n_clusters = None
+    if clusters is not None:
+        ids, n_clusters = _as_clusters(clusters, n_tasks)
+        stacked = np.stack([np.bincount(ids, weights=x, minlength=n_clusters) for x in stacked])  # [3, C]
+    n_units = stacked.shape[1]
+    idx = rng.integers(0, n_units, size=(n_resamples, n_units))  # [n_resamples, n_units]
     counts = stacked[:, idx].sum(axis=2)  # [3, n_resamples]: correct answers per resample
     numerator = counts[2] - counts[0]  # [n_resamples]
     denominator = counts[1] - counts[0]  # [n_resamples]
@@ -162,11 +186,35 @@ def bootstrap_rpi(
     undefined_fraction = float(1.0 - defined.mean())
 
     if estimate is None or undefined_fraction > 0.5:
-        return BootstrapCI(estimate, None, None, undefined_fraction, n_resamples)
+        return BootstrapCI(estimate, None, None, undefined_fraction, n_resamples, n_clusters)
     values = numerator[defined] / denominator[defined]  # [n_defined]
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(values, [alpha, 1.0 - alpha])
-    return BootstrapCI(estimate, float(low), float(high), undefined_fraction, n_resamples)
+    return BootstrapCI(estimate, float(low), float(high), undefined_fraction, n_resamples, n_clusters)
+
+
+def cluster_rpi(small: Any, large: Any, hybrid: Any, clusters: Any) -> float | None:
+    """RPI with each cluster (e.g. each distinct prompt) counted once, at its tasks' mean outcome.
+
+    Where several tasks share a prompt (a suite that checks one prompt's answer against several
+    unit tests), a greedy run writes one text for all of them, and per task that one generation
+    counts as many times as the prompt repeats. Counted per cluster, it counts once.
+
+    Args:
+        small, large, hybrid: [n_tasks] outcomes of the same tasks, as rpi's.
+        clusters: [n_tasks] a label per task.
+
+    Returns:
+        RPI over cluster means, or None when small and large tie on them.
+    """
+    s, lg, h = _as_paired(small, large, hybrid)
+    ids, c = _as_clusters(clusters, s.shape[0])
+    size = np.bincount(ids, minlength=c)  # [C]
+    mean = np.stack([np.bincount(ids, weights=x, minlength=c) / size for x in (s, lg, h)]).sum(axis=1)  # [3]
+    denominator = float(mean[1] - mean[0])
+    if abs(denominator) < 1e-12:
+        return None
+    return float((mean[2] - mean[0]) / denominator)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from handoff.edge.cloud_harness import llama_backend_factory, run, running_server, vocabulary_of
 from handoff.edge.controller import HybridGenerator
-from handoff.edge.evaluation.runner import Evaluation, RunSpec, read_rows, run_specs
+from handoff.edge.evaluation.runner import Evaluation, RunSpec, prompt_key, read_rows, run_specs
 from handoff.edge.evaluation.sandbox import SandboxLimits
 from handoff.edge.evaluation.tasks import Task, generate_suite
 from handoff.edge.policy import PolicyConfig
@@ -112,6 +112,9 @@ def test_oracle_counts_come_from_the_large_runs_traces(first_run):
         differ = sum(rec["q_topk_ids"][0] != rec["token_id"] for rec in tokens)
         assert large[task_id]["oracle_positions"] == differ
         assert len(tokens) == large[task_id]["tokens"]
+        assert large[task_id]["prompt_key"] == prompt_key(
+            lines[start]["prompt_ids"]
+        )  # as a backfill reads it
     assert all(r["oracle_positions"] is None for r in rows if r["mode"] != "large")
     assert {p.name for p in (out / "traces").iterdir()} == {f"{n}.jsonl" for n in by_run(rows)}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from handoff.edge.evaluation.frontier import dominance, dominance_lines
 from handoff.edge.evaluation.plots import ALL_SUITES
 
@@ -60,3 +62,27 @@ def test_no_router_run_within_a_budget_is_not_dominance() -> None:
     assert rows[("kl", "override_fraction")]["dominated"] is False
     assert rows[("kl", "cloud_token_fraction")]["dominated"] is False  # 5 % > 3 %
     assert dominance_lines(_summary({"kl": ("kl", 50, 0.5, 0.01, 0.02, 5.0)})) == []
+
+
+def test_per_prompt_rpi_is_a_second_view() -> None:
+    s = _summary({
+        "kl-lo": ("kl", 300, 0.78, 0.028, 0.079, 80.7),
+        "r-low": ("router", 300, 0.57, 0.021, 0.0, 51.1),
+    })  # fmt: skip
+    assert "per prompt" not in "\n".join(dominance_lines(s))  # rows without prompt keys: one table
+    group = s["by_suite"][ALL_SUITES]["runs"]
+    group["kl-lo"]["rpi"]["per_prompt"], group["r-low"]["rpi"]["per_prompt"] = 0.57, 0.60
+    by_task = {r["axis"]: r for r in dominance(s)}
+    per_prompt = {r["axis"]: r for r in dominance(s, measure="per_prompt")}
+    assert by_task["override_fraction"]["dominated"] is False
+    assert (
+        per_prompt["override_fraction"]["dominated"] is True
+        and per_prompt["override_fraction"]["best_rpi"] == 0.60
+    )
+    text = "\n".join(dominance_lines(s))
+    assert (
+        "RPI per prompt" in text
+        and "| kl-lo | override tokens | 2.8% | 0.57 | r-low | 2.1% | 0.60 | yes |" in text
+    )
+    with pytest.raises(ValueError, match="measure"):
+        dominance(s, measure="median")

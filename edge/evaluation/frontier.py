@@ -36,7 +36,10 @@ def _cost(accounting: Mapping[str, Any], axis: str) -> float | None:
 
 
 def dominance(
-    summary: Mapping[str, Any], challenger: str = "router", rivals: Sequence[str] = ("kl", "entropy")
+    summary: Mapping[str, Any],
+    challenger: str = "router",
+    rivals: Sequence[str] = ("kl", "entropy"),
+    measure: str = "estimate",
 ) -> list[dict[str, Any]]:
     """For each hybrid run of a rival policy and each axis: the challenger's best run within its cost.
 
@@ -44,6 +47,8 @@ def dominance(
         summary: the dict report.summarize() returns.
         challenger: the policy family whose frontier is tested ("router").
         rivals: the policy families it must dominate.
+        measure: "estimate" (RPI per task, the project's RPI) or "per_prompt" (each distinct prompt
+            counted once; None where rows record no prompt keys).
 
     Returns:
         rows {rival, axis, rival_cost, rival_rpi, best (run name or None), best_cost, best_rpi,
@@ -52,10 +57,16 @@ def dominance(
     group = summary["by_suite"][ALL_SUITES]
     family = {i["run"]: i.get("policy", "kl") for i in summary["runs"] if i["mode"] == "hybrid"}
     points = {name: group["runs"][name] for name in family if name in group["runs"]}
-    ours = [n for n in points if family[n] == challenger and points[n]["rpi"]["estimate"] is not None]
+    if measure not in ("estimate", "per_prompt"):
+        raise ValueError(f"measure: expected 'estimate' or 'per_prompt', got {measure!r}")
+
+    def score(name: str) -> float | None:
+        return points[name]["rpi"].get(measure)
+
+    ours = [n for n in points if family[n] == challenger and score(n) is not None]
     out = []
     for rival in (n for n in points if family[n] in rivals):
-        rpi = points[rival]["rpi"]["estimate"]
+        rpi = score(rival)
         for axis in FRONTIER_AXES:
             cost = _cost(points[rival]["accounting"], axis)
             fit = [] if cost is None or rpi is None else [
@@ -63,8 +74,8 @@ def dominance(
                 if points[n]["n"] == points[rival]["n"]
                 and (c := _cost(points[n]["accounting"], axis)) is not None and c <= cost + 1e-12
             ]  # fmt: skip
-            best = max(fit, key=lambda n: points[n]["rpi"]["estimate"], default=None)
-            best_rpi = None if best is None else points[best]["rpi"]["estimate"]
+            best = max(fit, key=score, default=None)  # type: ignore[arg-type]
+            best_rpi = None if best is None else score(best)
             out.append({
                 "rival": rival, "axis": axis, "rival_cost": cost, "rival_rpi": rpi, "best": best,
                 "best_cost": None if best is None else _cost(points[best]["accounting"], axis),
@@ -81,7 +92,8 @@ def _fmt(axis: str, x: float | None) -> str:
 
 
 def dominance_lines(summary: Mapping[str, Any], challenger: str = "router") -> list[str]:
-    """The dominance rows as a Markdown table (empty when there is no challenger or no rival run)."""
+    """The dominance rows as Markdown tables, per task and, where rows record prompt keys, per prompt
+    (empty when there is no challenger or no rival run)."""
     rows = dominance(summary, challenger)
     if not rows or not any(r["best"] for r in rows):
         return []
@@ -91,14 +103,31 @@ def dominance_lines(summary: Mapping[str, Any], challenger: str = "router") -> l
         f"For each trigger run and each cost, the {challenger} run on the same tasks with the best RPI "
         "that costs no more. —: the rows do not record that cost.",
         "",
+        *_table(rows),
+    ]
+    per_prompt = dominance(summary, challenger, measure="per_prompt")
+    if any(r["rival_rpi"] is not None for r in per_prompt):
+        lines += [
+            "",
+            "The same with RPI per prompt (each distinct prompt counted once: tasks that share a prompt "
+            "share one greedy generation):",
+            "",
+            *_table(per_prompt),
+        ]
+    return [*lines, ""]
+
+
+def _table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = [
         "| trigger run | cost | its cost | its RPI | best within it | cost | RPI | dominated |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         rpi = "—" if r["best_rpi"] is None else f"{r['best_rpi']:.2f}"
+        its = "—" if r["rival_rpi"] is None else f"{r['rival_rpi']:.2f}"
         verdict = {None: "—", True: "yes", False: "**no**"}[r["dominated"]]
         lines.append(
             f"| {r['rival']} | {FRONTIER_AXES[r['axis']]} | {_fmt(r['axis'], r['rival_cost'])} | "
-            f"{r['rival_rpi']:.2f} | {r['best'] or '—'} | {_fmt(r['axis'], r['best_cost'])} | {rpi} | {verdict} |"
+            f"{its} | {r['best'] or '—'} | {_fmt(r['axis'], r['best_cost'])} | {rpi} | {verdict} |"
         )
-    return [*lines, ""]
+    return lines

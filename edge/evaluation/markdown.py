@@ -41,6 +41,12 @@ def _rpi_cell(r: Mapping[str, Any]) -> str:
     return _with_ci(r["estimate"], r["low"], r["high"])
 
 
+def _per_prompt(r: Mapping[str, Any]) -> str:
+    """RPI with each prompt counted once; "—" where rows record no prompt keys."""
+    x = r.get("per_prompt")
+    return DASH if x is None else f"{x:.2f}"
+
+
 def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -60,6 +66,7 @@ RUN_COLUMNS = (
     "tasks",
     "accuracy [95% CI]",
     "RPI [95% CI]",
+    "RPI per prompt",
     "cloud fraction",
     "handoffs/task",
     "up B/tok",
@@ -84,6 +91,7 @@ def _run_table(summary: Mapping[str, Any], suite: str) -> list[str]:
                     str(m["n"]),
                     _accuracy_cell(m["accuracy"]),
                     _rpi_cell(m["rpi"]),
+                    _per_prompt(m["rpi"]),
                     _pct(m["cloud_fraction"]),
                     _num(m["handoffs_per_task"]),
                     _num(m["up_bytes_per_token"], 0),
@@ -95,10 +103,10 @@ def _run_table(summary: Mapping[str, Any], suite: str) -> list[str]:
     for key, label in ORACLE_LABELS:
         o = group[key]
         if o is None:
-            cells = [NA] * 4
+            cells = [NA] * 5
         else:
             acc, rpi_ = _accuracy_cell(o["accuracy"]), _rpi_cell(o["rpi"])
-            cells = [str(o["n"]), acc, rpi_, _pct(o["cloud_fraction"])]
+            cells = [str(o["n"]), acc, rpi_, _per_prompt(o["rpi"]), _pct(o["cloud_fraction"])]
         # An oracle has no threshold, check interval, handoffs, bytes or time of its own.
         lines.append(_row([label, DASH, DASH, *cells, *[DASH] * 4]))
     return lines
@@ -211,7 +219,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
     lines += [
         "RPI = (acc_hybrid − acc_small) / (acc_large − acc_small) on the tasks all three runs answered; "
         f"its interval is a paired bootstrap over tasks ({b.get('n_resamples', NA)} resamples, "
-        "percentile). Accuracy intervals are Wilson score intervals. Cloud fraction = (cloud + corrected "
+        "percentile) that draws whole prompts where the rows record them (prompt_key): tasks that share a "
+        "prompt share one greedy generation per run, so they are not independent. RPI per prompt counts "
+        "each distinct prompt once, at its tasks' mean outcome (— where rows predate prompt keys). Accuracy intervals are Wilson score intervals. Cloud fraction = (cloud + corrected "
         "tokens) / output tokens. τ: KL threshold (nats); N: check interval (tokens). Oracle rows: the "
         "fewest cloud-produced tokens that give P's answer on the chosen tasks (positions where Q's greedy "
         "token differs from P's along P's text).",

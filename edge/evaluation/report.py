@@ -40,7 +40,7 @@ from handoff.edge.evaluation.plots import (
     plot_rpi_vs_threshold,
 )
 from handoff.shared.errors import HandoffError
-from handoff.shared.quality import accuracy_ci, bootstrap_rpi
+from handoff.shared.quality import accuracy_ci, bootstrap_rpi, cluster_rpi
 
 __all__ = [
     "ALL_SUITES",
@@ -166,23 +166,37 @@ def _no_rpi(n_tasks: int = 0) -> dict[str, Any]:
         "high": None,
         "undefined_fraction": None,
         "n_resamples": 0,
+        "n_clusters": None,
         "n_tasks": n_tasks,
+        "per_prompt": None,
     }
 
 
-def _rpi(small: list[bool], large: list[bool], hybrid: list[bool]) -> dict[str, Any]:
-    """Paired bootstrap RPI of outcome lists of the same tasks in the same order."""
+def _rpi(
+    small: list[bool], large: list[bool], hybrid: list[bool], prompts: list[str] | None = None
+) -> dict[str, Any]:
+    """Paired bootstrap RPI of outcome lists of the same tasks in the same order.
+
+    With the tasks' prompt keys (rows' prompt_key), the bootstrap draws whole prompts (tasks sharing a
+    prompt share one greedy generation), and "per_prompt" is the RPI with each prompt counted once.
+    """
     if not small:
         return _no_rpi()
-    ci = bootstrap_rpi(
-        np.asarray(small, dtype=bool),
-        np.asarray(large, dtype=bool),
-        np.asarray(hybrid, dtype=bool),
-        n_resamples=N_RESAMPLES,
-        confidence=CONFIDENCE,
-        seed=SEED,
-    )
-    return {**asdict(ci), "n_tasks": len(small)}
+    outcomes = [np.asarray(x, dtype=bool) for x in (small, large, hybrid)]
+    ci = bootstrap_rpi(*outcomes, clusters=prompts, n_resamples=N_RESAMPLES, confidence=CONFIDENCE, seed=SEED)
+    per_prompt = None if prompts is None else cluster_rpi(*outcomes, prompts)
+    return {**asdict(ci), "n_tasks": len(small), "per_prompt": per_prompt}
+
+
+def _prompt_keys(keys: Sequence[TaskKey], *runs: Mapping[TaskKey, Mapping[str, Any]]) -> list[str] | None:
+    """Each task's prompt key (the first of the runs' rows that has one), or None if a task has none."""
+    out = []
+    for k in keys:
+        key = next((r[k].get("prompt_key") for r in runs if k in r and r[k].get("prompt_key")), None)
+        if key is None:
+            return None  # rows written before prompt keys: tasks taken as independent
+        out.append(str(key))
+    return out
 
 
 def _run_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -301,6 +315,7 @@ def _summarize_group(rows: Sequence[Mapping[str, Any]], order: Sequence[_Run]) -
             [bool(small[k]["correct"]) for k in keys],
             [bool(large[k]["correct"]) for k in keys],
             [bool(mine[k]["correct"]) for k in keys],
+            _prompt_keys(keys, large, small, mine),
         )
         runs[info.run] = metrics
     return {

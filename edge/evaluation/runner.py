@@ -208,6 +208,12 @@ def row_key(spec: RunSpec, task: Task, fixed: dict[str, Any], *, legacy: bool = 
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def prompt_key(prompt_ids: Sequence[int]) -> str:
+    """A short digest of a prompt's token ids: tasks with equal keys get one greedy generation per run
+    (the report's cluster bootstrap and per-prompt RPI group them)."""
+    return hashlib.sha256(json.dumps([int(t) for t in prompt_ids]).encode()).hexdigest()[:16]
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a results file; a line cut short by a crash is skipped with a warning."""
     if not path.exists():
@@ -367,6 +373,7 @@ class Evaluation:
             **spec.describe(),
             "suite": task.suite,
             "task_id": task.task_id,
+            "prompt_key": prompt_key(ids),
             "correct": verdict.correct,
             "answer": verdict.answer,
             "expected": task.answer,
