@@ -150,9 +150,10 @@ async def gated_round(gen: GatedDriver) -> bool:
                     if isinstance(x, CheckWindow) and x.answer is not None and not x.answer.done():
                         x.answer.cancel()  # its reply still comes, and is ignored
                 unsent.clear()  # dropped with the rest: the edge's context and the cloud's are cut back
-                if runner.sampling.greedy:
+                if runner.sampling.greedy and core.turn_tokens() == 1:
                     # P's token is its view's top-1, the argmax it would generate (ties to the lower id
-                    # as in shared.sampling): placed without asking P to generate it.
+                    # as in shared.sampling): placed without asking P to generate it. A longer turn
+                    # (router_turn) is a handoff: P generates on from there.
                     gen.result.discarded_drafts += len(rest)
                     sc = w.answer.result().scores[0]  # type: ignore[union-attr]
                     done = await place_in_place(gen, w, 0, int(sc.topk.ids[0]), "corrected", score)

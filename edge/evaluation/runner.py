@@ -101,6 +101,8 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
             name += f"-ahead{base.lookahead_windows}"
         if base.defer_checks:  # flagged drafts behind a check wait to be sent (edge/gated.py)
             name += "-defer"
+        if base.router_turn > 1:  # P writes on after a gated correction
+            name += f"-turn{base.router_turn}"
         return RunSpec(name, "hybrid", policy, "router")
     if name == "exact":
         return RunSpec("exact", "hybrid", replace(base, kind="exact"), "exact")
@@ -172,7 +174,7 @@ def run_specs(
 _LATER_FIELDS = ("draft_tokens", "draft_tokens_max", "trigger", "skip", "skip_entropy_max", "skip_top1_min",
                  "budget", "budget_window", "budget_gain", "router", "gate_threshold", "divergence",
                  "concepts", "ensemble_weight", "sharpen_below", "use_experts", "mixture",
-                 "expert_decay", "mixture_temperature", "defer_checks")  # fmt: skip
+                 "expert_decay", "mixture_temperature", "defer_checks", "router_turn")  # fmt: skip
 _DEFAULTS = asdict(PolicyConfig())
 
 

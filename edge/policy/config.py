@@ -40,6 +40,10 @@ class PolicyConfig:
     # gated: a flagged draft behind an unanswered check point is uploaded only once that check keeps
     # its token (a correction drops it unsent: no cloud pass for a draft thrown away); Q waits with it.
     defer_checks: bool = False
+    # router: cloud tokens at a gated correction, at most: 1 = the correction alone (placed in place
+    # under greedy); M > 1 = a handoff, P writes on for up to M tokens (back early by agree_tokens),
+    # the tokens after the first counted as other cloud tokens.
+    router_turn: int = 1
     draft_tokens: int = 4  # exact: the first draft's length gamma (then adapted to the acceptance rate)
     draft_tokens_max: int = 12  # exact: the longest draft
     # What decides a handoff: "kl" (P's answer at the check point) or "entropy" (Q's own entropy, nats,
@@ -87,7 +91,7 @@ class PolicyConfig:
             raise ShapeError(f"kind: expected a registered policy kind {policy_kinds()}, got {self.kind!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ShapeError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
-        for name in ("check_interval", "handback_tokens", "top_k"):
+        for name in ("check_interval", "handback_tokens", "top_k", "router_turn"):
             _int_at_least(name, getattr(self, name), 1)
         for name in ("seed_tokens", "agree_tokens", "lookahead_windows"):
             _int_at_least(name, getattr(self, name), 0)

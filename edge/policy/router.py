@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from handoff.edge.policy.core import CorrectionPolicy, WindowDecision, register_policy
+from handoff.edge.policy.core import CorrectionPolicy, HandoffPolicy, WindowDecision, register_policy
 from handoff.edge.policy.features import SCALAR_FEATURES, scalar_features, token_classes
 from handoff.edge.policy.override import OverrideGate, override_features
 from handoff.shared.errors import HandoffError, ShapeError
@@ -270,7 +270,9 @@ class RouterPolicy(CorrectionPolicy):
 
     Unflagged positions are committed and streamed at once (unchecked by design; P still receives
     them). A flagged position waits for P's check point of that one position and is corrected where
-    P's most likely token differs from Q's (CorrectionPolicy.decide), one cloud token.
+    P's most likely token differs from Q's (CorrectionPolicy.decide), one cloud token; with
+    config.router_turn M > 1, P writes on from there for up to M tokens (a handoff, as Co-LLM's
+    deferral lets the large model write until it hands back: Shen et al., arXiv 2403.03870).
 
     Args:
         config: config.router is the router file (required); config.gate_threshold, when set,
@@ -341,6 +343,14 @@ class RouterPolicy(CorrectionPolicy):
         self._history.append((offset, float(step.entropy), float(step.topk_logprobs[0])))
         del self._history[:-64]  # drafts ahead are few: older steps are never read again
         return float(self.model.probabilities(rows)[0])
+
+    def turn_tokens(self) -> int:
+        """Cloud tokens at a gated correction, at most: config.router_turn (1: the correction alone)."""
+        return self.config.router_turn
+
+    def agrees(self, kl: float) -> bool:
+        """A turn longer than the correction hands back as a handoff's does (KL <= tau, agree_tokens)."""
+        return HandoffPolicy.agrees(self, kl)
 
     def checks(self, score: float) -> bool:
         """A position is sent to P when its router score is at or over the gate threshold."""
