@@ -221,7 +221,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f"its interval is a paired bootstrap over tasks ({b.get('n_resamples', NA)} resamples, "
         "percentile) that draws whole prompts where the rows record them (prompt_key): tasks that share a "
         "prompt share one greedy generation per run, so they are not independent. RPI per prompt counts "
-        "each distinct prompt once, at its tasks' mean outcome (— where rows predate prompt keys). Accuracy intervals are Wilson score intervals. Cloud fraction = (cloud + corrected "
+        "each distinct prompt once, at its tasks' mean outcome (— where rows predate prompt keys). "
+        "Accuracy intervals are Wilson score intervals. Cloud fraction = (cloud + corrected "
         "tokens) / output tokens. τ: KL threshold (nats); N: check interval (tokens). Oracle rows: the "
         "fewest cloud-produced tokens that give P's answer on the chosen tasks (positions where Q's greedy "
         "token differs from P's along P's text).",

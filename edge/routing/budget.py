@@ -77,6 +77,7 @@ def operating_points(
     scores = router.probabilities(router.rows(data.scalars, data.hidden))  # [N]
     full = np.zeros(len(scores))  # [N] the gate's probability at each disagreement
     full[data.disagreements] = probs
+    checked = [(float(f), choose_threshold(scores, float(f))) for f in fractions]  # router thresholds
     points = []
     for r in recalls:
         gate_threshold = recall_threshold(probs[divergent], float(r))
@@ -88,12 +89,11 @@ def operating_points(
             plan = (gate_threshold, k, t_after)
             every = escalated_corrections(data.disagreements, full, data.group, *plan)  # [N]
             taken = float(every[data.disagreements].mean())
-            for f in fractions:
-                threshold = choose_threshold(scores, float(f))
+            for f, threshold in checked:
                 flagged = scores >= threshold
                 corrected = escalated_corrections(flagged & data.disagreements, full, data.group, *plan)
                 points.append({
-                    "fraction": float(f), "recall_target": float(r), "router_threshold": threshold,
+                    "fraction": f, "recall_target": float(r), "router_threshold": threshold,
                     "gate_threshold": gate_threshold, "escalate_after": k, "recall_after": r_after,
                     "threshold_after": t_after, "taken": taken,
                     **corrected_stats(data, flagged, corrected),
