@@ -83,11 +83,11 @@ class EdgeSettings(BaseSettings):
         description="Gated: a flagged draft behind an unanswered check is uploaded once that check keeps "
         "its token (a correction drops it unsent).",
     )
-    router_turn: int = Field(
+    router_turn: int | None = Field(
         _P.router_turn,
         ge=1,
         description="Router: cloud tokens at a gated correction, at most (1: the correction alone; "
-        "more: P writes on, as a handoff).",
+        "more: P writes on, as a handoff; default: the router file's turn, 1 if it names none).",
     )
     draft_tokens: int = Field(_P.draft_tokens, ge=1, description="exact: the first draft's length.")
     draft_tokens_max: int = Field(_P.draft_tokens_max, ge=1, description="exact: the longest draft.")

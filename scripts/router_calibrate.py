@@ -9,6 +9,11 @@ prints the gate-score quantile that checks `--target` of their positions. Use it
 write it into a copy of the router file with `--router FILE --out FILE` (how the router the edge ships
 for the default pair, edge/routers/default_pair.json, got its threshold).
 
+The target is a share of all the positions, as the evaluation counts checked positions. In a run with
+a longer turn (`--router-turn M`) P writes some of them, and those have no router score: the
+threshold then checks target x positions / scored positions of the scored ones. The copy records the
+run's turn (the file's `turn`), so `--router FILE` alone runs at the turn it was calibrated for.
+
     python scripts/router_calibrate.py docs/router/train/large.jsonl.gz docs/router/train2/large.jsonl.gz \
         --run runs/router_val2/traces/router-router2-h64-ov80-ahead1-defer.jsonl --target 0.2
 """
@@ -43,17 +48,27 @@ def validation_prompts(train_traces: list[Path], every: int) -> set[tuple[int, .
     return held_out_prompts(prompts, every)
 
 
-def gate_scores(run_trace: Path, prompts: set[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, int]:
-    """([n] gate scores, [n] checked, generations) of the run's positions under those prompts."""
-    scores, checked, generations, keep = [], [], 0, False
+def gate_scores(
+    run_trace: Path, prompts: set[tuple[int, ...]]
+) -> tuple[np.ndarray, np.ndarray, int, int, int | None]:
+    """The run's positions under those prompts.
+
+    Returns:
+        ([n] router scores of the scored positions, [n] checked, generations, positions: all of them,
+        P's turn tokens included, the run's router_turn from its generation headers or None).
+    """
+    scores, checked, generations, positions, turn, keep = [], [], 0, 0, None, False
     for r in _records(run_trace):
         if r.get("record") == "generation":
             keep = tuple(r["prompt_ids"]) in prompts
             generations += keep
-        elif r.get("record") == "token" and keep and r.get("gate_score") is not None:
-            scores.append(float(r["gate_score"]))
-            checked.append(bool(r["checked"]))
-    return np.asarray(scores), np.asarray(checked, dtype=bool), generations
+            turn = (r.get("policy") or {}).get("router_turn", turn)
+        elif r.get("record") == "token" and keep:
+            positions += 1
+            if r.get("gate_score") is not None:
+                scores.append(float(r["gate_score"]))
+                checked.append(bool(r["checked"]))
+    return np.asarray(scores), np.asarray(checked, dtype=bool), generations, positions, turn
 
 
 def main() -> None:
@@ -69,27 +84,39 @@ def main() -> None:
         ap.error("--router and --out go together")
     if not 0.0 < args.target < 1.0:
         ap.error("--target: expected a share in (0, 1)")
-    scores, checked, generations = gate_scores(
+    scores, checked, generations, positions, turn = gate_scores(
         args.run, validation_prompts(args.train_traces, args.val_every)
     )
     if not scores.size:
         ap.error(f"{args.run}: no gated positions under the held-out prompts")
-    threshold = float(np.quantile(scores, 1.0 - args.target, method="higher"))
+    share = args.target * positions / scores.size  # of the scored positions: P's turn tokens have no score
+    if share >= 1.0:
+        ap.error(f"--target {args.target:g}: more than the {scores.size} scored of {positions} positions")
+    threshold = float(np.quantile(scores, 1.0 - share, method="higher"))
     print(
-        f"{generations} validation generations, {scores.size} positions; checked in the run: {checked.mean():.4f}"
+        f"{generations} validation generations, {positions} positions ({scores.size} scored); "
+        f"checked in the run: {checked.sum() / positions:.4f}"
     )
     print(
-        f"threshold for {args.target:g}: {threshold:.5f} (checks {np.mean(scores >= threshold):.4f} of them)"
+        f"threshold for {args.target:g}: {threshold:.5f} "
+        f"(checks {np.sum(scores >= threshold) / positions:.4f} of the positions)"
     )
     if args.router is not None:
         router = load_router(args.router)
         calibration = {
             "run": str(args.run), "target_checked": args.target, "generations": generations,
-            "positions": int(scores.size), "checked_in_run": float(checked.mean()),
-            "file_threshold": router.threshold,
+            "positions": positions, "scored_positions": int(scores.size),
+            "checked_in_run": float(checked.sum() / positions), "file_threshold": router.threshold,
+            "turn": router.turn if turn is None else int(turn),
         }  # fmt: skip
-        replace(router, threshold=threshold, meta=router.meta | {"calibration": calibration}).save(args.out)
-        print(f"wrote {args.out} (threshold {threshold:.5f})")
+        out = replace(
+            router,
+            threshold=threshold,
+            turn=calibration["turn"],
+            meta=router.meta | {"calibration": calibration},
+        )
+        out.save(args.out)
+        print(f"wrote {args.out} (threshold {threshold:.5f}, turn {out.turn})")
 
 
 if __name__ == "__main__":

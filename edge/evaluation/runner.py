@@ -101,7 +101,7 @@ def variant_spec(text: str, base: PolicyConfig) -> RunSpec:
             name += f"-ahead{base.lookahead_windows}"
         if base.defer_checks:  # flagged drafts behind a check wait to be sent (edge/gated.py)
             name += "-defer"
-        if base.router_turn > 1:  # P writes on after a gated correction
+        if base.router_turn is not None and base.router_turn > 1:  # P writes on after a gated correction
             name += f"-turn{base.router_turn}"
         return RunSpec(name, "hybrid", policy, "router")
     if name == "exact":

@@ -42,8 +42,9 @@ class PolicyConfig:
     defer_checks: bool = False
     # router: cloud tokens at a gated correction, at most: 1 = the correction alone (placed in place
     # under greedy); M > 1 = a handoff, P writes on for up to M tokens (back early by agree_tokens),
-    # the tokens after the first counted as other cloud tokens.
-    router_turn: int = 1
+    # the tokens after the first counted as other cloud tokens. None: the router file's turn (1 in a
+    # file that names none).
+    router_turn: int | None = None
     draft_tokens: int = 4  # exact: the first draft's length gamma (then adapted to the acceptance rate)
     draft_tokens_max: int = 12  # exact: the longest draft
     # What decides a handoff: "kl" (P's answer at the check point) or "entropy" (Q's own entropy, nats,
@@ -91,8 +92,10 @@ class PolicyConfig:
             raise ShapeError(f"kind: expected a registered policy kind {policy_kinds()}, got {self.kind!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ShapeError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
-        for name in ("check_interval", "handback_tokens", "top_k", "router_turn"):
+        for name in ("check_interval", "handback_tokens", "top_k"):
             _int_at_least(name, getattr(self, name), 1)
+        if self.router_turn is not None:
+            _int_at_least("router_turn", self.router_turn, 1)
         for name in ("seed_tokens", "agree_tokens", "lookahead_windows"):
             _int_at_least(name, getattr(self, name), 0)
         if not (self.threshold >= 0.0 and math.isfinite(self.threshold)):  # also rejects NaN

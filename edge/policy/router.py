@@ -65,6 +65,8 @@ class RouterModel:
         meta: how it was trained and what it scored (free-form, written by the trainer).
         override: the override gate, applied where a check's answer disagrees with Q; None: every
             disagreement is corrected.
+        turn: cloud tokens at a gated correction that the thresholds were chosen for (PolicyConfig.
+            router_turn, which replaces it when set); 1: the correction alone.
     """
 
     mean: np.ndarray
@@ -77,6 +79,7 @@ class RouterModel:
     hidden_proj: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     override: OverrideGate | None = None  # which of P's disagreements to take (edge/policy/override.py)
+    turn: int = 1
 
     def __post_init__(self) -> None:
         f = self.n_features
@@ -105,6 +108,8 @@ class RouterModel:
                 )
         if not 0.0 <= self.threshold <= 1.0:
             raise ShapeError(f"router: threshold must be a probability, got {self.threshold}")
+        if isinstance(self.turn, bool) or not isinstance(self.turn, int) or self.turn < 1:
+            raise ShapeError(f"router: turn must be an integer >= 1, got {self.turn!r}")
         if self.override is not None and self.override.hidden_dims > self.hidden_dims:
             raise ShapeError(
                 f"router: the override gate reads {self.override.hidden_dims} projected hidden-state "
@@ -196,6 +201,7 @@ class RouterModel:
             "hidden_proj": None if self.hidden_proj is None else _pack(self.hidden_proj),
             "meta": self.meta,
             **({} if self.override is None else {"override": self.override.to_json(_pack)}),
+            **({} if self.turn == 1 else {"turn": self.turn}),
         }
 
     def save(self, path: Path | str) -> None:
@@ -223,7 +229,14 @@ class RouterModel:
             hidden_proj=None if hp is None else _unpack(hp),
             meta=dict(data.get("meta") or {}),
             override=None if data.get("override") is None else _override(data["override"]),
+            turn=_turn(data.get("turn", 1)),
         )
+
+
+def _turn(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RouterMismatch(f"the router file's turn must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _override(data: dict[str, Any]) -> OverrideGate:
@@ -276,7 +289,7 @@ class RouterPolicy(CorrectionPolicy):
 
     Args:
         config: config.router is the router file (required); config.gate_threshold, when set,
-            replaces the file's threshold (a probability).
+            replaces the file's threshold (a probability), and config.router_turn the file's turn.
     """
 
     round: ClassVar = "gated"
@@ -345,8 +358,12 @@ class RouterPolicy(CorrectionPolicy):
         return float(self.model.probabilities(rows)[0])
 
     def turn_tokens(self) -> int:
-        """Cloud tokens at a gated correction, at most: config.router_turn (1: the correction alone)."""
-        return self.config.router_turn
+        """Cloud tokens at a gated correction, at most (1: the correction alone).
+
+        config.router_turn when set, else the file's turn: the thresholds in a file were chosen for
+        its turn, so `--router FILE` alone runs the operating point the file was calibrated at.
+        """
+        return self.model.turn if self.config.router_turn is None else self.config.router_turn
 
     def agrees(self, kl: float) -> bool:
         """A turn longer than the correction hands back as a handoff's does (KL <= tau, agree_tokens)."""
