@@ -93,9 +93,10 @@ def main() -> None:
     if share >= 1.0:
         ap.error(f"--target {args.target:g}: more than the {scores.size} scored of {positions} positions")
     threshold = float(np.quantile(scores, 1.0 - share, method="higher"))
+    checked_in_run = float(checked.sum() / positions)
     print(
         f"{generations} validation generations, {positions} positions ({scores.size} scored); "
-        f"checked in the run: {checked.sum() / positions:.4f}"
+        f"checked in the run: {checked_in_run:.4f}"
     )
     print(
         f"threshold for {args.target:g}: {threshold:.5f} "
@@ -106,7 +107,7 @@ def main() -> None:
         calibration = {
             "run": str(args.run), "target_checked": args.target, "generations": generations,
             "positions": positions, "scored_positions": int(scores.size),
-            "checked_in_run": float(checked.sum() / positions), "file_threshold": router.threshold,
+            "checked_in_run": checked_in_run, "file_threshold": router.threshold,
             "turn": router.turn if turn is None else int(turn),
         }  # fmt: skip
         out = replace(

@@ -108,7 +108,7 @@ class RouterModel:
                 )
         if not 0.0 <= self.threshold <= 1.0:
             raise ShapeError(f"router: threshold must be a probability, got {self.threshold}")
-        if isinstance(self.turn, bool) or not isinstance(self.turn, int) or self.turn < 1:
+        if not _is_turn(self.turn):
             raise ShapeError(f"router: turn must be an integer >= 1, got {self.turn!r}")
         if self.override is not None and self.override.hidden_dims > self.hidden_dims:
             raise ShapeError(
@@ -233,8 +233,12 @@ class RouterModel:
         )
 
 
+def _is_turn(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _turn(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_turn(value):
         raise RouterMismatch(f"the router file's turn must be an integer >= 1, got {value!r}")
     return value
 
