@@ -26,7 +26,13 @@ import numpy as np
 from handoff.edge.policy.features import TOKEN_CLASSES
 from handoff.shared.errors import ShapeError
 
-__all__ = ["OVERRIDE_FEATURES", "OverrideGate", "escalated_corrections", "override_features"]
+__all__ = [
+    "OVERRIDE_FEATURES",
+    "OverrideGate",
+    "escalated_corrections",
+    "override_features",
+    "turn_corrections",
+]
 
 _DIGIT, _WORD_START, _WORD_PIECE, _SPACE, _SYMBOL = (
     TOKEN_CLASSES.index(c) for c in ("digit", "word_start", "word_piece", "whitespace", "symbol")
@@ -171,6 +177,64 @@ def escalated_corrections(
     earlier = np.cumsum(base) - base  # [N] base takes before each position, all generations
     taken_before = earlier - np.repeat(earlier[starts], sizes)  # [N] ... in its own generation
     return base & ((taken_before < escalate_after) | (p >= threshold_after))
+
+
+def turn_corrections(
+    candidates: np.ndarray,
+    probs: np.ndarray,
+    group: np.ndarray,
+    threshold: float,
+    escalate_after: int | None = None,
+    threshold_after: float | None = None,
+    turn: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """escalated_corrections when each correction is a turn: P writes the next turn - 1 tokens too.
+
+    Along P's own text a turn's tokens are P's whatever Q would have written, so a candidate inside
+    a turn is neither checked nor corrected (no override token, no count towards escalate_after),
+    and the turn ends at its generation's end. What RouterPolicy does with router_turn = turn and
+    no early hand-back (agree_tokens 0).
+
+    Args:
+        candidates, probs, group, threshold, escalate_after, threshold_after: as
+            escalated_corrections's ([N] each; positions in order within a generation).
+        turn: cloud tokens per correction, >= 1 (1: escalated_corrections).
+
+    Returns:
+        corrected: [N] bool, the positions P overrides (a turn's first token);
+        covered: [N] bool, the other positions of the turns (P's other cloud tokens).
+    """
+    cand, p, grp = np.asarray(candidates, dtype=bool), np.asarray(probs, dtype=np.float64), np.asarray(group)
+    if not isinstance(turn, int | np.integer) or isinstance(turn, bool) or turn < 1:
+        raise ShapeError(f"turn: expected an integer >= 1, got {turn!r}")
+    if turn == 1:
+        return escalated_corrections(cand, p, grp, threshold, escalate_after, threshold_after), np.zeros(
+            cand.shape, dtype=bool
+        )
+    if cand.ndim != 1 or p.shape != cand.shape or grp.shape != cand.shape:
+        raise ShapeError(
+            f"expected candidates, probs and group [N], got {cand.shape}, {p.shape}, {grp.shape}"
+        )
+    if escalate_after is not None and (threshold_after is None or threshold_after < threshold):
+        raise ShapeError(
+            f"escalation needs threshold_after >= threshold, got {threshold_after} < {threshold}"
+        )
+    corrected, covered = np.zeros(len(cand), dtype=bool), np.zeros(len(cand), dtype=bool)
+    ends = np.r_[np.flatnonzero(grp[1:] != grp[:-1]) + 1, len(grp)]  # [G'] end of each generation's rows
+    end_of = np.repeat(ends, np.diff(np.r_[0, ends]))  # [N] the end of each row's generation
+    base = cand & (p >= threshold)  # [N] only these can be corrected
+    free_from, count, last = 0, 0, None
+    for i in np.flatnonzero(base):
+        if grp[i] != last:
+            free_from, count, last = 0, 0, grp[i]
+        if i < free_from:
+            continue  # inside a turn: P writes this token
+        if escalate_after is not None and count >= escalate_after and p[i] < threshold_after:
+            continue
+        corrected[i], count = True, count + 1
+        free_from = min(i + turn, int(end_of[i]))
+        covered[i + 1 : free_from] = True
+    return corrected, covered
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,11 @@ validation prompts choose it, never test tasks.
 With escalations (K, recall after), the gate also gets a per-response budget: after K corrections in
 one generation its threshold rises to the one for the second recall (OverrideGate.escalate_after),
 walked along each generation in order as the edge would (override.escalated_corrections).
+
+With a turn M > 1 (`--turn`, the router's router_turn) each correction is a handoff of M tokens: the
+walk skips the M - 1 positions P writes after it (override.turn_corrections), which are neither
+checked, nor override tokens, nor corrections towards K, and settle any disagreement there; a point
+then reports them as "other" (P's other cloud tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from handoff.edge.policy.override import escalated_corrections
+from handoff.edge.policy.override import escalated_corrections, turn_corrections
 from handoff.edge.policy.router import RouterModel
 from handoff.edge.routing.data import RouterData, gate_rows
 from handoff.edge.routing.report import corrected_stats, gate_projection
@@ -39,6 +44,7 @@ def operating_points(
     fractions: Sequence[float],
     recalls: Sequence[float],
     escalations: Sequence[tuple[int, float]] = (),
+    turn: int = 1,
 ) -> list[dict[str, Any]]:
     """Every (checked fraction, gate recall[, escalation]) on held-out labelled data.
 
@@ -54,12 +60,14 @@ def operating_points(
         classes, surface: [V] the vocabulary's token classes and surface-form ids.
         fractions: checked fractions, each in (0, 1]; recalls: gate recalls, each in (0, 1].
         escalations: (K >= 0 corrections, recall_after in (0, 1]) pairs; none: one threshold each.
+        turn: cloud tokens per correction (RouterPolicy's turn), >= 1.
 
     Returns:
         one dict per point: fraction, recall_target, router_threshold, gate_threshold, escalate_after,
-        recall_after and threshold_after (None without escalation), taken (share of disagreements the
-        gate takes, every position checked), and at_threshold's checked, overrides, recall (divergent
-        disagreements corrected), precision, reproduced ("kept"), counted on the corrected positions.
+        recall_after and threshold_after (None without escalation), turn, taken (share of disagreements
+        the gate takes, every position checked, no turns), and at_threshold's checked, overrides,
+        recall (divergent disagreements settled), precision, reproduced ("kept"), counted on the
+        corrected positions, and other (the turns' other cloud tokens).
     """
     gate = router.override
     if gate is None:
@@ -91,12 +99,14 @@ def operating_points(
             taken = float(every[data.disagreements].mean())
             for f, threshold in checked:
                 flagged = scores >= threshold
-                corrected = escalated_corrections(flagged & data.disagreements, full, data.group, *plan)
+                corrected, covered = turn_corrections(
+                    flagged & data.disagreements, full, data.group, *plan, turn=turn
+                )  # [N], [N]
                 points.append({
                     "fraction": f, "recall_target": float(r), "router_threshold": threshold,
                     "gate_threshold": gate_threshold, "escalate_after": k, "recall_after": r_after,
-                    "threshold_after": t_after, "taken": taken,
-                    **corrected_stats(data, flagged, corrected),
+                    "threshold_after": t_after, "turn": turn, "taken": taken,
+                    **corrected_stats(data, flagged, corrected, covered),
                 })  # fmt: skip
     return points
 

@@ -426,6 +426,14 @@ def budget(
             "generation the gate keeps only RECALL's threshold), e.g. 2:0.3,4:0.3; empty: none."
         ),
     ] = "",
+    turn: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Cloud tokens per correction (--router-turn) the points are walked with; "
+            "default: the router file's turn. Written into --out's file.",
+        ),
+    ] = None,
     val_every: Annotated[
         int, typer.Option(min=2, help="Validation: every N-th prompt (as router train/override).")
     ] = 4,
@@ -457,7 +465,7 @@ def budget(
     classes, surface = _vocabulary_maps(vocabulary)
     points = operating_points(
         router, val, classes, surface, csv_values(fractions, float, "--fractions"),
-        csv_values(recalls, float, "--recalls"), escalations,
+        csv_values(recalls, float, "--recalls"), escalations, router.turn if turn is None else turn,
     )  # fmt: skip
     best = best_within(points, max_overrides, max_checked)
     rescue = points[0]["rescued"] is not None  # P-wrong generations labelled: answers = kept + rescued
@@ -466,7 +474,8 @@ def budget(
         return f"{p['overrides']:.2%} / {p['reproduced']:.3f}" + (f" / {p['answers']:.3f}" if rescue else "")
 
     what = "overrides / kept (P right) / answered (all)" if rescue else "overrides / kept"
-    t = Table(title=f"{len(val.generations)} validation generations: {what}")
+    walked = "" if points[0]["turn"] == 1 else f", turns of {points[0]['turn']} tokens"
+    t = Table(title=f"{len(val.generations)} validation generations{walked}: {what}")
     t.add_column("gate recall")
     fracs = sorted({p["fraction"] for p in points})
     for f in fracs:
@@ -487,6 +496,7 @@ def budget(
         f"best within {max_overrides:.2%} overrides, {max_checked:.2%} checked: {best['fraction']:.1%} checked, "
         f"gate recall {best['recall_target']:g}{after} (takes {best['taken']:.3f}): overrides {best['overrides']:.2%}, "
         f"kept {best['reproduced']:.3f}, divergent recall {best['recall']:.3f}"
+        + (f", other cloud tokens {best['other']:.2%} (turn {best['turn']})" if best["turn"] > 1 else "")
         + (f", rescued {best['rescued']:.3f}, answered {best['answers']:.3f}" if rescue else "")
     )
     if out_path is not None:
@@ -497,7 +507,7 @@ def budget(
             threshold_after=best["threshold_after"],
         )  # fmt: skip
         replace(
-            router, threshold=best["router_threshold"], override=gate,
+            router, threshold=best["router_threshold"], override=gate, turn=best["turn"],
             meta=router.meta | {"operating_point": point},
         ).save(out_path)  # fmt: skip
         out.print(f"wrote {out_path}")

@@ -120,34 +120,47 @@ def gate_projection(router: RouterModel, dims: int) -> Callable[[np.ndarray], np
     return lambda h: router.project(h, len(h), dims)
 
 
-def corrected_stats(data: RouterData, flagged: np.ndarray, take: np.ndarray) -> dict[str, Any]:
+def corrected_stats(
+    data: RouterData, flagged: np.ndarray, take: np.ndarray, covered: np.ndarray | None = None
+) -> dict[str, Any]:
     """at_threshold's figures counted of the corrections (flagged [N] and taken [N] by the gate);
     "checked" stays the flags' share.
+
+    With turns (covered [N]: the positions P writes after a correction, turn_corrections), a covered
+    position is P's token: not checked, not an override, and a disagreement there is settled;
+    "other" is their share (P's other cloud tokens, 0 without turns).
 
     With P-wrong generations labelled (Generation.rescuing), "reproduced" ("kept") counts the other
     generations only, "rescued" is the share of P-wrong ones whose first uncorrected disagreement is
     rescuing (Q's token there, continued by P, passes), and "answers" the share of all generations
     answered right along P's text: kept or rescued. Without them "answers" equals "reproduced".
     """
-    corrected = flagged & take  # [N]
+    cover = np.zeros(len(flagged), dtype=bool) if covered is None else np.asarray(covered, dtype=bool)
+    corrected = flagged & take & ~cover  # [N]
+    settled = corrected | cover  # [N] P's token at the position
     wrong = np.asarray([g.rescuing is not None for g in data.generations], dtype=bool)  # [G]
     right_rows = ~wrong[data.group]  # [N]
-    stats = at_threshold(corrected.astype(np.float64), data.labels, data.group, 0.5, data.disagreements)
+    stats = at_threshold(settled.astype(np.float64), data.labels, data.group, 0.5, data.disagreements)
     del stats["threshold"]
+    stats |= {
+        "checked": float((flagged & ~cover).mean()),
+        "overrides": float((corrected & data.disagreements).mean()) if len(corrected) else 0.0,
+        "precision": float(data.labels[corrected].mean()) if corrected.any() else None,
+        "other": float(cover.mean()) if len(cover) else 0.0,
+    }
     if not wrong.any():
-        return {**stats, "checked": float(flagged.mean()), "rescued": None, "answers": stats["reproduced"]}
-    missed = np.bincount(data.group[data.labels & ~corrected & right_rows], minlength=len(wrong))  # [G]
+        return {**stats, "rescued": None, "answers": stats["reproduced"]}
+    missed = np.bincount(data.group[data.labels & ~settled & right_rows], minlength=len(wrong))  # [G]
     kept = int(((missed == 0) & ~wrong).sum())
     rescued = 0
     start = np.concatenate([[0], np.cumsum([len(g.tokens) for g in data.generations])])  # rows per generation
     for i in np.flatnonzero(wrong):
         g = data.generations[i]
-        left = np.flatnonzero(g.disagreements & ~corrected[start[i] : start[i + 1]])  # uncorrected, in order
+        left = np.flatnonzero(g.disagreements & ~settled[start[i] : start[i + 1]])  # no P token, in order
         rescued += bool(len(left) and g.rescuing[left[0]])
     n_right = int((~wrong).sum())
     return {
         **stats,
-        "checked": float(flagged.mean()),
         "reproduced": kept / n_right if n_right else None,
         "rescued": rescued / int(wrong.sum()),
         "answers": (kept + rescued) / len(wrong),
