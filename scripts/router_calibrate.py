@@ -79,11 +79,17 @@ def main() -> None:
     ap.add_argument("--val-every", type=int, default=4)
     ap.add_argument("--router", type=Path, help="the router file the run used: write the threshold into it")
     ap.add_argument("--out", type=Path, help="with --router: the calibrated router file to write")
+    ap.add_argument(
+        "--turn", type=int, help="the turn the copy runs (default: the run's): for a router whose gate "
+        "was chosen for another turn than the run's (handoff router budget --turn)",
+    )  # fmt: skip
     args = ap.parse_args()
     if (args.router is None) != (args.out is None):
         ap.error("--router and --out go together")
     if not 0.0 < args.target < 1.0:
         ap.error("--target: expected a share in (0, 1)")
+    if args.turn is not None and (args.router is None or args.turn < 1):
+        ap.error("--turn: expected an integer >= 1, with --router")
     scores, checked, generations, positions, turn = gate_scores(
         args.run, validation_prompts(args.train_traces, args.val_every)
     )
@@ -108,7 +114,8 @@ def main() -> None:
             "run": str(args.run), "target_checked": args.target, "generations": generations,
             "positions": positions, "scored_positions": int(scores.size),
             "checked_in_run": checked_in_run, "file_threshold": router.threshold,
-            "turn": router.turn if turn is None else int(turn),
+            "run_turn": turn,
+            "turn": args.turn or (router.turn if turn is None else int(turn)),
         }  # fmt: skip
         out = replace(
             router,

@@ -130,3 +130,16 @@ def test_router_budget_turn_writes_the_turn(tmp_path: Path) -> None:
     assert load_router(out).turn == 4
     assert main([*args, "--json", str(points)]) == 0  # the file's turn: 1
     assert {p["turn"] for p in json.loads(points.read_text())["points"]} == {1}
+
+
+def test_a_cloud_budget_counts_the_turns_tokens() -> None:
+    """best_within's max_cloud bounds overrides + other: a long turn that answers more is refused
+    when its turn tokens do not fit."""
+    from handoff.edge.routing.budget import best_within
+
+    short = {"overrides": 0.02, "other": 0.04, "checked": 0.2, "recall": 0.5, "answers": 0.7}
+    long = {"overrides": 0.015, "other": 0.12, "checked": 0.15, "recall": 0.6, "answers": 0.8}
+    assert best_within([short, long], 0.025) is long
+    assert best_within([short, long], 0.025, max_cloud=0.1) is short
+    assert best_within([short, long], 0.025, max_cloud=0.05) is None
+    assert best_within([{k: v for k, v in short.items() if k != "other"}], 0.025, max_cloud=0.03) is not None

@@ -121,6 +121,15 @@ def test_a_turn_run_calibrates_on_all_positions_and_the_copy_keeps_its_turn(tmp_
     assert (
         back.meta["calibration"]["positions"] == 125 and back.meta["calibration"]["scored_positions"] == 100
     )
+    # --turn: the copy runs another turn than the run's (a gate chosen for it), recorded beside the run's
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(train), "--run", str(run), "--target", "0.2",
+         "--router", str(router), "--out", str(out), "--turn", "8"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    back = RouterModel.from_json(json.loads(out.read_text()))
+    assert back.threshold == 0.75 and back.turn == 8
+    assert back.meta["calibration"]["turn"] == 8 and back.meta["calibration"]["run_turn"] == 4
     too_many = subprocess.run([sys.executable, str(SCRIPT), str(train), "--run", str(run), "--target", "0.9"],
                               capture_output=True, text=True)  # fmt: skip
     assert too_many.returncode != 0 and "scored" in too_many.stderr

@@ -112,15 +112,22 @@ def operating_points(
 
 
 def best_within(
-    points: Sequence[dict[str, Any]], max_overrides: float, max_checked: float = 1.0
+    points: Sequence[dict[str, Any]], max_overrides: float, max_checked: float = 1.0, max_cloud: float = 1.0
 ) -> dict[str, Any] | None:
-    """The point that answers the most generations with overrides <= max_overrides and checked <=
-    max_checked ("answers": P's answer kept, or, on labelled P-wrong generations, rescued by Q).
+    """The point that answers the most generations with overrides <= max_overrides, checked <=
+    max_checked and all cloud tokens (overrides + other: a turn's tokens) <= max_cloud ("answers":
+    P's answer kept, or, on labelled P-wrong generations, rescued by Q).
 
     Ties go to fewer override tokens, then to fewer checks (the cheaper point), then to the higher
     divergent recall. None when no point fits.
     """
-    fit = [p for p in points if p["overrides"] <= max_overrides and p["checked"] <= max_checked]
+    fit = [
+        p
+        for p in points
+        if p["overrides"] <= max_overrides
+        and p["checked"] <= max_checked
+        and p["overrides"] + p.get("other", 0.0) <= max_cloud
+    ]
     if not fit:
         return None
     return max(fit, key=lambda p: (p["answers"], -p["overrides"], -p["checked"], p["recall"] or 0.0))

@@ -413,6 +413,12 @@ def budget(
     max_checked: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Budget: the share of positions P may check.")
     ] = 1.0,
+    max_cloud: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Budget: the share of positions P may write (overrides + turn tokens)."
+        ),
+    ] = 1.0,
     fractions: Annotated[str, typer.Option(help="Checked fractions to try, comma-separated.")] = (
         "0.05,0.075,0.1,0.125,0.15,0.2,0.25,0.3,0.4"
     ),
@@ -467,7 +473,7 @@ def budget(
         router, val, classes, surface, csv_values(fractions, float, "--fractions"),
         csv_values(recalls, float, "--recalls"), escalations, router.turn if turn is None else turn,
     )  # fmt: skip
-    best = best_within(points, max_overrides, max_checked)
+    best = best_within(points, max_overrides, max_checked, max_cloud)
     rescue = points[0]["rescued"] is not None  # P-wrong generations labelled: answers = kept + rescued
 
     def cell(p: dict[str, Any]) -> str:
@@ -488,19 +494,22 @@ def budget(
     if json_out is not None:
         json_out.write_text(json.dumps({"points": points, "best": best}, indent=1) + "\n", encoding="utf-8")
     if best is None:
-        raise HandoffError(f"no point within {max_overrides:.2%} overrides and {max_checked:.2%} checked")
+        raise HandoffError(
+            f"no point within {max_overrides:.2%} overrides, {max_checked:.2%} checked and {max_cloud:.2%} cloud tokens"
+        )
     after = (
         "" if best["escalate_after"] is None else f", {best['recall_after']:g} after {best['escalate_after']}"
     )
     out.print(
-        f"best within {max_overrides:.2%} overrides, {max_checked:.2%} checked: {best['fraction']:.1%} checked, "
+        f"best within {max_overrides:.2%} overrides, {max_checked:.2%} checked, {max_cloud:.2%} cloud tokens: "
+        f"{best['fraction']:.1%} checked, "
         f"gate recall {best['recall_target']:g}{after} (takes {best['taken']:.3f}): overrides {best['overrides']:.2%}, "
         f"kept {best['reproduced']:.3f}, divergent recall {best['recall']:.3f}"
         + (f", other cloud tokens {best['other']:.2%} (turn {best['turn']})" if best["turn"] > 1 else "")
         + (f", rescued {best['rescued']:.3f}, answered {best['answers']:.3f}" if rescue else "")
     )
     if out_path is not None:
-        point = {"max_overrides": max_overrides, "max_checked": max_checked, "val_every": val_every,
+        point = {"max_overrides": max_overrides, "max_checked": max_checked, "max_cloud": max_cloud, "val_every": val_every,
                  "traces": [str(p) for p in traces], **best}  # fmt: skip
         gate = replace(
             router.override, threshold=best["gate_threshold"], escalate_after=best["escalate_after"],
