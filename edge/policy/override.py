@@ -134,6 +134,27 @@ def override_features(
     return np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1)  # [n, f]
 
 
+def _walk_inputs(
+    candidates: np.ndarray,
+    probs: np.ndarray,
+    group: np.ndarray,
+    threshold: float,
+    escalate_after: int | None,
+    threshold_after: float | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A walk's arrays ([N] each), checked; an escalation needs a threshold_after >= threshold."""
+    cand, p, grp = np.asarray(candidates, dtype=bool), np.asarray(probs, dtype=np.float64), np.asarray(group)
+    if cand.ndim != 1 or p.shape != cand.shape or grp.shape != cand.shape:
+        raise ShapeError(
+            f"expected candidates, probs and group [N], got {cand.shape}, {p.shape}, {grp.shape}"
+        )
+    if escalate_after is not None and (threshold_after is None or threshold_after < threshold):
+        raise ShapeError(
+            f"escalation needs threshold_after >= threshold, got {threshold_after} < {threshold}"
+        )
+    return cand, p, grp
+
+
 def escalated_corrections(
     candidates: np.ndarray,
     probs: np.ndarray,
@@ -158,18 +179,10 @@ def escalated_corrections(
     Returns:
         [N] bool, the corrected positions.
     """
-    cand, p, grp = np.asarray(candidates, dtype=bool), np.asarray(probs, dtype=np.float64), np.asarray(group)
-    if cand.ndim != 1 or p.shape != cand.shape or grp.shape != cand.shape:
-        raise ShapeError(
-            f"expected candidates, probs and group [N], got {cand.shape}, {p.shape}, {grp.shape}"
-        )
+    cand, p, grp = _walk_inputs(candidates, probs, group, threshold, escalate_after, threshold_after)
     base = cand & (p >= threshold)  # [N]
     if escalate_after is None:
         return base
-    if threshold_after is None or threshold_after < threshold:
-        raise ShapeError(
-            f"escalation needs threshold_after >= threshold, got {threshold_after} < {threshold}"
-        )
     # Stricter after K corrections, so the first K base takes are corrections and every later
     # correction is a base take too: count base takes per generation.
     starts = np.flatnonzero(np.r_[True, grp[1:] != grp[:-1]]) if len(grp) else np.zeros(0, dtype=np.int64)
@@ -204,20 +217,12 @@ def turn_corrections(
         corrected: [N] bool, the positions P overrides (a turn's first token);
         covered: [N] bool, the other positions of the turns (P's other cloud tokens).
     """
-    cand, p, grp = np.asarray(candidates, dtype=bool), np.asarray(probs, dtype=np.float64), np.asarray(group)
     if not isinstance(turn, int | np.integer) or isinstance(turn, bool) or turn < 1:
         raise ShapeError(f"turn: expected an integer >= 1, got {turn!r}")
+    cand, p, grp = _walk_inputs(candidates, probs, group, threshold, escalate_after, threshold_after)
     if turn == 1:
         return escalated_corrections(cand, p, grp, threshold, escalate_after, threshold_after), np.zeros(
             cand.shape, dtype=bool
-        )
-    if cand.ndim != 1 or p.shape != cand.shape or grp.shape != cand.shape:
-        raise ShapeError(
-            f"expected candidates, probs and group [N], got {cand.shape}, {p.shape}, {grp.shape}"
-        )
-    if escalate_after is not None and (threshold_after is None or threshold_after < threshold):
-        raise ShapeError(
-            f"escalation needs threshold_after >= threshold, got {threshold_after} < {threshold}"
         )
     corrected, covered = np.zeros(len(cand), dtype=bool), np.zeros(len(cand), dtype=bool)
     ends = np.r_[np.flatnonzero(grp[1:] != grp[:-1]) + 1, len(grp)]  # [G'] end of each generation's rows
