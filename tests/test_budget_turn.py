@@ -17,24 +17,8 @@ from handoff.edge.routing.budget import operating_points
 from handoff.edge.routing.data import to_data
 from handoff.edge.routing.report import corrected_stats
 from handoff.shared.errors import ShapeError
+from tests.test_override_escalation import walk
 from tests.test_router_budget import FRACTIONS, RECALLS, REPO, _data, _hand, _router
-
-
-def _walk(cand, probs, group, threshold, k, after, turn) -> tuple[np.ndarray, np.ndarray]:
-    """The policy's rule one position at a time, turns included: the reference for turn_corrections."""
-    n = len(cand)
-    corrected, covered = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-    count, last, left = 0, None, 0  # left: P's tokens still to write in the current turn
-    for i in range(n):
-        if group[i] != last:
-            count, last, left = 0, group[i], 0
-        if left:
-            covered[i], left = True, left - 1
-            continue
-        t = threshold if k is None or count < k else after
-        if cand[i] and probs[i] >= t:
-            corrected[i], count, left = True, count + 1, turn - 1
-    return corrected, covered
 
 
 @settings(max_examples=300, deadline=None)
@@ -52,7 +36,7 @@ def test_turn_corrections_walk_each_generation_in_order(rows, t0, extra, k, turn
     group = np.asarray([r[2] for r in rows], dtype=np.int64)
     after = None if k is None else t0 + (1 - t0) * extra  # in [t0, 1]
     corrected, covered = turn_corrections(cand, probs, group, t0, k, after, turn=turn)
-    want_corrected, want_covered = _walk(cand, probs, group, t0, k, after, turn)
+    want_corrected, want_covered = walk(cand, probs, group, t0, k, after, turn)
     np.testing.assert_array_equal(corrected, want_corrected)
     np.testing.assert_array_equal(covered, want_covered)
     assert not (corrected & covered).any()

@@ -23,16 +23,26 @@ from tests.test_override_gate import G, check_all_router, one_feature_gate
 from tests.test_router_budget import FRACTIONS, RECALLS, _data, _router
 
 
-def _walk(cand, probs, group, threshold, k, after) -> np.ndarray:
-    """The policy's rule one position at a time: the reference for escalated_corrections."""
-    out, count, last = np.zeros(len(cand), dtype=bool), 0, None
-    for i in range(len(cand)):
+def walk(cand, probs, group, threshold, k, after, turn=1) -> tuple[np.ndarray, np.ndarray]:
+    """The policy's rule one position at a time: the reference for escalated_corrections and, with a
+    turn (P writes the turn - 1 tokens after a correction), for turn_corrections.
+
+    Returns:
+        ([N] corrected, [N] covered by a turn).
+    """
+    n = len(cand)
+    corrected, covered = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    count, last, left = 0, None, 0  # left: P's tokens still to write in the current turn
+    for i in range(n):
         if group[i] != last:
-            count, last = 0, group[i]
+            count, last, left = 0, group[i], 0
+        if left:
+            covered[i], left = True, left - 1
+            continue
         t = threshold if k is None or count < k else after
         if cand[i] and probs[i] >= t:
-            out[i], count = True, count + 1
-    return out
+            corrected[i], count, left = True, count + 1, turn - 1
+    return corrected, covered
 
 
 @settings(max_examples=200, deadline=None)
@@ -49,7 +59,7 @@ def test_escalated_corrections_walk_each_generation_in_order(rows, t0, extra, k)
     group = np.asarray([r[2] for r in rows], dtype=np.int64)
     after = t0 + (1 - t0) * extra  # in [t0, 1]
     got = escalated_corrections(cand, probs, group, t0, k, None if k is None else after)
-    np.testing.assert_array_equal(got, _walk(cand, probs, group, t0, k, after))
+    np.testing.assert_array_equal(got, walk(cand, probs, group, t0, k, after)[0])
 
 
 def test_escalation_refuses_a_looser_threshold_and_bad_shapes() -> None:

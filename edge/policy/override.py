@@ -219,11 +219,12 @@ def turn_corrections(
     """
     if not isinstance(turn, int | np.integer) or isinstance(turn, bool) or turn < 1:
         raise ShapeError(f"turn: expected an integer >= 1, got {turn!r}")
-    cand, p, grp = _walk_inputs(candidates, probs, group, threshold, escalate_after, threshold_after)
     if turn == 1:
-        return escalated_corrections(cand, p, grp, threshold, escalate_after, threshold_after), np.zeros(
-            cand.shape, dtype=bool
+        corrected = escalated_corrections(
+            candidates, probs, group, threshold, escalate_after, threshold_after
         )
+        return corrected, np.zeros_like(corrected)
+    cand, p, grp = _walk_inputs(candidates, probs, group, threshold, escalate_after, threshold_after)
     corrected, covered = np.zeros(len(cand), dtype=bool), np.zeros(len(cand), dtype=bool)
     ends = np.r_[np.flatnonzero(grp[1:] != grp[:-1]) + 1, len(grp)]  # [G'] end of each generation's rows
     end_of = np.repeat(ends, np.diff(np.r_[0, ends]))  # [N] the end of each row's generation
