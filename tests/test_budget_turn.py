@@ -17,23 +17,20 @@ from handoff.edge.routing.budget import operating_points
 from handoff.edge.routing.data import to_data
 from handoff.edge.routing.report import corrected_stats
 from handoff.shared.errors import ShapeError
-from tests.test_override_escalation import walk
+from tests.test_override_escalation import WALK_ROWS, walk, walk_arrays
 from tests.test_router_budget import FRACTIONS, RECALLS, REPO, _data, _hand, _router
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.lists(st.tuples(st.booleans(), st.floats(0, 1), st.integers(0, 3)), min_size=0, max_size=40),
+    WALK_ROWS,
     st.floats(0, 1),
     st.floats(0, 1),
     st.one_of(st.none(), st.integers(0, 4)),
     st.integers(1, 6),
 )
 def test_turn_corrections_walk_each_generation_in_order(rows, t0, extra, k, turn) -> None:
-    rows = sorted(rows, key=lambda r: r[2])  # positions of a generation together, in order
-    cand = np.asarray([r[0] for r in rows], dtype=bool)
-    probs = np.asarray([r[1] for r in rows], dtype=np.float64)
-    group = np.asarray([r[2] for r in rows], dtype=np.int64)
+    cand, probs, group = walk_arrays(rows)
     after = None if k is None else t0 + (1 - t0) * extra  # in [t0, 1]
     corrected, covered = turn_corrections(cand, probs, group, t0, k, after, turn=turn)
     want_corrected, want_covered = walk(cand, probs, group, t0, k, after, turn)

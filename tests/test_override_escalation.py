@@ -45,18 +45,28 @@ def walk(cand, probs, group, threshold, k, after, turn=1) -> tuple[np.ndarray, n
     return corrected, covered
 
 
+# (candidate, gate probability, generation) rows, and the arrays of a walk over them
+WALK_ROWS = st.lists(st.tuples(st.booleans(), st.floats(0, 1), st.integers(0, 3)), min_size=0, max_size=40)
+
+
+def walk_arrays(rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[N] candidates, probabilities and generations, a generation's positions together and in order."""
+    rows = sorted(rows, key=lambda r: r[2])
+    cand = np.asarray([r[0] for r in rows], dtype=bool)
+    probs = np.asarray([r[1] for r in rows], dtype=np.float64)
+    group = np.asarray([r[2] for r in rows], dtype=np.int64)
+    return cand, probs, group
+
+
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.tuples(st.booleans(), st.floats(0, 1), st.integers(0, 3)), min_size=0, max_size=40),
+    WALK_ROWS,
     st.floats(0, 1),
     st.floats(0, 1),
     st.one_of(st.none(), st.integers(0, 5)),
 )
 def test_escalated_corrections_walk_each_generation_in_order(rows, t0, extra, k) -> None:
-    rows = sorted(rows, key=lambda r: r[2])  # positions of a generation together, in order
-    cand = np.asarray([r[0] for r in rows], dtype=bool)
-    probs = np.asarray([r[1] for r in rows], dtype=np.float64)
-    group = np.asarray([r[2] for r in rows], dtype=np.int64)
+    cand, probs, group = walk_arrays(rows)
     after = t0 + (1 - t0) * extra  # in [t0, 1]
     got = escalated_corrections(cand, probs, group, t0, k, None if k is None else after)
     np.testing.assert_array_equal(got, walk(cand, probs, group, t0, k, after)[0])
