@@ -469,9 +469,10 @@ def budget(
     router.check_vocabulary(vocabulary)
     val = split_by_prompt(data, val_every)[1]
     classes, surface = _vocabulary_maps(vocabulary)
+    turn = router.turn if turn is None else turn
     points = operating_points(
         router, val, classes, surface, csv_values(fractions, float, "--fractions"),
-        csv_values(recalls, float, "--recalls"), escalations, router.turn if turn is None else turn,
+        csv_values(recalls, float, "--recalls"), escalations, turn,
     )  # fmt: skip
     best = best_within(points, max_overrides, max_checked, max_cloud)
     rescue = points[0]["rescued"] is not None  # P-wrong generations labelled: answers = kept + rescued
@@ -480,7 +481,7 @@ def budget(
         return f"{p['overrides']:.2%} / {p['reproduced']:.3f}" + (f" / {p['answers']:.3f}" if rescue else "")
 
     what = "overrides / kept (P right) / answered (all)" if rescue else "overrides / kept"
-    walked = "" if points[0]["turn"] == 1 else f", turns of {points[0]['turn']} tokens"
+    walked = "" if turn == 1 else f", turns of {turn} tokens"
     t = Table(title=f"{len(val.generations)} validation generations{walked}: {what}")
     t.add_column("gate recall")
     fracs = sorted({p["fraction"] for p in points})
